@@ -1,0 +1,46 @@
+"""Typed configuration of the streaming loader (the `data` section of a training config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    shards: str = ""
+    """Shard URLs: a brace glob such as '/data/clips/{000000..000127}.tar'. Several shard sets
+    are separated by '::' and mixed by `weights`."""
+    weights: tuple[float, ...] = ()
+    """Mixing weight of each shard set in `shards` (empty: equal weights)."""
+    latent: bool = False
+    """The shards hold cached VAE latents (written by `lvd shard latents`), not mp4 clips."""
+    frames: int = 8
+    """Frames L sampled per clip."""
+    frame_stride: int = 1
+    """Stride s between the sampled frames (LVDM used 4 on TaiChi)."""
+    height: int = 64
+    """Output frame height H after resize and crop."""
+    width: int = 64
+    """Output frame width W after resize and crop."""
+    random_crop: bool = False
+    """Random crop instead of centre crop."""
+    p_uncond: float = 0.1
+    """Probability of replacing a caption by '' (classifier-free guidance dropout)."""
+    shuffle_buffer: int = 64
+    """Samples held in the shuffle buffer."""
+    workers: int = 0
+    """DataLoader worker processes per rank (0: decode in the training process)."""
+
+    def __post_init__(self) -> None:
+        if self.frames < 1:
+            raise ValueError(f"frames: must be >= 1, got {self.frames}")
+        if self.frame_stride < 1:
+            raise ValueError(f"frame_stride: must be >= 1, got {self.frame_stride}")
+        if self.height < 8 or self.width < 8:
+            raise ValueError(f"height/width: must be >= 8, got {self.height}x{self.width}")
+        if not 0.0 <= self.p_uncond <= 1.0:
+            raise ValueError(f"p_uncond: must be in [0, 1], got {self.p_uncond}")
+        if self.workers < 0:
+            raise ValueError(f"workers: must be >= 0, got {self.workers}")
+        if self.weights and any(w < 0 for w in self.weights):
+            raise ValueError(f"weights: must be non-negative, got {self.weights}")

@@ -1,0 +1,3 @@
+from lvd.cli import entry
+
+entry()

@@ -1,0 +1,79 @@
+"""Launch N local ranks of a Python module, like `torchrun --standalone`, without its 10 s start-up.
+
+Each child gets RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT and
+OMP_NUM_THREADS=1. If one rank fails the others are stopped, so a crash never leaves a rank
+waiting in a collective. SIGTERM/SIGUSR1 sent to the launcher are forwarded to every rank.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rank_env(rank: int, nproc: int, port: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(nproc),
+        LOCAL_WORLD_SIZE=str(nproc),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def launch_local(python_args: list[str], *, nproc: int) -> int:
+    """Run `python <python_args>` as `nproc` ranks; return the first non-zero exit code, else 0."""
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, *python_args], env=rank_env(rank, nproc, port)) for rank in range(nproc)]
+
+    def forward(signum: int, _frame: object) -> None:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    try:
+        return _wait_all(procs)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _wait_all(procs: list[subprocess.Popen[bytes]]) -> int:
+    code = 0
+    while any(proc.poll() is None for proc in procs):
+        failed = [proc.returncode for proc in procs if proc.returncode not in (None, 0)]
+        if failed and code == 0:
+            code = failed[0]
+            _stop(procs)
+        time.sleep(0.1)
+    for proc in procs:
+        if proc.returncode != 0 and code == 0:
+            code = proc.returncode
+    return code if code >= 0 else 128 - code
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    deadline = time.monotonic() + 10
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()

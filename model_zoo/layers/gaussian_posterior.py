@@ -1,0 +1,54 @@
+"""The diagonal-Gaussian posterior of a KL autoencoder, and latent scaling shared by the VAEs.
+
+Kingma & Welling (2014); the LDM autoencoders (Rombach et al., 2022) predict `2·C` moment
+channels (mean, log-variance) and diffusion runs on `(z - shift_factor) · scale_factor`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+LOGVAR_RANGE = (-30.0, 20.0)
+
+
+class DiagonalGaussian:
+    """`q(z | x) = N(mean, diag(exp(logvar)))` from moments `(B, 2C, ...)` split along channels."""
+
+    def __init__(self, moments: Tensor) -> None:
+        self.mean, logvar = moments.chunk(2, dim=1)
+        self.logvar = logvar.clamp(*LOGVAR_RANGE)
+        self.std = torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+        """A reparameterised draw `mean + std · eps` (differentiable in mean and std)."""
+        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * noise
+
+    def mode(self) -> Tensor:
+        return self.mean
+
+    def kl(self) -> Tensor:
+        """KL(q || N(0, I)) per sample, summed over all non-batch dimensions: shape (B,)."""
+        per_element = self.mean.square() + self.logvar.exp() - 1.0 - self.logvar
+        return 0.5 * per_element.flatten(1).sum(dim=1)
+
+
+class LatentScalingMixin:
+    """`to_latents` / `from_latents` for a VAE with `encode`, `decode` and a config holding
+    `scale_factor` and `shift_factor`: diffusion latents are `(z - shift) · scale`."""
+
+    config: Any
+    encode: Any
+    decode: Any
+
+    def to_latents(self, video: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Video (B, 3, T, H, W) in [-1, 1] -> scaled, shifted posterior sample for diffusion."""
+        z = self.encode(video).sample(generator)
+        return (z - self.config.shift_factor) * self.config.scale_factor
+
+    def from_latents(self, latents: Tensor) -> Tensor:
+        """Diffusion latents -> decoded video (B, 3, T, H, W)."""
+        return self.decode(latents / self.config.scale_factor + self.config.shift_factor)

@@ -1,0 +1,97 @@
+"""Factorised (space-only + optional temporal) ResNet blocks on the frame layout.
+
+All blocks take frames (B*T, C, H, W) in channels_last memory format (see `layers.video`).
+A 1x3x3 space-only 3-D convolution is a per-frame `Conv2d(3x3)`; the 3x1x1 temporal
+convolution is a `Conv2d((3, 1))` over the (B, C, T, H*W) view of the same memory, which is
+several times faster on CPU than `Conv3d` and needs no copy.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model_zoo.layers.norm import AdaGroupNorm
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero every parameter of `module` (a residual branch that starts as the identity)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class TemporalConv(nn.Module):
+    """Residual branch GroupNorm -> SiLU -> conv over time (kernel 3, zero padding), zero-initialised.
+
+    Returns only the branch (the caller adds it), so at initialisation it contributes zero.
+    """
+
+    def __init__(self, channels: int, *, groups: int = 32) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.conv = zero_module(nn.Conv2d(channels, channels, (3, 1), padding=(1, 0)))
+
+    def forward(self, frames: Tensor, num_frames: int) -> Tensor:
+        bt, c, h, w = frames.shape
+        h_ = F.silu(self.norm(frames))
+        clip = h_.permute(0, 2, 3, 1).reshape(bt // num_frames, num_frames, h * w, c)  # (B, T, H*W, C)
+        out = self.conv(clip.permute(0, 3, 1, 2))  # (B, C, T, H*W), channels_last
+        return out.permute(0, 2, 3, 1).reshape(bt, h, w, c).permute(0, 3, 1, 2)  # (B*T, C, H, W)
+
+
+class ResBlock(nn.Module):
+    """LDM ResNet block with space-only 3x3 convolutions and the embedding injected by AdaGroupNorm.
+
+    GN -> SiLU -> conv3x3 -> AdaGN(emb) -> SiLU -> dropout -> conv3x3 (zero-init), plus a 1x1
+    skip when channels change, then an optional `TemporalConv` residual branch.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        emb_dim: int,
+        *,
+        groups: int = 32,
+        dropout: float = 0.0,
+        temporal_conv: bool = True,
+    ) -> None:
+        super().__init__()
+        self.in_norm = nn.GroupNorm(groups, in_channels, eps=1e-6)
+        self.in_conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.out_norm = AdaGroupNorm(out_channels, emb_dim, groups=groups)
+        self.dropout = nn.Dropout(dropout)
+        self.out_conv = zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+        self.temporal = TemporalConv(out_channels, groups=groups) if temporal_conv else None
+
+    def forward(self, frames: Tensor, emb: Tensor, num_frames: int) -> Tensor:
+        h = self.in_conv(F.silu(self.in_norm(frames)))  # (B*T, C_out, H, W)
+        h = self.out_conv(self.dropout(F.silu(self.out_norm(h, emb))))
+        h = self.skip(frames) + h
+        if self.temporal is not None:
+            h = h + self.temporal(h, num_frames)
+        return h
+
+
+class Downsample(nn.Module):
+    """Spatial 2x downsampling by a stride-2 3x3 convolution (time is untouched)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, frames: Tensor) -> Tensor:
+        return self.conv(frames)  # (B*T, C, H/2, W/2)
+
+
+class Upsample(nn.Module):
+    """Spatial 2x nearest upsampling followed by a 3x3 convolution."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, frames: Tensor, size: tuple[int, int]) -> Tensor:
+        return self.conv(F.interpolate(frames, size=size, mode="nearest"))  # (B*T, C, *size)

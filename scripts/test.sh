@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The test command (README, .ci/run): lint, then the whole default suite, with the local Slurm
+# cluster up for the `slurm` tests. Any failure, including "no tests collected" (pytest exit
+# code 5), fails the command. Extra arguments go to pytest (e.g. -m "not slow").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 DS_ACCELERATOR=cpu TOKENIZERS_PARALLELISM=false
+.venv/bin/ruff check .
+slurm_up=0
+if [ -x slurm/local/up.sh ] && [ "$(id -u)" = 0 ] && [ "${LVD_SKIP_SLURM:-0}" != 1 ]; then
+  slurm/local/up.sh
+  slurm_up=1
+  trap 'slurm/local/down.sh || true' EXIT
+fi
+set +e
+.venv/bin/python -m pytest "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then echo "test.sh: pytest collected no tests: failing" >&2; exit 1; fi
+[ "$slurm_up" = 1 ] || echo "test.sh: note: local Slurm not started (not root, or LVD_SKIP_SLURM=1)" >&2
+exit "$rc"

@@ -1,0 +1,87 @@
+"""The `lvd` entry point, run as a real subprocess."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import run_lvd
+
+from lvd.cli import SUBCOMMANDS
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG_FILES = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml"))
+
+
+def test_top_level_help_lists_all_subcommands():
+    result = run_lvd("--help")
+    assert result.returncode == 0
+    for name in ("shard", "train", "export", "sample", "eval", "submit", "plan", "demo"):
+        assert name in result.stdout
+
+
+@pytest.mark.parametrize("name", list(SUBCOMMANDS))
+def test_every_subcommand_has_help(name):
+    result = run_lvd(name, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "usage" in result.stdout.lower()
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_subcommand_is_usage_error():
+    result = run_lvd("frobnicate")
+    assert result.returncode == 2
+    assert "invalid choice" in result.stderr
+
+
+@pytest.mark.parametrize("name", [n for n, (_, target) in SUBCOMMANDS.items() if target is None])
+def test_unlanded_subcommands_say_so(name):
+    result = run_lvd(name)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"lvd {name}: not implemented yet (see README)"
+
+
+@pytest.mark.parametrize("config", CONFIG_FILES)
+def test_unknown_key_exits_2_naming_it(config):
+    result = run_lvd("train", "--config", config, "bogus.key=1")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lvd train: config error: bogus.key: unknown key"), result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("train.steps=abc",), "train.steps: expected int, got 'abc'"),
+        (("train.zero_stage=7",), "train.zero_stage: must be 0, 1, 2 or 3"),
+    ],
+)
+def test_bad_value_exits_2_naming_it(args, needle):
+    result = run_lvd("train", "--config", "configs/tiny/unet3d.yaml", *args)
+    assert result.returncode == 2
+    assert needle in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_config_file_exits_2():
+    result = run_lvd("train", "--config", "configs/tiny/nope.yaml")
+    assert result.returncode == 2
+    assert "config file not found: configs/tiny/nope.yaml" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_key_in_file_names_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  frame: 3\n")
+    result = run_lvd("train", "--config", str(bad))
+    assert result.returncode == 2
+    assert "data.frame: unknown key" in result.stderr and str(bad) in result.stderr
+
+
+def test_print_config_shows_resolved_values():
+    result = run_lvd("train", "--config", "configs/tiny/dit.yaml", "train.steps=7", "--print-config")
+    assert result.returncode == 0, result.stderr
+    assert "steps: 7" in result.stdout
+    assert "family: dit" in result.stdout
+    assert "zero_stage: 0" in result.stdout
