@@ -19,7 +19,7 @@ from lvd.config import ConfigError
 SUBCOMMANDS: dict[str, tuple[str, str | None]] = {
     "shard": ("turn videos, images or clips into WebDataset shards (videos | images | latents)", None),
     "train": ("train a model with DeepSpeed ZeRO from a YAML config and dotted overrides", "trainer.cli:main"),
-    "export": ("consolidate a run's checkpoint into a diffusers-style pipeline folder", None),
+    "export": ("consolidate a run's checkpoint into a diffusers-style pipeline folder", "trainer.export:main"),
     "sample": ("generate long videos with a distributed long-video strategy", None),
     "eval": ("compute video metrics (SCuts, MAWE, FID/KID, Frechet video proxy) as JSON", None),
     "submit": ("submit shard/train/sample to Slurm through submitit", None),

@@ -43,3 +43,17 @@ def run_lvd(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
     return subprocess.run(
         [sys.executable, "-m", "lvd", *args], cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout
     )
+
+
+@pytest.fixture(scope="session")
+def video_shards(media_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Real clips from the bundled videos, 8 frames at 32 px, in several small shards (brace URL)."""
+    out = tmp_path_factory.mktemp("video_shards")
+    cmd = [sys.executable, "-m", "data_pipeline.shard_cli", "videos", "--input", str(media_dir / "videos"), "--out", str(out)]
+    cmd += ["--clip-frames", "8", "--size", "32", "--shard-size-mb", "0.03"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    shards = sorted(out.glob("*.tar"))
+    assert len(shards) >= 4, shards
+    first, last = shards[0].stem.rsplit("-", 1)[1], shards[-1].stem.rsplit("-", 1)[1]
+    prefix = shards[0].stem.rsplit("-", 1)[0]
+    return f"{out}/{prefix}-{{{first}..{last}}}.tar"

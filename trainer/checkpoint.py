@@ -1,0 +1,133 @@
+"""Checkpoints that survive preemption at any second.
+
+Layout of `<run.dir>/checkpoints/`::
+
+    step_00000050/            one checkpoint (a DeepSpeed tag per engine + our per-rank state)
+        <engine>/...          DeepSpeed files: model, optimizer, LR schedule (all ranks write)
+        rank_00000.pt         RNG states, loader state, EMA shard, counters of rank 0
+        meta.json             step, world size, resolved config
+        COMPLETE              written last, by rank 0, after every rank has finished
+    latest                    the tag of the newest COMPLETE checkpoint, replaced atomically
+
+A crash anywhere inside a save leaves `latest` on the previous checkpoint, and a checkpoint
+without COMPLETE is never loaded. The last `keep_last` complete checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+COMPLETE = "COMPLETE"
+LATEST = "latest"
+FAULT_ENV = "LVD_FAULT"
+"""Test hook: `kill_in_save:<step>` SIGKILLs the process half-way through that step's save."""
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def step_of(tag: str) -> int:
+    return int(tag.removeprefix("step_"))
+
+
+def is_complete(directory: Path, tag: str) -> bool:
+    return (directory / tag / COMPLETE).is_file()
+
+
+def latest_tag(directory: Path) -> str | None:
+    """The newest complete checkpoint: `latest` if it is complete, else the newest COMPLETE tag."""
+    pointer = directory / LATEST
+    if pointer.is_file():
+        tag = pointer.read_text().strip()
+        if is_complete(directory, tag):
+            return tag
+    complete = sorted((p.name for p in directory.glob("step_*") if is_complete(directory, p.name)), key=step_of)
+    return complete[-1] if complete else None
+
+
+def rank_state_path(directory: Path, tag: str, rank: int) -> Path:
+    return directory / tag / f"rank_{rank:05d}.pt"
+
+
+def write_rank_state(directory: Path, tag: str, rank: int, state: dict[str, Any]) -> None:
+    path = rank_state_path(directory, tag, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def read_rank_state(directory: Path, tag: str, rank: int) -> dict[str, Any]:
+    path = rank_state_path(directory, tag, rank)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; was the checkpoint written with another world size?")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def maybe_fault(step: int) -> None:
+    """The test hook: die like `kill -9` in the middle of writing the checkpoint of `step`."""
+    fault = os.environ.get(FAULT_ENV, "")
+    if fault == f"kill_in_save:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def commit(directory: Path, tag: str, meta: dict[str, Any], *, keep_last: int) -> None:
+    """Rank 0, after a barrier: mark `tag` complete, point `latest` at it, prune old checkpoints."""
+    tag_dir = directory / tag
+    (tag_dir / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    _atomic_text(tag_dir / COMPLETE, "ok\n")
+    _atomic_text(directory / LATEST, tag + "\n")
+    prune(directory, keep_last=keep_last, current=tag)
+
+
+def prune(directory: Path, *, keep_last: int, current: str) -> None:
+    """Delete complete checkpoints beyond the last `keep_last` and incomplete ones older than `current`."""
+    tags = sorted((p.name for p in directory.glob("step_*") if p.is_dir()), key=step_of)
+    complete = [t for t in tags if is_complete(directory, t)]
+    doomed = set(complete[:-keep_last]) | {t for t in tags if not is_complete(directory, t) and step_of(t) < step_of(current)}
+    for tag in doomed:
+        shutil.rmtree(directory / tag, ignore_errors=True)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def save(
+    directory: Path,
+    step: int,
+    *,
+    rank: int,
+    save_engines: Callable[[Path, str], None],
+    rank_state: dict[str, Any],
+    meta: dict[str, Any],
+    barrier: Callable[[], None],
+    keep_last: int,
+) -> str:
+    """Write one checkpoint from every rank; only a finished one becomes `latest`."""
+    tag = tag_for(step)
+    if rank == 0 and (directory / tag).exists():
+        shutil.rmtree(directory / tag)  # a leftover of a save that crashed at this same step
+    barrier()
+    save_engines(directory, tag)
+    write_rank_state(directory, tag, rank, rank_state)
+    maybe_fault(step)
+    barrier()
+    if rank == 0:
+        commit(directory, tag, meta, keep_last=keep_last)
+    barrier()
+    return tag

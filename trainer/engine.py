@@ -1,0 +1,217 @@
+"""Everything DeepSpeed: process group, the ZeRO config built from our typed config, the engine,
+its checkpoint I/O and consolidation. This is the only module that imports deepspeed.
+
+The DeepSpeed config is never written by hand: `deepspeed_config(train, world_size, ...)` derives
+it from `TrainConfig` (ZeRO stage, bf16/fp32, accumulation, clipping, AdamW, warm-up + cosine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from trainer.config import TrainConfig
+
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+
+import deepspeed  # noqa: E402  (DS_ACCELERATOR must be set before the import)
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: E402
+
+logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+for _name in ("deepspeed", "DeepSpeed"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group from torchrun/srun/`lvd --nproc` variables (a single process otherwise).
+
+    NCCL on CUDA, gloo on CPU. Slurm's SLURM_PROCID/SLURM_NTASKS are mapped when RANK is absent.
+    """
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env and "MASTER_ADDR" in env:
+        env["RANK"] = env["SLURM_PROCID"]
+        env["WORLD_SIZE"] = env.get("SLURM_NTASKS", "1")
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    rank = int(env.get("RANK", 0))
+    world = int(env.get("WORLD_SIZE", 1))
+    local_rank = int(env.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available()
+    backend = "nccl" if cuda else "gloo"
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if not cuda:
+        # Skip the JIT build of the shared-memory op (about 60 s on a fresh machine): gloo suffices.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if world == 1:
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(_free_port()))
+        env.setdefault("RANK", "0")
+        env.setdefault("WORLD_SIZE", "1")
+        env.setdefault("LOCAL_RANK", "0")
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def deepspeed_config(train: TrainConfig, *, world_size: int, on_cuda: bool) -> dict[str, Any]:
+    """The DeepSpeed JSON config, derived from `TrainConfig` alone."""
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "train_batch_size": train.micro_batch_size * train.grad_accum * world_size,
+        "gradient_clipping": train.grad_clip,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_optimization": {"stage": train.zero_stage},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": train.lr,
+                "betas": list(train.betas),
+                "eps": 1e-8,
+                "weight_decay": train.weight_decay,
+                # torch's AdamW on CPU; DeepSpeed's fused Adam on CUDA.
+                "torch_adam": not on_cuda,
+            },
+        },
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": train.steps,
+                "warmup_num_steps": min(train.warmup_steps, max(train.steps - 1, 0)),
+                # The first step already moves: warm-up runs from lr/warmup_steps to lr.
+                "warmup_min_ratio": 1.0 / max(train.warmup_steps, 1),
+                "cos_min_ratio": train.min_lr_ratio,
+                "warmup_type": "linear",
+            },
+        },
+    }
+    if train.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    if train.zero_stage == 3:
+        config["zero_optimization"].update(
+            {"stage3_gather_16bit_weights_on_model_save": False, "stage3_param_persistence_threshold": 0}
+        )
+    return config
+
+
+def build_engine(model: nn.Module, train: TrainConfig, dist_info: DistInfo) -> Any:
+    """A DeepSpeed engine over `model`; only parameters with requires_grad reach the optimizer."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError(f"{type(model).__name__}: no trainable parameters")
+    config = deepspeed_config(train, world_size=dist_info.world_size, on_cuda=dist_info.device.type == "cuda")
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)
+    return engine
+
+
+def save_engine(engine: Any, directory: Path, tag: str) -> None:
+    """Every rank writes its part of model, optimizer and LR schedule under directory/tag."""
+    engine.save_checkpoint(str(directory), tag=tag, save_latest=False)
+
+
+def load_engine(engine: Any, directory: Path, tag: str) -> None:
+    path, _ = engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    if path is None:
+        raise FileNotFoundError(f"{directory / tag}: DeepSpeed found no checkpoint to load")
+
+
+def consolidated_state_dict(directory: Path, tag: str) -> dict[str, torch.Tensor]:
+    """Full fp32 weights from a checkpoint of any ZeRO stage, loaded without an engine."""
+    tag_dir = directory / tag
+    if any(tag_dir.glob("*optim_states.pt")) and any(tag_dir.glob("zero_pp_rank_*")):
+        state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)
+        # ZeRO-1/2 files may lack frozen parameters: take them from the module file.
+        module_state = _module_file_state(tag_dir)
+        return {**{k: v for k, v in module_state.items() if k not in state}, **state}
+    return _module_file_state(tag_dir)
+
+
+def _module_file_state(tag_dir: Path) -> dict[str, torch.Tensor]:
+    files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise FileNotFoundError(f"{tag_dir}: no model states file (is this a DeepSpeed checkpoint?)")
+    state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() if v.is_floating_point() else v for k, v in (state or {}).items() if v is not None and v.numel() > 0}
+
+
+def local_shard(param: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of a parameter: the ZeRO-3 partition, or the whole tensor below stage 3."""
+    return param.ds_tensor if hasattr(param, "ds_tensor") else param.data
+
+
+@contextlib.contextmanager
+def gathered_parameters(module: nn.Module, *, enabled: bool) -> Iterator[None]:
+    """Make ZeRO-3 partitioned parameters whole for the duration (a no-op below stage 3)."""
+    if not enabled:
+        yield
+        return
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        yield
+
+
+def backward_and_step(engine: Any, loss: torch.Tensor) -> float:
+    """engine.backward + engine.step; returns the global gradient norm before clipping.
+
+    ZeRO 1-3 report it themselves; without ZeRO the (already all-reduced) grads are measured
+    here, before the step zeroes them.
+    """
+    engine.backward(loss)
+    norm = None
+    if engine.zero_optimization_stage() == 0 and engine.is_gradient_accumulation_boundary():
+        grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+        norm = torch.stack(grads).norm() if grads else torch.zeros(())
+    engine.step()
+    if norm is None:
+        norm = engine.get_global_grad_norm()
+    if norm is None:
+        return float("nan")
+    return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
+
+
+def current_lr(engine: Any) -> float:
+    """The learning rate the next optimizer step uses."""
+    return float(engine.optimizer.param_groups[0]["lr"])
+
+
+def checkpoint_wrapper(module: nn.Module) -> None:
+    """Activation checkpointing applied from outside: the module's forward is recomputed in backward."""
+    forward = module.forward
+
+    def checkpointed(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    module.forward = checkpointed  # type: ignore[method-assign]

@@ -1,0 +1,299 @@
+"""The training objectives (SPEC §3), one small class per task.
+
+A task builds its networks, keeps the frozen ones (VAE, text encoder, base U-Net) outside the
+DeepSpeed engines, and turns a batch into losses: `losses(engines, batch, generator, step)`
+returns `[(engine_name, loss)]` in the order the loop must step them, plus scalar metrics.
+Randomness (timesteps, noise, masks, perturbation levels) comes only from `generator`, whose
+state is checkpointed, so a resumed run draws exactly what an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import model_zoo
+from model_zoo.diffusion import objectives
+from model_zoo.diffusion.samplers import ddim
+from model_zoo.diffusion.schedules import alphas_cumprod, ddim_timesteps, make_betas
+from trainer.config import TrainJobConfig
+
+Engines = dict[str, Callable[..., Any]]
+TIMESTEP_BUCKETS = 4
+"""Loss is also logged per quarter of the timestep range (loss/t_q0 .. loss/t_q3)."""
+PREVIEW_STEPS = 10
+"""DDIM steps of the TensorBoard preview video."""
+
+
+def build_helper(spec: str, *, seed: int, device: torch.device) -> nn.Module:
+    """A frozen helper network from 'family/flavor' (seeded random init) or an exported folder."""
+    if Path(spec).is_dir():
+        module = model_zoo.from_pretrained(spec)
+    else:
+        family, _, flavor = spec.partition("/")
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            module = model_zoo.build_model(family, flavor or "tiny")
+    module.requires_grad_(False).eval()
+    return module.to(device)
+
+
+@dataclass
+class StepOutput:
+    losses: list[tuple[str, Tensor]]
+    """(engine name, scalar loss) in the order the engines are stepped."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Extra scalars for the log (per-bucket losses, KL, ...)."""
+
+
+class Task:
+    """Base: `trained` holds the modules that get an engine each; `frozen` those that do not."""
+
+    trained: dict[str, nn.Module]
+    frozen: dict[str, nn.Module]
+    components: dict[str, str] = {"model": "denoiser"}
+    """Name of each trained module in an exported pipeline folder."""
+
+    def __init__(self, cfg: TrainJobConfig, device: torch.device):
+        self.cfg = cfg
+        self.device = device
+        self.frozen = {}
+
+    def tokenizer(self) -> Callable[[list[str]], Tensor] | None:
+        return None
+
+    def losses(self, engines: Engines, batch: dict[str, Any], generator: torch.Generator, step: int) -> StepOutput:
+        raise NotImplementedError
+
+    def preview(self, engines: Engines, batch: dict[str, Any], generator: torch.Generator) -> Tensor | None:
+        """A short video (B, 3, T, H, W) in [-1, 1] for TensorBoard, or None."""
+        return None
+
+
+def _trained_model(cfg: TrainJobConfig, **forced: Any) -> nn.Module:
+    overrides = {**cfg.model.overrides, **forced}
+    if cfg.model.init_from:
+        model = model_zoo.from_pretrained(cfg.model.init_from)
+    else:
+        model = model_zoo.build_model(cfg.model.family, cfg.model.flavor, **overrides)
+    return model
+
+
+class DiffusionTask(Task):
+    """Text-to-video latent diffusion (ε/v/x0, caption dropout done by the loader), SPEC §3."""
+
+    def __init__(self, cfg: TrainJobConfig, device: torch.device):
+        super().__init__(cfg, device)
+        seed = cfg.train.seed
+        self.frozen["text_encoder"] = build_helper(cfg.model.text_encoder, seed=seed + 1, device=device)
+        if not cfg.data.latent:
+            self.frozen["vae"] = build_helper(cfg.model.vae, seed=seed + 2, device=device)
+        obj = cfg.objective
+        betas = make_betas(obj.schedule, obj.num_timesteps, beta_start=obj.beta_start, beta_end=obj.beta_end)
+        self.alphas_cumprod = alphas_cumprod(betas).float().to(device)
+        self.trained = {"model": _trained_model(cfg, **self.model_overrides())}
+
+    def latent_channels(self) -> int:
+        if self.cfg.data.latent:
+            return int(self.cfg.model.overrides.get("out_channels", 4))
+        return int(self.frozen["vae"].config.latent_channels)
+
+    def context_dim(self) -> int:
+        return int(self.frozen["text_encoder"].config.context_dim)
+
+    def model_overrides(self) -> dict[str, Any]:
+        c = self.latent_channels()
+        return {"in_channels": c, "out_channels": c, "context_dim": self.context_dim()}
+
+    def tokenizer(self) -> Callable[[list[str]], Tensor] | None:
+        return self.frozen["text_encoder"].tokenize
+
+    @torch.no_grad()
+    def encode(self, batch: dict[str, Any], generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Latents (B, c, t, h, w) and text context (B, 77, D), both from the frozen helpers."""
+        if "latents" in batch:
+            latents = batch["latents"].to(self.device)
+        else:
+            latents = self.frozen["vae"].to_latents(batch["video"].to(self.device), generator=generator)
+        context = batch.get("text_emb")
+        if context is None:
+            context = self.frozen["text_encoder"](batch["tokens"].to(self.device))
+        return latents, context.to(self.device)
+
+    def draw(self, latents: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        t = torch.randint(0, self.cfg.objective.num_timesteps, (latents.shape[0],), generator=generator).to(self.device)
+        noise = torch.randn(latents.shape, generator=generator).to(latents)
+        return t, noise
+
+    def denoising_loss(
+        self, model: Callable[..., Tensor], z_input: Tensor, x0: Tensor, t: Tensor, noise: Tensor, frame_weight: Tensor | None, **cond: Any
+    ) -> StepOutput:
+        """‖target − model(z_input, t)‖ per sample (weighted over frames), logged per timestep bucket."""
+        obj = self.cfg.objective
+        prediction = model(z_input, t, **cond)
+        wanted = objectives.target(obj.parameterization, x0=x0, noise=noise, t=t, alphas_cumprod=self.alphas_cumprod)
+        per_frame = objectives.frame_losses(prediction.float(), wanted.float(), obj.loss_type)  # (B, T)
+        weight = torch.ones_like(per_frame) if frame_weight is None else frame_weight.to(per_frame).expand_as(per_frame)
+        per_sample = (per_frame * weight).sum(1) / weight.sum(1).clamp_min(1.0)  # (B,)
+        return StepOutput([("model", per_sample.mean())], _bucket_metrics(per_sample, t, obj.num_timesteps))
+
+    def losses(self, engines: Engines, batch: dict[str, Any], generator: torch.Generator, step: int) -> StepOutput:
+        latents, context = self.encode(batch, generator)
+        t, noise = self.draw(latents, generator)
+        z_t = objectives.q_sample(latents, t, noise, self.alphas_cumprod)
+        return self.denoising_loss(engines["model"], z_t, latents, t, noise, None, context=context)
+
+    def unconditional_input(self, z_t: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        """The denoiser input and extra kwargs for sampling without any frame condition."""
+        return z_t, {}
+
+    @torch.no_grad()
+    def preview(self, engines: Engines, batch: dict[str, Any], generator: torch.Generator) -> Tensor | None:
+        """A DDIM sample for the first caption of the batch, decoded by the frozen VAE."""
+        if "vae" not in self.frozen:
+            return None
+        latents, context = self.encode({k: v[:1] for k, v in batch.items()}, generator)
+        model = engines["model"]
+
+        def denoise(x: Tensor, t: Tensor) -> Tensor:
+            model_input, extra = self.unconditional_input(x)
+            return model(model_input, t, context=context, **extra)
+
+        x_T = torch.randn(latents.shape, generator=generator).to(latents)
+        timesteps = ddim_timesteps(self.cfg.objective.num_timesteps, PREVIEW_STEPS)
+        sample = ddim(denoise, x_T, timesteps, alphas_cumprod=self.alphas_cumprod, parameterization=self.cfg.objective.parameterization)
+        return self.frozen["vae"].from_latents(sample).clamp(-1, 1)
+
+
+class LVDMTask(DiffusionTask):
+    """LVDM prediction / interpolation: mask conditioning and conditional latent perturbation (SPEC §3)."""
+
+    def model_overrides(self) -> dict[str, Any]:
+        base = super().model_overrides()
+        return {**base, "in_channels": base["in_channels"] + 1, "num_levels": self.cfg.objective.s_max + 1}
+
+    def mask_probabilities(self) -> tuple[float, float]:
+        obj = self.cfg.objective
+        if self.cfg.train.task == "lvdm_interpolation":
+            return 1.0 - obj.p_interp, obj.p_interp  # the rest of the samples: prediction masks
+        return obj.p_pred, 0.0
+
+    def unconditional_input(self, z_t: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        no_mask = torch.zeros(z_t.shape[0], z_t.shape[2], device=z_t.device)
+        return objectives.apply_mask_conditioning(z_t, torch.zeros_like(z_t), no_mask), {}
+
+    def losses(self, engines: Engines, batch: dict[str, Any], generator: torch.Generator, step: int) -> StepOutput:
+        obj = self.cfg.objective
+        latents, context = self.encode(batch, generator)
+        t, noise = self.draw(latents, generator)
+        p_pred, p_interp = self.mask_probabilities()
+        mask = objectives.draw_masks(
+            generator, latents.shape[0], latents.shape[2], num_cond_frames=obj.cond_frames, p_pred=p_pred, p_interp=p_interp
+        ).to(self.device)  # (B, T)
+        levels = objectives.draw_perturbation_levels(generator, latents.shape[0], obj.s_max).to(self.device)
+        cond_noise = torch.randn(latents.shape, generator=generator).to(latents)
+        z_cond = objectives.perturb_condition(latents, levels, cond_noise, self.alphas_cumprod)
+        z_t = objectives.q_sample(latents, t, noise, self.alphas_cumprod)
+        z_input = objectives.apply_mask_conditioning(z_t, z_cond, mask)  # (B, c+1, T, h, w)
+        out = self.denoising_loss(engines["model"], z_input, latents, t, noise, 1.0 - mask, context=context, level=levels)
+        out.metrics["mask_frac"] = float(mask.mean())
+        return out
+
+
+class AutoencoderTask(Task):
+    """LVDM's video VAE: reconstruction + KL + adversarial after `disc_start` (SPEC §2.1)."""
+
+    components = {"model": "vae", "disc": "discriminator"}
+
+    def __init__(self, cfg: TrainJobConfig, device: torch.device):
+        super().__init__(cfg, device)
+        if cfg.objective.perceptual is not None:
+            raise ValueError(
+                f"objective.perceptual: {cfg.objective.perceptual!r} was given, but no perceptual network "
+                "can be loaded from it (LPIPS weights are not supported yet); set objective.perceptual=null"
+            )
+        self.trained = {"model": _trained_model(cfg), "disc": model_zoo.build_model("video_discriminator", cfg.model.flavor)}
+
+    def losses(self, engines: Engines, batch: dict[str, Any], generator: torch.Generator, step: int) -> StepOutput:
+        obj = self.cfg.objective
+        video = batch["video"].to(self.device)
+        recon, posterior = engines["model"](video, True, generator)
+        rec = F.l1_loss(recon, video) if obj.loss_type == "l1" else F.mse_loss(recon, video)
+        kl = posterior.kl().mean()
+        loss = rec + obj.kl_weight * kl
+        metrics = {"rec": rec.item(), "kl": kl.item()}
+        adversarial = step >= obj.disc_start
+        if adversarial:
+            # The plain module, not the engine: this backward belongs to the VAE's engine.
+            with _frozen(self.trained["disc"]):
+                g_adv = -self.trained["disc"](recon).mean()
+            loss = loss + obj.adv_weight * g_adv
+            metrics["g_adv"] = g_adv.item()
+        out = [("model", loss)]
+        if adversarial:
+            d_loss = _hinge_d_loss(engines["disc"](video), engines["disc"](recon.detach()))
+            out.append(("disc", d_loss))
+            metrics["d_loss"] = d_loss.item()
+        return StepOutput(out, metrics)
+
+    def preview(self, engines: Engines, batch: dict[str, Any], generator: torch.Generator) -> Tensor | None:
+        with torch.no_grad():
+            video = batch["video"][:1].to(self.device)
+            recon, _ = engines["model"](video, False, None)
+        return torch.cat([video, recon.clamp(-1, 1)], dim=-1)  # side by side (1, 3, T, H, 2W)
+
+
+class _frozen:
+    """Parameters of `module` receive no gradient inside the block (the generator's pass through D)."""
+
+    def __init__(self, module: nn.Module):
+        self.params = [p for p in module.parameters() if p.requires_grad]
+
+    def __enter__(self) -> None:
+        for p in self.params:
+            p.requires_grad_(False)
+
+    def __exit__(self, *exc: object) -> None:
+        for p in self.params:
+            p.requires_grad_(True)
+
+
+def _hinge_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def _bucket_metrics(per_sample: Tensor, t: Tensor, num_timesteps: int) -> dict[str, float]:
+    buckets = (t * TIMESTEP_BUCKETS // num_timesteps).clamp(max=TIMESTEP_BUCKETS - 1)
+    metrics = {}
+    for b in range(TIMESTEP_BUCKETS):
+        chosen = per_sample[buckets == b]
+        if chosen.numel():
+            metrics[f"loss/t_q{b}"] = chosen.mean().item()
+    return metrics
+
+
+TASKS: dict[str, type[Task]] = {
+    "diffusion": DiffusionTask,
+    "lvdm_prediction": LVDMTask,
+    "lvdm_interpolation": LVDMTask,
+    "autoencoder": AutoencoderTask,
+}
+
+
+def build_task(cfg: TrainJobConfig, device: torch.device) -> Task:
+    if cfg.train.task not in TASKS:
+        raise ValueError(f"train.task: {cfg.train.task!r} has no trainer yet; implemented: {', '.join(TASKS)}")
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.train.seed)
+        return TASKS[cfg.train.task](cfg, device)
+
+
+def is_finite(value: float) -> bool:
+    return math.isfinite(value)
