@@ -115,6 +115,10 @@ class ModelConfig:
     """Frozen text encoder: 'family/flavor' or an exported folder."""
     base: str | None = None
     """Frozen base U-Net of the `streaming` task: an exported folder or 'family/flavor'."""
+    image_encoder: str = "image_encoder/tiny"
+    """Frozen image encoder of the `streaming` task (APM's anchor embedding)."""
+    discriminator: str = "video_discriminator/tiny"
+    """3D patch discriminator of the `autoencoder` task: 'family/flavor'."""
 
 
 @dataclass(frozen=True, kw_only=True)

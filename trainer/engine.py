@@ -128,6 +128,10 @@ def deepspeed_config(train: TrainConfig, *, world_size: int, on_cuda: bool) -> d
 
 def build_engine(model: nn.Module, train: TrainConfig, dist_info: DistInfo) -> Any:
     """A DeepSpeed engine over `model`; only parameters with requires_grad reach the optimizer."""
+    for param in model.parameters():
+        # DeepSpeed flattens and broadcasts parameters as bytes: channels-last weights must be made dense.
+        if not param.is_contiguous():
+            param.data = param.data.contiguous()
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError(f"{type(model).__name__}: no trainable parameters")
@@ -152,8 +156,8 @@ def consolidated_state_dict(directory: Path, tag: str) -> dict[str, torch.Tensor
     tag_dir = directory / tag
     if any(tag_dir.glob("*optim_states.pt")) and any(tag_dir.glob("zero_pp_rank_*")):
         state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)
-        # ZeRO-1/2 files may lack frozen parameters: take them from the module file.
-        module_state = _module_file_state(tag_dir)
+        # ZeRO-1/2 files may lack frozen parameters: take them from the module file (ZeRO-3 has none).
+        module_state = _module_file_state(tag_dir) if any(tag_dir.glob("mp_rank_*_model_states.pt")) else {}
         return {**{k: v for k, v in module_state.items() if k not in state}, **state}
     return _module_file_state(tag_dir)
 

@@ -110,6 +110,11 @@ def _train(cfg: TrainJobConfig, info: DistInfo, run_dir: Path, ckpt_dir: Path, m
             if ema is not None and metrics.get("skipped", 0.0) == 0.0:
                 ema.update()
             monitor.step(state.step, metrics)
+            if state.bad_streak >= cfg.train.max_bad_steps:
+                raise TrainingError(
+                    f"{state.bad_streak} consecutive steps with a non-finite loss (up to step {state.step}); "
+                    "stopping (train.max_bad_steps); the last checkpoint holds no NaN"
+                )
             if cfg.run.video_every and state.step % cfg.run.video_every == 0:
                 _preview(task, engines, state.extra["last_batch"], monitor, state.step)
             stop = _any_rank(flag.requested)
@@ -162,11 +167,6 @@ def _train_step(
     if skipped:
         state.bad_streak += 1
         state.skipped_total += 1
-        if state.bad_streak >= cfg.train.max_bad_steps:
-            raise TrainingError(
-                f"{state.bad_streak} consecutive steps with a non-finite loss (up to step {state.step}); "
-                "stopping (train.max_bad_steps); the last checkpoint holds no NaN"
-            )
     else:
         state.bad_streak = 0
     elapsed = time.perf_counter() - start

@@ -9,6 +9,7 @@ state is checkpointed, so a resumed run draws exactly what an uninterrupted run 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -219,7 +220,8 @@ class AutoencoderTask(Task):
                 f"objective.perceptual: {cfg.objective.perceptual!r} was given, but no perceptual network "
                 "can be loaded from it (LPIPS weights are not supported yet); set objective.perceptual=null"
             )
-        self.trained = {"model": _trained_model(cfg), "disc": model_zoo.build_model("video_discriminator", cfg.model.flavor)}
+        family, _, flavor = cfg.model.discriminator.partition("/")
+        self.trained = {"model": _trained_model(cfg), "disc": model_zoo.build_model(family, flavor or "tiny")}
 
     def losses(self, engines: Engines, batch: dict[str, Any], generator: torch.Generator, step: int) -> StepOutput:
         obj = self.cfg.objective
@@ -248,6 +250,144 @@ class AutoencoderTask(Task):
             video = batch["video"][:1].to(self.device)
             recon, _ = engines["model"](video, False, None)
         return torch.cat([video, recon.clamp(-1, 1)], dim=-1)  # side by side (1, 3, T, H, 2W)
+
+
+class TemporalDecoderTask(Task):
+    """VidRD's temporal-aware decoder: only the new temporal layers train, on reconstruction (SPEC §2.2)."""
+
+    components = {"model": "vae"}
+
+    def __init__(self, cfg: TrainJobConfig, device: torch.device):
+        super().__init__(cfg, device)
+        self.trained = {"model": _trained_model(cfg)}
+        trainable = set(self.trained["model"].trainable_parameter_names())
+        for name, param in self.trained["model"].named_parameters():
+            param.requires_grad_(name in trainable)
+
+    def losses(self, engines: Engines, batch: dict[str, Any], generator: torch.Generator, step: int) -> StepOutput:
+        video = batch["video"].to(self.device)
+        vae = self.trained["model"]  # its decode, not the engine's forward; the engine still owns backward
+        with torch.no_grad():
+            z = vae.encode(video).sample(generator)  # the encoder is frozen
+        recon = vae.decode(z)
+        rec = F.l1_loss(recon, video) if self.cfg.objective.loss_type == "l1" else F.mse_loss(recon, video)
+        frame_diff = F.l1_loss(recon.diff(dim=2), video.diff(dim=2))
+        return StepOutput([("model", rec)], {"rec": rec.item(), "frame_diff_err": frame_diff.item()})
+
+
+class VideoFusionTask(DiffusionTask):
+    """VideoFusion: decomposed noise, base + residual generators trained jointly (SPEC §2.6)."""
+
+    def __init__(self, cfg: TrainJobConfig, device: torch.device):
+        Task.__init__(self, cfg, device)
+        seed = cfg.train.seed
+        self.frozen["text_encoder"] = build_helper(cfg.model.text_encoder, seed=seed + 1, device=device)
+        if not cfg.data.latent:
+            self.frozen["vae"] = build_helper(cfg.model.vae, seed=seed + 2, device=device)
+        obj = cfg.objective
+        self.alphas_cumprod = alphas_cumprod(make_betas(obj.schedule, obj.num_timesteps, beta_start=obj.beta_start, beta_end=obj.beta_end)).float().to(device)
+        config = model_zoo.make_config(cfg.model.family, cfg.model.flavor, **cfg.model.overrides)
+        c, d = self.latent_channels(), self.context_dim()
+        generators = {name: dataclasses.replace(getattr(config, name), in_channels=c, out_channels=c, context_dim=d) for name in ("base", "residual")}
+        config = dataclasses.replace(config, lam=obj.videofusion_lambda, **generators)
+        self.trained = {"model": model_zoo.build_from_config(config)}
+
+    def losses(self, engines: Engines, batch: dict[str, Any], generator: torch.Generator, step: int) -> StepOutput:
+        latents, context = self.encode(batch, generator)
+        t = torch.randint(0, self.cfg.objective.num_timesteps, (latents.shape[0],), generator=generator).to(self.device)
+        noise, _, _ = self.trained["model"].noise.sample(latents.shape, generator)  # eps_i = √λ b + √(1-λ) r_i
+        noise = noise.to(latents)
+        z_t = objectives.q_sample(latents, t, noise, self.alphas_cumprod)
+        return self.denoising_loss(engines["model"], z_t, latents, t, noise, None, context=context)
+
+
+class StreamingTask(DiffusionTask):
+    """StreamingT2V: CAM + APM over a frozen `unet3d` base (SPEC §2.7).
+
+    A training clip of T latent frames is split: the first `cond_frames` are the previous
+    chunk (CAM's input, clean), the rest is the chunk to denoise; the clip's first frame is the
+    anchor of APM (its image embedding from the frozen image encoder).
+    """
+
+    def __init__(self, cfg: TrainJobConfig, device: torch.device):
+        Task.__init__(self, cfg, device)
+        seed = cfg.train.seed
+        self.frozen["text_encoder"] = build_helper(cfg.model.text_encoder, seed=seed + 1, device=device)
+        self.frozen["vae"] = build_helper(cfg.model.vae, seed=seed + 2, device=device)
+        self.frozen["image_encoder"] = build_helper(cfg.model.image_encoder, seed=seed + 3, device=device)
+        obj = cfg.objective
+        self.alphas_cumprod = alphas_cumprod(make_betas(obj.schedule, obj.num_timesteps, beta_start=obj.beta_start, beta_end=obj.beta_end)).float().to(device)
+        if cfg.model.base is None or not Path(cfg.model.base).is_dir():
+            raise ValueError(
+                f"model.base: {cfg.model.base!r} is not a model folder; the streaming task trains CAM/APM over a "
+                "trained text-to-video unet3d (e.g. <export>/denoiser). A freshly initialised U-Net has a "
+                "zero output layer, so CAM and APM would receive no gradient at all"
+            )
+        base = build_helper(cfg.model.base, seed=seed + 4, device=torch.device("cpu"))
+        config = model_zoo.make_config(cfg.model.family, cfg.model.flavor, **cfg.model.overrides)
+        config = dataclasses.replace(config, base=base.config, image_embed_dim=int(self.frozen["image_encoder"].config.context_dim))
+        model = model_zoo.build_from_config(config)
+        model.load_base_state_dict(base.state_dict())
+        trainable = {id(p) for p in model.trainable_parameters()}
+        for param in model.parameters():
+            param.requires_grad_(id(param) in trainable)
+        self.trained = {"model": model}
+        self.cond_frames = config.cond_frames
+
+    def losses(self, engines: Engines, batch: dict[str, Any], generator: torch.Generator, step: int) -> StepOutput:
+        latents, context = self.encode(batch, generator)
+        if latents.shape[2] <= self.cond_frames:
+            raise ValueError(f"data.frames: clips give {latents.shape[2]} latent frames, need more than cond_frames={self.cond_frames}")
+        cond, chunk = latents[:, :, : self.cond_frames], latents[:, :, self.cond_frames :]
+        with torch.no_grad():
+            anchor = self.frozen["image_encoder"](batch["video"][:, :, 0].to(self.device))[:, 0]  # (B, D_img)
+        t, noise = self.draw(chunk, generator)
+        z_t = objectives.q_sample(chunk, t, noise, self.alphas_cumprod)
+        return self.denoising_loss(engines["model"], z_t, chunk, t, noise, None, context=context, cond_latents=cond, anchor=anchor)
+
+    def preview(self, engines: Engines, batch: dict[str, Any], generator: torch.Generator) -> Tensor | None:
+        return None
+
+
+class CMDTask(DiffusionTask):
+    """CMD: the content-motion autoencoder (reconstruction) and, on its detached latents, the
+    motion DiT conditioned on the content frame (diffusion), trained side by side (SPEC §2.5).
+
+    The paper trains them one after the other; here both engines step every iteration and the
+    DiT only ever sees detached autoencoder outputs, so neither objective leaks into the other.
+    """
+
+    components = {"model": "autoencoder", "motion": "motion_denoiser"}
+
+    def __init__(self, cfg: TrainJobConfig, device: torch.device):
+        Task.__init__(self, cfg, device)
+        self.frozen["text_encoder"] = build_helper(cfg.model.text_encoder, seed=cfg.train.seed + 1, device=device)
+        obj = cfg.objective
+        self.alphas_cumprod = alphas_cumprod(make_betas(obj.schedule, obj.num_timesteps, beta_start=obj.beta_start, beta_end=obj.beta_end)).float().to(device)
+        autoencoder = _trained_model(cfg)
+        from model_zoo.cmd import motion_model_config
+
+        motion = model_zoo.build_from_config(motion_model_config(autoencoder.config, "tiny" if cfg.model.flavor == "tiny" else "S", context_dim=self.context_dim()))
+        self.trained = {"model": autoencoder, "motion": motion}
+
+    def losses(self, engines: Engines, batch: dict[str, Any], generator: torch.Generator, step: int) -> StepOutput:
+        from model_zoo.cmd import content_condition, pack_motion
+
+        video = batch["video"].to(self.device)
+        recon, content, motion = engines["model"](video)
+        rec = F.l1_loss(recon, video) if self.cfg.objective.loss_type == "l1" else F.mse_loss(recon, video)
+        with torch.no_grad():
+            context = self.frozen["text_encoder"](batch["tokens"].to(self.device))
+            x0 = pack_motion(type(motion)(*(z.detach() for z in motion)))  # (B, 2m, L, h, w)
+            cond_frame = content_condition(content.detach(), self.trained["model"].config.patch_size)
+        t, noise = self.draw(x0, generator)
+        z_t = objectives.q_sample(x0, t, noise, self.alphas_cumprod)
+        diffusion = self.denoising_loss(engines["motion"], z_t, x0, t, noise, None, context=context, cond_frame=cond_frame)
+        motion_loss = diffusion.losses[0][1]
+        return StepOutput([("model", rec), ("motion", motion_loss)], {"rec": rec.item(), "motion_loss": motion_loss.item(), **diffusion.metrics})
+
+    def preview(self, engines: Engines, batch: dict[str, Any], generator: torch.Generator) -> Tensor | None:
+        return None
 
 
 class _frozen:
@@ -284,6 +424,10 @@ TASKS: dict[str, type[Task]] = {
     "lvdm_prediction": LVDMTask,
     "lvdm_interpolation": LVDMTask,
     "autoencoder": AutoencoderTask,
+    "temporal_decoder": TemporalDecoderTask,
+    "videofusion": VideoFusionTask,
+    "streaming": StreamingTask,
+    "cmd": CMDTask,
 }
 
 
