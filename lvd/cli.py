@@ -21,9 +21,9 @@ SUBCOMMANDS: dict[str, tuple[str, str | None]] = {
     "train": ("train a model with DeepSpeed ZeRO from a YAML config and dotted overrides", "trainer.cli:main"),
     "export": ("consolidate a run's checkpoint into a diffusers-style pipeline folder", "trainer.export:main"),
     "sample": ("generate long videos with a distributed long-video strategy", None),
-    "eval": ("compute video metrics (SCuts, MAWE, FID/KID, Frechet video proxy) as JSON", None),
+    "eval": ("compute video metrics (SCuts, MAWE, FID/KID, Frechet video proxy) as JSON", "sampler.eval_cli:main"),
     "submit": ("submit shard/train/sample to Slurm through submitit", None),
-    "plan": ("estimate memory, throughput and days for a config on a GPU cluster", None),
+    "plan": ("estimate memory, throughput and days for a config on a GPU cluster", "trainer.plan:main"),
     "demo": ("run the whole chain on the bundled real media: shard, train, export, sample, eval", None),
 }
 

@@ -219,3 +219,48 @@ def checkpoint_wrapper(module: nn.Module) -> None:
         return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
     module.forward = checkpointed  # type: ignore[method-assign]
+
+
+def allocated_state_bytes(engine: Any) -> dict[str, int]:
+    """Bytes this rank really holds for the model and the optimizer, read off the engine.
+
+    Walks the module's parameters (ZeRO-3: their partitions), the optimizer's flat parameter
+    groups and fp32 master partitions, and the optimizer's state tensors; each storage counted once.
+    """
+    seen: set[int] = set()
+
+    def size(tensors: Any) -> int:
+        total = 0
+        for tensor in _tensors(tensors):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() in seen or storage.nbytes() == 0:
+                continue
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+        return total
+
+    model = size([local_shard(p) for p in engine.module.parameters()])
+    optimizer = engine.optimizer
+    inner = getattr(optimizer, "optimizer", optimizer)
+    flat = size([getattr(optimizer, name, None) for name in _FLAT_GROUPS])
+    states = size(list(inner.state.values()))
+    return {"model": model, "optimizer": flat + states}
+
+
+_FLAT_GROUPS = (
+    "bit16_groups_flat",
+    "single_partition_of_fp32_groups",
+    "fp16_partitioned_groups_flat",
+    "fp32_partitioned_groups_flat",
+    "fp32_groups_flat_partition",
+)
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, list | tuple):
+        return [t for v in value for t in _tensors(v)]
+    return []

@@ -1,0 +1,280 @@
+"""`lvd plan`: what a training config costs on a GPU cluster we do not have.
+
+Everything model-specific is measured on the `meta` device, nothing is allocated: parameter
+counts (`model_zoo.count_parameters`), FLOPs (`model_zoo.estimate_flops`, FlopCounterMode) and
+activation memory (the bytes autograd saves for backward, recorded with
+`torch.autograd.graph.saved_tensors_hooks` during a meta forward). The ZeRO arithmetic is
+DeepSpeed's: per rank, stage 1 partitions optimizer states, 2 also gradients, 3 also weights.
+
+Assumptions (printed with the result): AdamW (two fp32 moments), an fp32 master copy of the
+weights when training in bf16, frozen helpers kept whole on every rank, DeepSpeed's default
+communication buckets, 10% of GPU memory kept free for fragmentation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import model_zoo
+from lvd.config import load_config
+from trainer.config import TrainJobConfig
+
+GPUS: dict[str, dict[str, float]] = {
+    "h100": {"memory_gb": 80, "bf16_tflops": 989, "fp32_tflops": 67},
+    "h200": {"memory_gb": 141, "bf16_tflops": 989, "fp32_tflops": 67},
+    "a100": {"memory_gb": 80, "bf16_tflops": 312, "fp32_tflops": 19.5},
+}
+BUCKET_ELEMENTS = 5e8
+"""DeepSpeed's default reduce/allgather bucket size (elements)."""
+HEADROOM = 0.9
+"""Share of GPU memory the plan may use (the rest: allocator fragmentation, CUDA context)."""
+
+
+@dataclass(frozen=True)
+class ModelCounts:
+    trainable_params: int
+    frozen_params: int
+    activation_bytes_per_sample: int
+    activation_bytes_per_sample_ckpt: int
+    train_flops_per_sample: float
+    frozen_flops_per_sample: float
+    tokens_per_sample: int
+
+
+def _input_shape(cfg: TrainJobConfig, vae: nn.Module | None) -> tuple[int, ...]:
+    """Latent shape of one clip, from the data size and the VAE's downsampling."""
+    frames, height, width = cfg.data.frames, cfg.data.height, cfg.data.width
+    if vae is None:
+        return (1, 3, frames, height, width)
+    ft, fh, fw = getattr(vae.config, "downsample", (1, 8, 8))
+    return (1, int(vae.config.latent_channels), max(frames // ft, 1), height // fh, width // fw)
+
+
+class _SavedBytes:
+    """Sums the bytes autograd keeps for backward (dedup by storage), optionally outside some modules."""
+
+    def __init__(self, skip: list[nn.Module]):
+        self.total = 0
+        self.inside = 0
+        self.block_inputs = 0
+        self.block_peak = 0
+        self._block_bytes = 0
+        self._seen: set[tuple[int, int]] = set()
+        self._handles = []
+        for module in skip:
+            self._handles.append(module.register_forward_pre_hook(self._enter))
+            self._handles.append(module.register_forward_hook(self._leave))
+
+    def _enter(self, _module: nn.Module, args: tuple[Any, ...]) -> None:
+        if self.inside == 0:
+            self.block_inputs += sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
+            self._block_bytes = 0
+        self.inside += 1
+
+    def _leave(self, *_: Any) -> None:
+        self.inside -= 1
+        if self.inside == 0:
+            self.block_peak = max(self.block_peak, self._block_bytes)
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        key = (id(tensor.untyped_storage()) if tensor.device.type == "meta" else tensor.untyped_storage().data_ptr(), tensor.numel())
+        if key not in self._seen:
+            self._seen.add(key)
+            size = tensor.numel() * tensor.element_size()
+            if self.inside:
+                self._block_bytes += size
+            else:
+                self.total += size
+        return tensor
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def activation_bytes(model: nn.Module, shape: tuple[int, ...], *, checkpointed: bool, dtype: torch.dtype) -> int:
+    """Bytes saved for backward by one forward on `shape` (meta device, no allocation).
+
+    With `checkpointed`, a checkpointed block keeps only its inputs, plus the largest single
+    block's saved tensors while it is recomputed.
+    """
+    blocks = model.checkpoint_modules() if checkpointed else []
+    counter = _SavedBytes(blocks)
+    x = torch.randn(shape, device="meta", dtype=dtype)
+    kwargs = model.example_inputs(x) if hasattr(model, "example_inputs") else {}
+    with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+        model(x, **kwargs)
+    counter.close()
+    return counter.total + (counter.block_inputs + counter.block_peak if checkpointed else 0)
+
+
+def measure(cfg: TrainJobConfig, *, dtype: torch.dtype) -> ModelCounts:
+    """Build the task's networks on `meta` and measure them."""
+    from trainer.tasks import build_task
+
+    with torch.device("meta"):
+        task = build_task(cfg, torch.device("meta"))
+    model = task.trained["model"]
+    vae = task.frozen.get("vae")
+    shape = _input_shape(cfg, vae)
+    trainable = sum(model_zoo.count_parameters(m, trainable_only=True) for m in task.trained.values())
+    frozen_in_trained = sum(model_zoo.count_parameters(m) for m in task.trained.values()) - trainable
+    frozen = frozen_in_trained + sum(model_zoo.count_parameters(m) for m in task.frozen.values())
+    # Measured in fp32 and scaled by the element size: bf16 training saves bf16 activations.
+    scale = torch.finfo(dtype).bits / 32
+    acts = int(activation_bytes(model, shape, checkpointed=False, dtype=torch.float32) * scale)
+    acts_ckpt = int(activation_bytes(model, shape, checkpointed=True, dtype=torch.float32) * scale)
+    forward = model_zoo.estimate_flops(model, shape)
+    frozen_flops = 0.0
+    if vae is not None:
+        pixels = (1, 3, cfg.data.frames, cfg.data.height, cfg.data.width)
+        encoder = getattr(vae, "encoder", vae)  # training encodes clips; it never decodes them
+        frozen_flops = float(model_zoo.estimate_flops(encoder, pixels, make_inputs=lambda x: {}))
+    patch = getattr(model.config, "patch_size", (1, 1, 1))
+    tokens = int(shape[2] // patch[0] * (shape[3] // patch[1]) * (shape[4] // patch[2])) if isinstance(patch, tuple) else 0
+    return ModelCounts(trainable, frozen, acts, acts_ckpt, 3.0 * forward, frozen_flops, tokens)
+
+
+@dataclass(frozen=True)
+class Plan:
+    config: str
+    gpu: str
+    nodes: int
+    gpus_per_node: int
+    zero_stage: int
+    act_ckpt: bool
+    precision: str
+    micro_batch_size: int
+    grad_accum: int
+    trainable_params: int
+    frozen_params: int
+    memory_gb: dict[str, float]
+    gpu_memory_gb: float
+    fits: bool
+    max_micro_batch: int
+    step_flops: float
+    assumed_mfu: float
+    step_time_s: float
+    clips_per_s: float
+    tokens_per_s: float
+    days_for_samples: float
+    samples: int
+    assumptions: list[str]
+
+
+def static_bytes(trainable: int, frozen: int, *, world: int, stage: int, bf16: bool) -> dict[str, float]:
+    """Per-rank bytes of weights, gradients and optimizer states under ZeRO `stage` (DeepSpeed's layout)."""
+    weight = 2 if bf16 else 4
+    params = trainable * weight / (world if stage >= 3 else 1)
+    grads = trainable * weight / (world if stage >= 2 else 1)
+    # Two fp32 Adam moments, plus an fp32 master copy of the weights whenever DeepSpeed keeps
+    # one: in bf16, and in every ZeRO stage >= 1 even in fp32 (measured: tests/test_planner.py).
+    master = bf16 or stage >= 1
+    optimizer = trainable * (12 if master else 8) / (world if stage >= 1 else 1)
+    frozen_bytes = frozen * weight
+    buffers = 2 * BUCKET_ELEMENTS * weight if world > 1 else 0.0
+    return {"params": params, "grads": grads, "optimizer": optimizer, "frozen": frozen_bytes, "buffers": buffers}
+
+
+def make_plan(
+    cfg: TrainJobConfig, counts: ModelCounts, *, config_name: str, gpu: str, nodes: int, gpus_per_node: int, zero_stage: int, act_ckpt: bool, mfu: float, samples: int
+) -> Plan:
+    spec = GPUS[gpu]
+    world = nodes * gpus_per_node
+    bf16 = cfg.train.precision == "bf16"
+    memory = static_bytes(counts.trainable_params, counts.frozen_params, world=world, stage=zero_stage, bf16=bf16)
+    per_sample = counts.activation_bytes_per_sample_ckpt if act_ckpt else counts.activation_bytes_per_sample
+    budget = spec["memory_gb"] * 2**30 * HEADROOM
+    static = sum(memory.values())
+    max_micro = int((budget - static) // per_sample) if budget > static else 0
+    mb = cfg.train.micro_batch_size
+    memory_gb = {k: v / 2**30 for k, v in memory.items()}
+    memory_gb["activations"] = per_sample * mb / 2**30
+    memory_gb["activations_no_ckpt"] = counts.activation_bytes_per_sample * mb / 2**30
+    memory_gb["activations_ckpt"] = counts.activation_bytes_per_sample_ckpt * mb / 2**30
+    total = static + per_sample * mb
+    memory_gb["total"] = total / 2**30
+    recompute = 4.0 / 3.0 if act_ckpt else 1.0  # checkpointing re-runs the forward in backward
+    global_batch = mb * cfg.train.grad_accum * world
+    step_flops = (counts.train_flops_per_sample * recompute + counts.frozen_flops_per_sample) * global_batch
+    peak = spec["bf16_tflops" if bf16 else "fp32_tflops"] * 1e12
+    step_time = step_flops / world / (peak * mfu)
+    clips_per_s = global_batch / step_time
+    return Plan(
+        config=config_name, gpu=gpu, nodes=nodes, gpus_per_node=gpus_per_node, zero_stage=zero_stage, act_ckpt=act_ckpt,
+        precision=cfg.train.precision, micro_batch_size=mb, grad_accum=cfg.train.grad_accum,
+        trainable_params=counts.trainable_params, frozen_params=counts.frozen_params, memory_gb=memory_gb,
+        gpu_memory_gb=spec["memory_gb"], fits=total <= budget, max_micro_batch=max_micro, step_flops=step_flops,
+        assumed_mfu=mfu, step_time_s=step_time, clips_per_s=clips_per_s, tokens_per_s=clips_per_s * counts.tokens_per_sample,
+        days_for_samples=samples / clips_per_s / 86400, samples=samples,
+        assumptions=[
+            "AdamW: 2 fp32 moments; an fp32 master copy in bf16 and under ZeRO >= 1",
+            "frozen helpers (VAE, text encoder, frozen base) whole on every rank, not partitioned",
+            f"communication buckets 2 x {BUCKET_ELEMENTS:.0e} elements when world > 1",
+            f"{int(HEADROOM * 100)}% of GPU memory usable",
+            f"step time at an assumed MFU of {mfu:.0%} of {'bf16' if bf16 else 'fp32'} peak ({peak / 1e12:.0f} TFLOP/s)",
+            "activations measured on meta: bytes autograd saves for backward, per sample",
+        ],
+    )
+
+
+def format_table(plan: Plan) -> str:
+    m = plan.memory_gb
+    rows = [
+        ("config", plan.config),
+        ("cluster", f"{plan.nodes} x {plan.gpus_per_node} {plan.gpu.upper()} ({plan.gpu_memory_gb:.0f} GB)"),
+        ("ZeRO / act. ckpt / precision", f"{plan.zero_stage} / {'on' if plan.act_ckpt else 'off'} / {plan.precision}"),
+        ("parameters trainable / frozen", f"{plan.trainable_params / 1e9:.3f} B / {plan.frozen_params / 1e9:.3f} B"),
+        ("memory per GPU: params", f"{m['params']:.2f} GB"),
+        ("  gradients", f"{m['grads']:.2f} GB"),
+        ("  optimizer states", f"{m['optimizer']:.2f} GB"),
+        ("  frozen helpers", f"{m['frozen']:.2f} GB"),
+        ("  buffers", f"{m['buffers']:.2f} GB"),
+        (f"  activations (mb={plan.micro_batch_size})", f"{m['activations']:.2f} GB (no ckpt {m['activations_no_ckpt']:.2f}, ckpt {m['activations_ckpt']:.2f})"),
+        ("  total", f"{m['total']:.2f} GB -> {'fits' if plan.fits else 'DOES NOT FIT'}"),
+        ("largest micro-batch that fits", str(plan.max_micro_batch)),
+        ("step FLOPs", f"{plan.step_flops:.3e}"),
+        ("step time", f"{plan.step_time_s:.2f} s at MFU {plan.assumed_mfu:.0%}"),
+        ("throughput", f"{plan.clips_per_s:.1f} clips/s, {plan.tokens_per_s:.3g} tokens/s"),
+        (f"days for {plan.samples:.2e} samples", f"{plan.days_for_samples:.2f}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lvd plan", description="Per-GPU memory, fit, step time and days for a config on a GPU cluster.")
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--gpu", choices=sorted(GPUS), default="h100")
+    parser.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), help="default: the config's train.zero_stage")
+    parser.add_argument("--act-ckpt", action="store_true", default=None, help="default: the config's train.act_ckpt")
+    parser.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default 0.4)")
+    parser.add_argument("--samples", type=int, default=10_000_000, help="clips to train on, for the days estimate")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = load_config(TrainJobConfig, args.config, args.overrides)
+    zero = cfg.train.zero_stage if args.zero_stage is None else args.zero_stage
+    act_ckpt = cfg.train.act_ckpt if args.act_ckpt is None else args.act_ckpt
+    cfg = replace(cfg, train=replace(cfg.train, zero_stage=zero, act_ckpt=act_ckpt))
+    counts = measure(cfg, dtype=torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32)
+    plan = make_plan(
+        cfg, counts, config_name=str(args.config), gpu=args.gpu, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+        zero_stage=zero, act_ckpt=act_ckpt, mfu=args.mfu, samples=args.samples,
+    )
+    sys.stdout.write(json.dumps(asdict(plan), indent=2) + "\n" if args.json else format_table(plan) + "\n")
+    return 0
