@@ -60,7 +60,9 @@ def _link(link: Path, target: Path) -> None:
 def _relative_source(source: str) -> Path:
     path = Path(source)
     if ".." in path.parts:
-        raise ValueError(f"input path {source!r} leaves its list's folder: list it as an absolute path to shard it as an array")
+        raise ValueError(
+            f"input path {source!r} leaves its list's folder: list it as an absolute path to shard it as an array"
+        )
     return path
 
 
@@ -158,7 +160,9 @@ def _finished(out: Path) -> bool:
 def run_task(shard_argv: list[str], task: int, tasks: int) -> int:
     """Shard task `task`'s slice of the input into parts/task-NNNN (resumes a partial part)."""
     if shard_argv[:1] not in (["videos"], ["images"]):
-        raise ValueError("array sharding supports `videos` and `images` (latents: shard one manifest per job)")
+        raise ValueError(
+            "array sharding supports `videos` and `images` (latents: shard one manifest per job)"
+        )
     out = Path(_option(shard_argv, "--out"))
     if _finished(out):
         print(f"lvd shard task {task}: {out / MANIFEST} is already merged")
@@ -220,7 +224,9 @@ def merge_parts(out: Path, tasks: int, *, input_spec: str) -> dict[str, Any]:
 def merge(shard_argv: list[str], tasks: int) -> int:
     out = Path(_option(shard_argv, "--out"))
     manifest = merge_parts(out, tasks, input_spec=_option(shard_argv, "--input"))
-    print(f"{manifest['samples']} samples in {len(manifest['shards'])} shards from {tasks} tasks, {len(manifest['skipped'])} inputs skipped -> {out / MANIFEST}")
+    print(
+        f"{manifest['samples']} samples in {len(manifest['shards'])} shards from {tasks} tasks, {len(manifest['skipped'])} inputs skipped -> {out / MANIFEST}"
+    )
     return 0 if manifest["samples"] else 1
 
 
@@ -235,6 +241,8 @@ def array_position(env: dict[str, str]) -> tuple[int, int]:
     return int(env["SLURM_ARRAY_TASK_ID"]) - first, count
 
 
+SAME_AS_ARRAY = (("partition", "SLURM_JOB_PARTITION"), ("account", "SLURM_JOB_ACCOUNT"))
+"""sbatch options of the merge job taken from the array task's environment."""
 MERGE_TASKS_ENV = "LVD_SHARD_MERGE_TASKS"
 """Set in the merge job that the first array task submits: the number of parts to merge."""
 
@@ -249,11 +257,16 @@ def submit_merge(shard_argv: list[str], env: dict[str, str], tasks: int) -> str 
     if marker.exists():
         return None
     # The merge job must not inherit this task's SLURM_ARRAY_* (and other job) variables.
-    job_env = {key: value for key, value in env.items() if not key.startswith("SLURM_") or key == "SLURM_CONF"}
+    job_env = {
+        key: value for key, value in env.items() if not key.startswith("SLURM_") or key == "SLURM_CONF"
+    }
     job_env[MERGE_TASKS_ENV] = str(tasks)
     script = Path(env["LVD_ROOT"]) / "slurm" / "shard.sbatch"
     command = ["sbatch", "--parsable", f"--dependency=afterok:{array_id}", "--kill-on-invalid-dep=yes"]
-    command += ["--job-name=lvd-shard-merge", "--output=%x-%j.out", str(script), *shard_argv]
+    command += ["--job-name=lvd-shard-merge", "--output=%x-%j.out"]
+    # Same partition and account as the array, also when they were given on sbatch's command line.
+    command += [f"--{option}={env[var]}" for option, var in SAME_AS_ARRAY if env.get(var)]
+    command += [str(script), *shard_argv]
     result = subprocess.run(command, env=job_env, capture_output=True, text=True)
     if result.returncode != 0:
         raise ValueError(f"sbatch of the merge job failed: {result.stderr.strip()}")
@@ -274,9 +287,13 @@ def slurm_step(shard_argv: list[str], env: dict[str, str]) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lvd.shard_merge", description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        prog="python -m lvd.shard_merge", description=__doc__.splitlines()[0], allow_abbrev=False
+    )
     steps = parser.add_subparsers(dest="step", required=True)
-    steps.add_parser("slurm", help="in slurm/shard.sbatch: an array task (SLURM_ARRAY_TASK_*) or the merge job")
+    steps.add_parser(
+        "slurm", help="in slurm/shard.sbatch: an array task (SLURM_ARRAY_TASK_*) or the merge job"
+    )
     task = steps.add_parser("task", help="one slice", allow_abbrev=False)
     task.add_argument("--task", type=int, required=True)
     task.add_argument("--tasks", type=int, required=True)

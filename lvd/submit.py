@@ -129,7 +129,9 @@ class RankJob:
 
     def __call__(self) -> int:
         print(_rank_banner(), flush=True)
-        self._child = subprocess.Popen([self.python, "-m", "lvd", self.command, *self.args], preexec_fn=_ignore_usr2)
+        self._child = subprocess.Popen(
+            [self.python, "-m", "lvd", self.command, *self.args], preexec_fn=_ignore_usr2
+        )
         threading.Thread(target=self._watch, daemon=True).start()
         while not self._exited.wait(1.0):
             pass
@@ -148,7 +150,9 @@ class RankJob:
     def _await_requeue(self) -> None:
         """A preempted rank checkpointed; rank 0 requeues the job, which stops every task."""
         if os.environ.get("SLURM_PROCID", "0") == "0":
-            print(f"lvd: rank checkpointed and stopped: requeueing job {os.environ['SLURM_JOB_ID']}", flush=True)
+            print(
+                f"lvd: rank checkpointed and stopped: requeueing job {os.environ['SLURM_JOB_ID']}", flush=True
+            )
             subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=True)
         threading.Event().wait(REQUEUE_GRACE_S)
 
@@ -193,10 +197,14 @@ class ShardMerge:
         return code
 
 
-def _executor(options: SubmitOptions, *, name: str, nodes: int, ranks_per_node: int, gpus_per_node: int) -> Any:
+def _executor(
+    options: SubmitOptions, *, name: str, nodes: int, ranks_per_node: int, gpus_per_node: int
+) -> Any:
     import submitit
 
-    executor = submitit.AutoExecutor(folder=options.logs, cluster="slurm", slurm_python=shlex.quote(options.python))
+    executor = submitit.AutoExecutor(
+        folder=options.logs, cluster="slurm", slurm_python=shlex.quote(options.python)
+    )
     params: dict[str, Any] = {
         "slurm_job_name": name,
         "nodes": nodes,
@@ -223,7 +231,9 @@ def _script(executor: Any, *, array: int | None = None) -> str:
 
     slurm = executor._executor
     extra = {} if array is None else {"map_count": array}
-    return _make_sbatch_string(command=slurm._submitit_command_str, folder=slurm.folder, **slurm.parameters, **extra)
+    return _make_sbatch_string(
+        command=slurm._submitit_command_str, folder=slurm.folder, **slurm.parameters, **extra
+    )
 
 
 def _report(job: Any, what: str) -> None:
@@ -235,7 +245,13 @@ def _report(job: Any, what: str) -> None:
 def submit_ranks(options: SubmitOptions) -> int:
     """train / sample: nodes x ranks-per-node submitit tasks, each running one rank."""
     ranks = _ranks_per_node(options.gpus_per_node)
-    executor = _executor(options, name=f"lvd-{options.command}", nodes=options.nodes, ranks_per_node=ranks, gpus_per_node=options.gpus_per_node)
+    executor = _executor(
+        options,
+        name=f"lvd-{options.command}",
+        nodes=options.nodes,
+        ranks_per_node=ranks,
+        gpus_per_node=options.gpus_per_node,
+    )
     if options.dry_run:
         print(_script(executor))
         return 0
@@ -270,14 +286,37 @@ def build_parser(defaults: dict[str, str]) -> argparse.ArgumentParser:
     add = parser.add_argument
     add("command", choices=("train", "shard", "sample"), help="the lvd subcommand to run in the job")
     add("--nodes", type=int, default=1, help="nodes (train, sample)")
-    add("--gpus-per-node", type=int, default=int(defaults.get("LVD_GPUS_PER_NODE", "0")), help="one rank per GPU; 0 = one rank per node (CPU)")
-    add("--partition", default=defaults.get("LVD_PARTITION", ""), help="Slurm partition (env.sh: LVD_PARTITION)")
+    add(
+        "--gpus-per-node",
+        type=int,
+        default=int(defaults.get("LVD_GPUS_PER_NODE", "0")),
+        help="one rank per GPU; 0 = one rank per node (CPU)",
+    )
+    add(
+        "--partition",
+        default=defaults.get("LVD_PARTITION", ""),
+        help="Slurm partition (env.sh: LVD_PARTITION)",
+    )
     add("--account", default=defaults.get("LVD_ACCOUNT", ""), help="Slurm account (env.sh: LVD_ACCOUNT)")
     add("--time", type=parse_minutes, default=60, help="time limit per run: minutes, h:m:s or d-h:m:s")
-    add("--cpus-per-task", type=int, default=int(defaults.get("LVD_CPUS_PER_TASK", "1")), help="CPU cores per rank")
+    add(
+        "--cpus-per-task",
+        type=int,
+        default=int(defaults.get("LVD_CPUS_PER_TASK", "1")),
+        help="CPU cores per rank",
+    )
     add("--tasks", type=int, default=2, help="shard: array tasks (input slices)")
-    add("--signal-lead", type=int, default=int(defaults.get("LVD_SIGNAL_LEAD_S", "120")), help="seconds of warning before the time limit")
-    add("--logs", default="slurm-logs/%j", help="folder for job scripts and logs, on a shared filesystem (%%j = job id)")
+    add(
+        "--signal-lead",
+        type=int,
+        default=int(defaults.get("LVD_SIGNAL_LEAD_S", "120")),
+        help="seconds of warning before the time limit",
+    )
+    add(
+        "--logs",
+        default="slurm-logs/%j",
+        help="folder for job scripts and logs, on a shared filesystem (%%j = job id)",
+    )
     add("--dry-run", action="store_true", help="print the sbatch script instead of submitting it")
     parser.usage = "lvd submit {train,shard,sample} [options] -- <the subcommand's own arguments>"
     return parser

@@ -58,16 +58,23 @@ def config_from_dict(config_cls: type, data: dict[str, Any]) -> Any:
     return config_cls(**{k: _from_json(hints[k], v) for k, v in data.items()})
 
 
+def write_config(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
+    """Write only `config.json` (with the family name): enough to rebuild the module empty."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"_family": model.family, **config_to_dict(model.config)}
+    _atomic(out / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    return out
+
+
 def save_pretrained(model: nn.Module, directory: str | os.PathLike[str], *, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `config.json` (with the family name) and `model.safetensors` atomically into `directory`."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    config = {"_family": model.family, **config_to_dict(model.config)}
     tensors = state_dict if state_dict is not None else model.state_dict()
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     _atomic(out / WEIGHTS_NAME, lambda p: save_file(_unshare(tensors), str(p)))
-    _atomic(out / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
-    return out
+    return write_config(model, out)
 
 
 def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

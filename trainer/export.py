@@ -82,11 +82,14 @@ def export(run_dir: Path, out: Path, *, step: int | None = None, ema: bool = Fal
 
 
 def _write_component(run_dir: Path, cfg: TrainJobConfig, engine_name: str, state: dict[str, torch.Tensor], out: Path) -> str:
-    """Rebuild the trained module from the run's own config and save it with its weights."""
-    from trainer.tasks import build_task
+    """Rebuild the trained module from the config the run recorded and save it with its weights."""
+    structure = run_dir / "trained" / engine_name
+    if structure.is_dir():
+        module = model_zoo.build_from_config(model_zoo.load_config(structure))
+    else:  # a run from before trained/ was recorded: rebuild the whole task
+        from trainer.tasks import build_task
 
-    task = build_task(cfg, torch.device("cpu"))
-    module = task.trained[engine_name]
+        module = build_task(cfg, torch.device("cpu")).trained[engine_name]
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{run_dir}: checkpoint of {engine_name!r} does not match the model: missing={missing[:5]} unexpected={unexpected[:5]}")

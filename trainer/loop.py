@@ -22,6 +22,7 @@ import torch.distributed as dist
 from data_pipeline.loader import build_loader
 from lvd.config import to_dict
 from model_zoo import save_pretrained
+from model_zoo.pretrained import write_config
 from trainer import checkpoint
 from trainer.config import TrainJobConfig
 from trainer.ema import Ema
@@ -273,10 +274,13 @@ def _resume(
 
 
 def _save_frozen(task: Task, directory: Path) -> None:
-    """The frozen helpers exactly as used (export copies them into the pipeline folder)."""
+    """The frozen helpers exactly as used (export copies them into the pipeline folder), and the
+    trained networks' configs (export rebuilds them from these, then loads the checkpoint)."""
     for name, module in task.frozen.items():
         if not (directory / name / "model.safetensors").is_file():
             save_pretrained(module, directory / name)
+    for name, module in task.trained.items():
+        write_config(module, directory.parent / "trained" / name)
 
 
 def _preview(task: Task, engines: dict[str, Any], batch: dict[str, Any], monitor: Monitor, step: int) -> None:
