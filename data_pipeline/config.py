@@ -30,6 +30,24 @@ class DataConfig:
     """Samples held in the shuffle buffer."""
     workers: int = 0
     """DataLoader worker processes per rank (0: decode in the training process)."""
+    prefetch: int = 2
+    """Batches each DataLoader worker prepares ahead (ignored when workers = 0)."""
+    buckets: tuple[str, ...] = ()
+    """Optional buckets 'FRAMESxHEIGHTxWIDTH:BATCH' (e.g. '16x64x64:4', '8x64x112:6'): each clip
+    goes to the bucket whose aspect ratio is closest among those its length fits, and batches are
+    made per bucket. Empty: one bucket (frames x height x width, the trainer's batch size)."""
+
+    def bucket_shapes(self) -> list[tuple[int, int, int, int]]:
+        """Parsed buckets as (frames, height, width, batch size)."""
+        shapes = []
+        for text in self.buckets:
+            try:
+                dims, batch = text.split(":")
+                frames, height, width = (int(part) for part in dims.lower().split("x"))
+                shapes.append((frames, height, width, int(batch)))
+            except ValueError:
+                raise ValueError(f"buckets: {text!r} is not 'FRAMESxHEIGHTxWIDTH:BATCH'") from None
+        return shapes
 
     def __post_init__(self) -> None:
         if self.frames < 1:
@@ -44,3 +62,7 @@ class DataConfig:
             raise ValueError(f"workers: must be >= 0, got {self.workers}")
         if self.weights and any(w < 0 for w in self.weights):
             raise ValueError(f"weights: must be non-negative, got {self.weights}")
+        if self.prefetch < 1:
+            raise ValueError(f"prefetch: must be >= 1, got {self.prefetch}")
+        if any(min(shape) < 1 for shape in self.bucket_shapes()):
+            raise ValueError(f"buckets: every number must be >= 1, got {self.buckets}")

@@ -30,6 +30,8 @@ class InputItem:
     """Why the caption is empty or was repaired, reported in the manifest's warnings."""
     extra: dict[str, object] = field(default_factory=dict)
     """Extra CSV/JSONL columns, kept in each sample's json under 'extra'."""
+    skip_reason: str | None = None
+    """Set when the listing already knows the input must be skipped (a repeated source)."""
 
 
 def sample_key(source: str, clip: int) -> str:
@@ -53,7 +55,10 @@ def read_caption(path: Path, *, first_line: bool) -> tuple[str, str | None]:
     try:
         text, issue = raw.decode("utf-8"), None
     except UnicodeDecodeError as error:
-        text, issue = raw.decode("utf-8", "replace"), f"caption is not UTF-8 ({error.reason} at byte {error.start})"
+        text, issue = (
+            raw.decode("utf-8", "replace"),
+            f"caption is not UTF-8 ({error.reason} at byte {error.start})",
+        )
     text = text.strip()
     if first_line:
         text = text.splitlines()[0].strip() if text else ""
@@ -72,7 +77,14 @@ def _from_folder(folder: Path, *, first_line: bool) -> list[InputItem]:
         caption, issue = read_caption(path.with_suffix(CAPTION_SUFFIX), first_line=first_line)
         if path.suffix == CAPTION_SUFFIX:
             caption, issue = "", "missing caption"
-        items.append(InputItem(path=str(path), source=path.relative_to(folder).as_posix(), caption=caption, caption_issue=issue))
+        items.append(
+            InputItem(
+                path=str(path),
+                source=path.relative_to(folder).as_posix(),
+                caption=caption,
+                caption_issue=issue,
+            )
+        )
     return items
 
 
@@ -84,7 +96,9 @@ def _from_row(row: dict[str, object], base: Path, line: int) -> InputItem:
     issue = None if isinstance(caption, str) and caption.strip() else "missing caption"
     extra = {key: value for key, value in row.items() if key not in ("path", "caption")}
     path = Path(listed) if Path(listed).is_absolute() else base / listed
-    return InputItem(path=str(path), source=listed, caption=str(caption or "").strip(), caption_issue=issue, extra=extra)
+    return InputItem(
+        path=str(path), source=listed, caption=str(caption or "").strip(), caption_issue=issue, extra=extra
+    )
 
 
 def list_inputs(spec: str, *, first_line: bool = False) -> list[InputItem]:
@@ -101,4 +115,21 @@ def list_inputs(spec: str, *, first_line: bool = False) -> list[InputItem]:
         rows = list(csv.DictReader(text.splitlines()))
     else:
         raise ValueError(f"--input {spec}: expected a folder, a .csv or a .jsonl")
-    return [_from_row(row, location.parent, number + 1) for number, row in enumerate(rows)]
+    return _mark_repeats([_from_row(row, location.parent, number + 1) for number, row in enumerate(rows)])
+
+
+def _mark_repeats(items: list[InputItem]) -> list[InputItem]:
+    """A source listed twice would give the same keys twice: later copies are marked skipped."""
+    seen: set[str] = set()
+    marked = []
+    for item in items:
+        if item.source in seen:
+            item = InputItem(
+                path=item.path,
+                source=item.source,
+                caption=item.caption,
+                skip_reason="repeated input (already listed)",
+            )
+        seen.add(item.source)
+        marked.append(item)
+    return marked

@@ -14,7 +14,7 @@ import concurrent.futures
 import json
 import multiprocessing
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,8 @@ def _ordered_results(
         yield from map(process, units)
         return
     context = multiprocessing.get_context("forkserver")
+    # One preload for every forkserver child of this process (the loader's workers use it too).
+    context.set_forkserver_preload(["data_pipeline.loader"])
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
         window: deque[concurrent.futures.Future[UnitResult]] = deque()
         remaining = iter(units)
@@ -146,7 +148,9 @@ class ShardJob:
             return [(number, "skipped", {"input": label, "reason": result.skipped})]
         return [(number, "warnings", {"input": label, "reason": reason}) for reason in result.warnings]
 
-    def _settle(self, state: dict[str, Any], next_unit: int, pending: list[tuple[int, str, dict[str, str]]]) -> None:
+    def _settle(
+        self, state: dict[str, Any], next_unit: int, pending: list[tuple[int, str, dict[str, str]]]
+    ) -> None:
         """Move reports of units before `next_unit` into the state (a re-run recomputes the rest)."""
         for number, kind, report in pending:
             if number < next_unit:
@@ -180,9 +184,3 @@ class ShardJob:
         _write_json(self.out_dir / MANIFEST, manifest)
         (self.out_dir / STATE).unlink(missing_ok=True)
         return manifest
-
-
-def manifest_shards(manifest_path: Path) -> Iterable[tuple[Path, int]]:
-    """(shard path, samples) listed by a manifest, paths resolved next to it."""
-    manifest = json.loads(manifest_path.read_text())
-    return [(manifest_path.parent / entry["path"], entry["samples"]) for entry in manifest["shards"]]

@@ -95,8 +95,10 @@ def iter_members(handle: io.BufferedReader, start: int = 0) -> Iterator[tuple[st
     offset, long_name = start, None
     while True:
         header = handle.read(BLOCK)
-        if len(header) < BLOCK or header == b"\0" * BLOCK:
+        if not header or header == b"\0" * BLOCK:
             return
+        if len(header) < BLOCK:
+            raise OSError(f"truncated tar header at byte {offset}")
         size, kind = _parse_size(header), header[156:157]
         padded = (size + BLOCK - 1) // BLOCK * BLOCK
         payload = handle.read(padded)

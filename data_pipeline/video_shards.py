@@ -26,7 +26,9 @@ class CutOptions:
     """Run PySceneDetect's AdaptiveDetector first; no clip spans a detected cut."""
 
 
-def _sample(item: InputItem, clip: int, frames: list, meta: dict[str, object]) -> tuple[str, dict[str, bytes]]:
+def _sample(
+    item: InputItem, clip: int, frames: list, meta: dict[str, object]
+) -> tuple[str, dict[str, bytes]]:
     info = dict(meta, source=item.source, clip=clip)
     if item.extra:
         info["extra"] = item.extra
@@ -77,6 +79,8 @@ def _cut(item: InputItem, options: CutOptions, cut_seconds: list[float]) -> tupl
 
 def process_video(item: InputItem, options: CutOptions) -> UnitResult:
     """Clips of one input, or the reason it gives none. Never raises for bad media."""
+    if item.skip_reason is not None:
+        return UnitResult(skipped=item.skip_reason)
     path = Path(item.path)
     if not path.is_file():
         return UnitResult(skipped="not found")

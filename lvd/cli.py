@@ -17,7 +17,7 @@ from lvd.config import ConfigError
 # subcommand -> (one-line help, "module:function" taking argv and returning an exit code, or
 # None while its issue has not landed).
 SUBCOMMANDS: dict[str, tuple[str, str | None]] = {
-    "shard": ("turn videos, images or clips into WebDataset shards (videos | images | latents)", "data_pipeline.shard_cli:main"),
+    "shard": ("turn videos, images or clips into WebDataset shards (videos | images | latents)", "lvd.shard_cmd:main"),
     "train": ("train a model with DeepSpeed ZeRO from a YAML config and dotted overrides", "trainer.cli:main"),
     "export": ("consolidate a run's checkpoint into a diffusers-style pipeline folder", "trainer.export:main"),
     "sample": ("generate long videos with a distributed long-video strategy", "sampler.cli:main"),

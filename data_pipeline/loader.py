@@ -1,0 +1,357 @@
+"""The training loader: infinite, equal work per rank, exactly resumable (issue 3, SPEC §1).
+
+Each (rank, DataLoader worker) is a reader slot with its own `SampleStream` (see stream.py for
+the shard schedule, mixing and shuffle buffer). A worker decodes, buckets and batches, and tags
+every batch with its position after that batch. The main process keeps the tag of the last batch
+it consumed from each worker: that is the loader state. DataLoader hands out batches round-robin
+over workers, so after n batches the next one comes from worker n mod W; a resumed loader rotates
+the worker roles by that amount. Per-sample randomness (temporal offset, crop, caption dropout)
+is keyed by (seed, rank, worker, sample number), never drawn from a shared generator.
+
+World size change: positions are per slot and slots change with the world size (or the worker
+count), so `load_state_dict` then starts every slot at the start of the epoch after the furthest
+epoch this rank's saved slots had reached (logged as a warning): the rest of the interrupted
+epoch is skipped, nothing is read twice within an epoch. Exactness holds only for the same
+world size and worker count.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import multiprocessing
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_pipeline.config import DataConfig
+from data_pipeline.stages import (
+    ClipShape,
+    decode_clip,
+    drop_caption,
+    load_npy,
+    sample_caption,
+    sample_meta,
+    to_unit_range,
+)
+from data_pipeline.stream import (
+    SampleStream,
+    ShardSet,
+    Slot,
+    expand_shard_sets,
+    fresh_state,
+    keyed_random,
+    latest_epoch,
+)
+from data_pipeline.tario import TarSample, read_sample
+
+log = logging.getLogger(__name__)
+Tokenizer = Callable[[list[str]], torch.Tensor]
+MAX_CONSECUTIVE_BAD = 1000
+
+
+@dataclass(frozen=True, kw_only=True)
+class Bucket:
+    shape: ClipShape
+    """Clip shape of the bucket's batches."""
+    batch_size: int
+    """Samples per batch of this bucket."""
+
+
+def choose_bucket(buckets: list[Bucket], meta: dict[str, Any]) -> int:
+    """Closest aspect ratio (log scale) among the buckets the clip is long enough for."""
+    frames = int(meta.get("num_frames", 0) or 0)
+    fits = [number for number, bucket in enumerate(buckets) if frames == 0 or frames >= bucket.shape.span]
+    if len(buckets) == 1 or not fits or not meta.get("width"):
+        return fits[0] if fits else 0
+    aspect = math.log(float(meta["width"]) / float(meta["height"]))
+    return min(
+        fits,
+        key=lambda number: abs(math.log(buckets[number].shape.width / buckets[number].shape.height) - aspect),
+    )
+
+
+class _BatchMaker:
+    """One slot's stream turned into batches, plus the state that reproduces what follows."""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        sets: list[ShardSet],
+        slot: Slot,
+        buckets: list[Bucket],
+        tokenizer: Tokenizer | None,
+        state: dict[str, Any] | None,
+    ) -> None:
+        self.cfg, self.slot, self.buckets, self.tokenizer = cfg, slot, buckets, tokenizer
+        self.stream = SampleStream(
+            sets, slot, buffer_size=cfg.shuffle_buffer, state=state and state["stream"]
+        )
+        self.pending: list[list[tuple[list[Any], int, dict[str, Any]]]] = [[] for _ in buckets]
+        for bucket, ref, counter in state["pending"] if state else []:
+            self.pending[bucket].append(
+                (ref, counter, self._prepare(read_sample(ref[1], ref[2]), ref, counter, bucket))
+            )
+
+    def _key(self, kind: str, counter: int) -> tuple[object, ...]:
+        return (kind, self.slot.seed, self.slot.rank, self.slot.worker, counter)
+
+    def _prepare(self, sample: TarSample, ref: list[Any], counter: int, bucket: int) -> dict[str, Any] | None:
+        files = sample.files
+        meta = dict(sample_meta(files), __key__=sample.key, __url__=ref[1], set=ref[0], epoch=ref[3])
+        caption = drop_caption(
+            sample_caption(files), self.cfg.p_uncond, keyed_random(*self._key("uncond", counter))
+        )
+        item: dict[str, Any] = {"caption": caption, "meta": meta}
+        if self.cfg.latent:
+            item["latents"] = load_npy(files["latents.npy"])
+            if "text_emb.npy" in files:
+                item["text_emb"] = load_npy(files["text_emb.npy"])
+            return item
+        if "mp4" not in files:
+            return None
+        rng = keyed_random(*self._key("aug", counter)) if self.cfg.random_crop else None
+        clip = decode_clip(files["mp4"], self.buckets[bucket].shape, rng)
+        if clip is None:
+            return None
+        item["video"] = clip
+        return item
+
+    def _state(self) -> dict[str, Any]:
+        pending = [
+            [bucket, ref, counter] for bucket, items in enumerate(self.pending) for ref, counter, _ in items
+        ]
+        return {"stream": self.stream.state(), "pending": pending}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        bad = 0
+        for ref, sample in self.stream:
+            counter = self.stream.emitted - 1
+            bucket = choose_bucket(self.buckets, sample_meta(sample.files)) if not self.cfg.latent else 0
+            item = self._prepare(sample, ref, counter, bucket)
+            if item is None:
+                bad += 1
+                if bad >= MAX_CONSECUTIVE_BAD:
+                    raise RuntimeError(
+                        f"{bad} samples in a row could not be decoded (last: {sample.key} in {ref[1]})"
+                    )
+                continue
+            bad = 0
+            self.pending[bucket].append((ref, counter, item))
+            if len(self.pending[bucket]) == self.buckets[bucket].batch_size:
+                items = [entry[2] for entry in self.pending[bucket]]
+                self.pending[bucket] = []
+                yield self._collate(items) | {
+                    "_position": {"worker": self.slot.worker, "state": self._state()}
+                }
+
+    def _collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        captions = [item["caption"] for item in items]
+        batch: dict[str, Any] = {"caption": captions, "meta": [item["meta"] for item in items]}
+        if self.cfg.latent:
+            batch["latents"] = torch.from_numpy(np.stack([item["latents"] for item in items])).float()
+            if all("text_emb" in item for item in items):
+                batch["text_emb"] = torch.from_numpy(np.stack([item["text_emb"] for item in items])).float()
+        else:
+            # uint8 crosses the process boundary (4x less than float32); __next__ converts.
+            batch["video"] = torch.from_numpy(np.stack([item["video"] for item in items]))
+        if self.tokenizer is not None:
+            batch["tokens"] = self.tokenizer(captions).long()
+        return batch
+
+
+class _SlotDataset(IterableDataset):
+    """What each DataLoader worker (or the main process) iterates: its slot's batches."""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        sets: list[ShardSet],
+        *,
+        rank: int,
+        world_size: int,
+        seed: int,
+        buckets: list[Bucket],
+        tokenizer: Tokenizer | None,
+    ) -> None:
+        self.cfg, self.sets, self.buckets, self.tokenizer = cfg, sets, buckets, tokenizer
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.workers = max(1, cfg.workers)
+        self.rotation = 0
+        self.states: dict[int, dict[str, Any]] = {}
+
+    def slot(self, worker: int) -> Slot:
+        return Slot(
+            seed=self.seed, rank=self.rank, worker=worker, world_size=self.world_size, workers=self.workers
+        )
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        if info is not None:
+            torch.set_num_threads(1)
+        worker = (physical + self.rotation) % self.workers
+        maker = _BatchMaker(
+            self.cfg, self.sets, self.slot(worker), self.buckets, self.tokenizer, self.states.get(worker)
+        )
+        return iter(maker)
+
+
+def _identity(batch: dict[str, Any]) -> dict[str, Any]:
+    return batch
+
+
+class VideoLoader:
+    """Infinite iterator of batches with `state_dict()` / `load_state_dict()` for exact resume.
+
+    Batches: 'video' (B, C, T, H, W) in [-1, 1] (pixel shards) or 'latents' (B, c, t, h, w)
+    (latent shards, plus 'text_emb' when cached), 'caption' (after p_uncond dropout), 'tokens'
+    (B, 77) when a tokenizer is given, and 'meta' (one dict per sample).
+    """
+
+    def __init__(self, dataset: _SlotDataset) -> None:
+        self.dataset = dataset
+        self.batches = 0
+        self._iterator: Iterator[dict[str, Any]] | None = None
+        self.batches_per_epoch = self._epoch_length()
+
+    def _epoch_length(self) -> int | None:
+        """Batches per rank in one pass over all sets (None unless manifests give the counts)."""
+        if any(shard_set.samples is None for shard_set in self.dataset.sets):
+            return None
+        total = sum(shard_set.samples or 0 for shard_set in self.dataset.sets)
+        batch = self.dataset.buckets[0].batch_size
+        return max(1, math.ceil(total / (self.dataset.world_size * batch)))
+
+    def _start(self) -> Iterator[dict[str, Any]]:
+        self.dataset.rotation = self.batches % self.dataset.workers
+        if self.dataset.cfg.workers == 0:
+            return iter(self.dataset)
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["data_pipeline.loader"])  # workers start without re-importing torch
+        loader = DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=self.dataset.cfg.workers,
+            prefetch_factor=self.dataset.cfg.prefetch,
+            collate_fn=_identity,
+            # Not fork: forking a trainer that runs threads (queue feeders, tqdm, NCCL) can deadlock
+            # the child; forkserver children come from a clean single-threaded process.
+            multiprocessing_context=context,
+        )
+        return iter(loader)
+
+    def __iter__(self) -> VideoLoader:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self._iterator is None:
+            self._iterator = self._start()
+        batch = next(self._iterator)
+        position = batch.pop("_position")
+        self.dataset.states[position["worker"]] = position["state"]
+        self.batches += 1
+        if "video" in batch:
+            batch["video"] = to_unit_range(batch["video"].numpy())
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "batches": self.batches,
+            "rank": self.dataset.rank,
+            "world_size": self.dataset.world_size,
+            "workers": self.dataset.workers,
+            "seed": self.dataset.seed,
+            "slots": {str(worker): state for worker, state in self.dataset.states.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where `state` was taken (same world size and workers), see module doc."""
+        self._iterator = None
+        saved = {int(worker): slot_state for worker, slot_state in state["slots"].items()}
+        if state["world_size"] == self.dataset.world_size and state["workers"] == self.dataset.workers:
+            self.dataset.states, self.batches = saved, state["batches"]
+            return
+        saved_slot = functools.partial(
+            Slot,
+            seed=state["seed"],
+            rank=state["rank"],
+            world_size=state["world_size"],
+            workers=state["workers"],
+        )
+        reached = (
+            latest_epoch(self.dataset.sets, saved_slot(worker=worker), slot_state["stream"])
+            for worker, slot_state in saved.items()
+        )
+        epoch = 1 + max(reached, default=-1)
+        log.warning(
+            "loader state was saved with world_size=%s workers=%s, now %s/%s: restarting every reader at epoch %d "
+            "(exact resume needs the same world size and workers)",
+            state["world_size"],
+            state["workers"],
+            self.dataset.world_size,
+            self.dataset.workers,
+            epoch,
+        )
+        self.dataset.states = {
+            worker: {
+                "stream": fresh_state(self.dataset.sets, self.dataset.slot(worker), start_epoch=epoch),
+                "pending": [],
+            }
+            for worker in range(self.dataset.workers)
+        }
+        self.batches = 0
+
+
+def build_buckets(cfg: DataConfig, batch_size: int) -> list[Bucket]:
+    shapes = cfg.bucket_shapes() or [(cfg.frames, cfg.height, cfg.width, batch_size)]
+    return [
+        Bucket(
+            shape=ClipShape(frames=frames, frame_stride=cfg.frame_stride, height=height, width=width),
+            batch_size=batch,
+        )
+        for frames, height, width, batch in shapes
+    ]
+
+
+def build_loader(
+    cfg: DataConfig,
+    *,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    seed: int,
+    tokenizer: Tokenizer | None,
+) -> VideoLoader:
+    """The training loader of one rank. Fails within seconds when a shard set matches nothing."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    sets = expand_shard_sets(cfg.shards, cfg.weights)
+    slots = world_size * max(1, cfg.workers)
+    for number, shard_set in enumerate(sets):
+        if len(shard_set.urls) < slots and rank == 0:
+            log.warning(
+                "shard set %d has %d shards for %d reader slots (ranks x workers): shards are resampled, "
+                "so samples repeat within an epoch; for one pass per epoch write >= %d shards "
+                "(lvd shard ... --shard-size-mb smaller)",
+                number,
+                len(shard_set.urls),
+                slots,
+                slots,
+            )
+    dataset = _SlotDataset(
+        cfg,
+        sets,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        buckets=build_buckets(cfg, batch_size),
+        tokenizer=tokenizer,
+    )
+    return VideoLoader(dataset)

@@ -1,0 +1,155 @@
+"""`lvd shard videos|images|latents`: raw media -> WebDataset shards + manifest.json (issue 3).
+
+Run as `lvd shard ...` or `python -m data_pipeline.shard_cli ...`. Re-running the same command
+resumes an interrupted job (also after kill -9) and is a no-op on a finished one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from data_pipeline.inputs import list_inputs
+from data_pipeline.latents import TextEncoder, VideoEncoder, shard_latents
+from data_pipeline.pseudo_video import PseudoOptions, process_image
+from data_pipeline.shard_writer import JobMismatchError, ShardJob
+from data_pipeline.stages import ClipShape
+from data_pipeline.stream import expand_shard_sets
+from data_pipeline.video_shards import CutOptions, process_video
+
+EncoderLoader = Callable[[str], tuple[VideoEncoder, TextEncoder | None]]
+"""Given the --vae folder, returns (encode_video, encode_text or None); supplied by the CLI layer."""
+
+
+def _common(parser: argparse.ArgumentParser, *, input_help: str) -> None:
+    parser.add_argument("--input", required=True, help=input_help)
+    parser.add_argument("--out", required=True, help="output folder (shards, manifest.json)")
+    parser.add_argument("--shard-size-mb", type=float, default=256.0, help="maximum shard size (MiB)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lvd shard", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    media = "a folder (captions in sidecar name.txt), a .csv or a .jsonl with columns path, caption"
+    videos = commands.add_parser("videos", help="cut videos into captioned clips")
+    _common(videos, input_help=media)
+    videos.add_argument("--clip-frames", type=int, default=16, help="frames per clip")
+    videos.add_argument("--frame-stride", type=int, default=1, help="source frames between clip frames")
+    videos.add_argument("--size", type=int, default=256, help="short side of the clips in pixels")
+    videos.add_argument("--scene-split", action="store_true", help="no clip spans a PySceneDetect cut")
+    videos.add_argument("--workers", type=int, default=1, help="parallel processes")
+    images = commands.add_parser("images", help="VidRD pseudo-videos from captioned images")
+    _common(images, input_help=media + " (sidecar: first line)")
+    images.add_argument("--frames", type=int, default=16, help="frames per pseudo-video")
+    images.add_argument("--size", type=int, default=256, help="short side of the clips in pixels")
+    images.add_argument("--fps", type=float, default=8.0, help="frame rate written into the clip")
+    images.add_argument("--seed", type=int, default=0, help="base seed of the zoom/pan paths")
+    images.add_argument("--min-scale", type=float, default=0.6, help="smallest crop window (strongest zoom)")
+    images.add_argument("--workers", type=int, default=1, help="parallel processes")
+    latents = commands.add_parser("latents", help="encode pixel shards into latent shards")
+    _common(latents, input_help="pixel shards: brace glob, shard folder or manifest.json")
+    latents.add_argument(
+        "--vae", required=True, help="exported model folder (config.json + model.safetensors)"
+    )
+    latents.add_argument("--frames", type=int, default=16, help="frames per clip given to the VAE")
+    latents.add_argument("--frame-stride", type=int, default=1, help="stride of those frames in the clip")
+    latents.add_argument("--height", type=int, default=256, help="clip height given to the VAE")
+    latents.add_argument("--width", type=int, default=256, help="clip width given to the VAE")
+    latents.add_argument("--batch-size", type=int, default=4, help="clips per encoder call")
+    return parser
+
+
+def _params(args: argparse.Namespace) -> dict[str, Any]:
+    """What defines the job's output (not --workers): compared on resume, written to the manifest."""
+    params = {key: value for key, value in sorted(vars(args).items()) if key not in ("workers", "out")}
+    if Path(args.input).exists():
+        params["input"] = str(Path(args.input).resolve())
+    return params
+
+
+def _check_positive(args: argparse.Namespace) -> None:
+    for name in ("clip_frames", "frame_stride", "size", "frames", "height", "width", "batch_size", "workers"):
+        value = getattr(args, name, 1)
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.shard_size_mb <= 0:
+        raise ValueError(f"--shard-size-mb must be > 0, got {args.shard_size_mb}")
+
+
+def _media_job(args: argparse.Namespace) -> dict[str, Any]:
+    items = list_inputs(args.input, first_line=args.command == "images")
+    if args.command == "videos":
+        options = CutOptions(
+            clip_frames=args.clip_frames,
+            frame_stride=args.frame_stride,
+            size=args.size,
+            scene_split=args.scene_split,
+        )
+        process = functools.partial(process_video, options=options)
+    else:
+        options = PseudoOptions(
+            frames=args.frames, size=args.size, fps=args.fps, seed=args.seed, min_scale=args.min_scale
+        )
+        process = functools.partial(process_image, options=options)
+    job = ShardJob(
+        Path(args.out),
+        params=_params(args),
+        shard_bytes=int(args.shard_size_mb * 2**20),
+        labels=[item.source for item in items],
+    )
+    return job.run(items, process, workers=args.workers)
+
+
+def _latent_job(args: argparse.Namespace, load_encoder: EncoderLoader | None) -> dict[str, Any]:
+    if load_encoder is None:
+        raise ValueError(
+            "lvd shard latents needs the model loader of the `lvd` CLI: run it as `lvd shard latents ...`"
+        )
+    urls = [url for shard_set in expand_shard_sets(args.input, ()) for url in shard_set.urls]
+    encode_video, encode_text = load_encoder(args.vae)
+    shape = ClipShape(
+        frames=args.frames, frame_stride=args.frame_stride, height=args.height, width=args.width
+    )
+    return shard_latents(
+        urls,
+        Path(args.out),
+        encode_video,
+        encode_text,
+        shape=shape,
+        shard_size_mb=args.shard_size_mb,
+        batch_size=args.batch_size,
+        params=_params(args),
+    )
+
+
+def main(argv: list[str], *, load_encoder: EncoderLoader | None = None) -> int:
+    """The whole `lvd shard` command; returns the exit code (0 when any input gave samples)."""
+    args = _parser().parse_args(argv)
+    try:
+        _check_positive(args)
+        manifest = _latent_job(args, load_encoder) if args.command == "latents" else _media_job(args)
+    except (ValueError, FileNotFoundError, JobMismatchError) as error:
+        print(f"lvd shard: error: {error}", file=sys.stderr)
+        return 2
+    for entry in manifest["skipped"]:
+        print(f"skipped {entry['input']}: {entry['reason']}", file=sys.stderr)
+    for entry in manifest["warnings"]:
+        print(f"warning {entry['input']}: {entry['reason']}", file=sys.stderr)
+    print(
+        f"{manifest['samples']} samples in {len(manifest['shards'])} shards, {len(manifest['skipped'])} inputs skipped -> {Path(args.out) / 'manifest.json'}"
+    )
+    if manifest["samples"] == 0:
+        print(
+            f"lvd shard: error: none of the {manifest['inputs']} inputs gave a sample (see skipped above)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
