@@ -22,7 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str | None]] = {
     "export": ("consolidate a run's checkpoint into a diffusers-style pipeline folder", "trainer.export:main"),
     "sample": ("generate long videos with a distributed long-video strategy", "sampler.cli:main"),
     "eval": ("compute video metrics (SCuts, MAWE, FID/KID, Frechet video proxy) as JSON", "sampler.eval_cli:main"),
-    "submit": ("submit shard/train/sample to Slurm through submitit", None),
+    "submit": ("submit shard/train/sample to Slurm through submitit", "lvd.submit:main"),
     "plan": ("estimate memory, throughput and days for a config on a GPU cluster", "trainer.plan:main"),
     "demo": ("run the whole chain on the bundled real media: shard, train, export, sample, eval", "lvd.demo:main"),
 }

@@ -247,6 +247,13 @@ MERGE_TASKS_ENV = "LVD_SHARD_MERGE_TASKS"
 """Set in the merge job that the first array task submits: the number of parts to merge."""
 
 
+def _log_dir(job_id: str) -> Path:
+    """The folder of this job's stdout log (the merge job logs beside the array's)."""
+    fields = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+    stdout = next((item.split("=", 1)[1] for item in fields.split() if item.startswith("StdOut=")), "")
+    return Path(stdout).parent if stdout else Path.cwd()
+
+
 def submit_merge(shard_argv: list[str], env: dict[str, str], tasks: int) -> str | None:
     """Submit slurm/shard.sbatch as the merge job, after the whole array succeeded (first task
     only, once per array). Returns the job id, or None when another task submits it."""
@@ -263,7 +270,7 @@ def submit_merge(shard_argv: list[str], env: dict[str, str], tasks: int) -> str 
     job_env[MERGE_TASKS_ENV] = str(tasks)
     script = Path(env["LVD_ROOT"]) / "slurm" / "shard.sbatch"
     command = ["sbatch", "--parsable", f"--dependency=afterok:{array_id}", "--kill-on-invalid-dep=yes"]
-    command += ["--job-name=lvd-shard-merge", "--output=%x-%j.out"]
+    command += ["--job-name=lvd-shard-merge", f"--output={_log_dir(env['SLURM_JOB_ID'])}/%x-%j.out"]
     # Same partition and account as the array, also when they were given on sbatch's command line.
     command += [f"--{option}={env[var]}" for option, var in SAME_AS_ARRAY if env.get(var)]
     command += [str(script), *shard_argv]

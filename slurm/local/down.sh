@@ -4,7 +4,8 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/common.sh"
-serialise "$0" "$@"
+require_root
+serialise
 
 # cancel_all_jobs: cancel every job and wait (up to 30 s) until the controller has none left
 # running, so no job is orphaned when its slurmd stops.
@@ -23,7 +24,6 @@ cancel_all_jobs() {
 }
 
 main() {
-  require_root
   if ! is_ours "$SLURM_CONF_PATH"; then
     note "no lvd local cluster config at $SLURM_CONF_PATH: nothing to stop"
     return 0

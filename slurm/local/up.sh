@@ -12,7 +12,8 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/common.sh"
-serialise "$0" "$@"
+require_root
+serialise
 
 STATE=${LVD_SLURM_STATE:-/var/run/lvd-slurm}
 TIMEOUT=${LVD_SLURM_TIMEOUT:-60}
@@ -55,8 +56,8 @@ render_conf() {
 }
 
 add_hosts_entry() {
-  grep -q "$HOSTS_MARKER" /etc/hosts && return 0
-  echo "127.0.0.1 ${NODE_NAMES[*]} $HOSTS_MARKER" >>/etc/hosts || die "cannot append the n1 n2 line to /etc/hosts"
+  grep -q "$MARKER" /etc/hosts && return 0
+  echo "127.0.0.1 ${NODE_NAMES[*]} $MARKER" >>/etc/hosts || die "cannot append the n1 n2 line to /etc/hosts"
 }
 
 daemons_alive() {
@@ -82,7 +83,7 @@ start_munge() {
   chmod 0400 /etc/munge/munge.key
   mkdir -p /run/munge
   chown munge:munge /run/munge
-  runuser -u munge -- munged
+  runuser -u munge -- munged 9>&-
   touch "$STATE/munged.ours"
   for _ in $(seq 50); do
     munge -n </dev/null | unmunge >/dev/null 2>&1 && return 0
@@ -96,11 +97,11 @@ start_munge() {
 start_slurm() {
   local node
   if ! pid_alive "$STATE/slurmctld.pid" slurmctld; then
-    slurmctld $([ "$1" = 1 ] && echo -c) || die "slurmctld failed to start, see $STATE/log/slurmctld.log"
+    slurmctld $([ "$1" = 1 ] && echo -c) 9>&- || die "slurmctld failed to start, see $STATE/log/slurmctld.log"
   fi
   for node in "${NODE_NAMES[@]}"; do
     pid_alive "$STATE/slurmd-$node.pid" slurmd && continue
-    slurmd -N "$node" || die "slurmd -N $node failed to start, see $STATE/log/slurmd-$node.log"
+    slurmd -N "$node" 9>&- || die "slurmd -N $node failed to start, see $STATE/log/slurmd-$node.log"
   done
 }
 
@@ -132,7 +133,6 @@ EOF
 }
 
 main() {
-  require_root
   if [ -e "$SLURM_CONF_PATH" ] && ! is_ours "$SLURM_CONF_PATH"; then
     die "$SLURM_CONF_PATH was not written by this script; move it away to use the local cluster"
   fi
