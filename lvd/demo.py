@@ -75,6 +75,11 @@ class Stage:
         print(f"    done in {time.perf_counter() - start:.0f} s (log: {log})", flush=True)
 
 
+def final_checkpoint(run_dir: Path, steps: int) -> Path:
+    """Exists once the run has finished (an interrupted run is resumed by the same stage)."""
+    return run_dir / "checkpoints" / f"step_{steps:08d}" / "COMPLETE"
+
+
 def brace(manifest: Path) -> str:
     """The brace URL of a shard folder's shards, from its manifest."""
     shards = [s["path"] for s in json.loads(manifest.read_text())["shards"]]
@@ -108,7 +113,7 @@ def main(argv: list[str]) -> int:
     ])
     data = [f"data.shards={brace(shards / 'videos' / 'manifest.json')}::{brace(shards / 'images' / 'manifest.json')}", "data.weights=[0.7,0.3]"]
 
-    stage.run("train the tiny video VAE", runs / "vae" / "checkpoints" / "latest", [
+    stage.run("train the tiny video VAE", final_checkpoint(runs / "vae", sizes.vae_steps), [
         "train", "--config", "configs/tiny/autoencoder.yaml", f"run.dir={runs / 'vae'}", f"train.steps={sizes.vae_steps}",
         f"train.checkpoint_every={sizes.vae_steps}", f"objective.disc_start={sizes.vae_steps // 2}", *px, *data,
     ])
@@ -116,12 +121,12 @@ def main(argv: list[str]) -> int:
     vae = [f"model.vae={export / 'vae' / 'vae'}"]
 
     t2v_every = max(sizes.t2v_steps // 3, 1)
-    stage.run("train text-to-video unet3d, ZeRO-2 on 2 ranks", runs / "t2v" / "checkpoints" / "latest", [
+    stage.run("train text-to-video unet3d, ZeRO-2 on 2 ranks", final_checkpoint(runs / "t2v", sizes.t2v_steps), [
         "train", "--nproc", "2", "--config", "configs/tiny/unet3d.yaml", f"run.dir={runs / 't2v'}", "train.zero_stage=2",
         f"train.steps={sizes.t2v_steps}", f"train.checkpoint_every={t2v_every}", f"run.video_every={t2v_every}", *px, *data, *vae,
     ])
     for task in ("lvdm_prediction", "lvdm_interpolation"):
-        stage.run(f"train {task}", runs / task / "checkpoints" / "latest", [
+        stage.run(f"train {task}", final_checkpoint(runs / task, sizes.lvdm_steps), [
             "train", "--config", f"configs/tiny/{task}.yaml", f"run.dir={runs / task}", f"train.steps={sizes.lvdm_steps}",
             f"train.checkpoint_every={sizes.lvdm_steps}", *px, *data, *vae,
         ])
@@ -129,6 +134,7 @@ def main(argv: list[str]) -> int:
         stage.run(f"export {name}", export / name / "model_index.json", ["export", "--run", str(runs / name), "--out", str(export / name)])
 
     common = ["--frames", str(sizes.long_frames), "--steps", str(sizes.sample_steps), "--nproc", "2", "--seed", "0", "--no-progress"]
+    common += ["--height", str(sizes.size), "--width", str(sizes.size)]
     prompt = ["--prompt", "cyclists riding along a street"]
     hierarchical, vidrd = videos / "lvdm-hierarchical.mp4", videos / "vidrd.mp4"
     stage.run("sample lvdm-hierarchical on 2 ranks", hierarchical.with_suffix(".json"), [
