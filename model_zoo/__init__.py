@@ -3,11 +3,20 @@
 Single-device PyTorch only: parallelism is applied from outside by the trainer.
 """
 
+# Family modules register themselves on import (the registry decorator).
+from model_zoo import (  # noqa: F401
+    cmd,
+    dit,
+    streaming,
+    temporal_decoder_vae,
+    text_encoder,
+    unet3d,
+    video_vae,
+    videofusion,
+)
 from model_zoo.counting import count_parameters, estimate_flops
 from model_zoo.pretrained import from_pretrained, load_config, save_pretrained
 from model_zoo.registry import build_from_config, build_model, get_family, list_models, make_config
-
-# Family modules register themselves on import; the model-zoo authors add theirs here.
 
 __all__ = [
     "build_from_config",

@@ -50,9 +50,17 @@ class VideoVAEConfig:
 
 
 FLAVORS = {
-    "tiny": dict(base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, downsample=(2, 4, 4), norm_groups=8),
+    "tiny": dict(
+        base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, downsample=(2, 4, 4), norm_groups=8
+    ),
     # LVDM's sky-timelapse autoencoder: 16x256x256 -> 4x4x32x32; scale/shift as given in SPEC §2.1.
-    "lvdm": dict(base_channels=128, channel_mult=(1, 2, 2, 4), downsample=(4, 8, 8), scale_factor=0.334, shift_factor=1.46),
+    "lvdm": dict(
+        base_channels=128,
+        channel_mult=(1, 2, 2, 4),
+        downsample=(4, 8, 8),
+        scale_factor=0.334,
+        shift_factor=1.46,
+    ),
 }
 
 
@@ -93,7 +101,9 @@ class FrameAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         _, _, t, h, w = x.shape
-        q, k, v = rearrange(self.qkv(self.norm(x)), "b (n c) t h w -> n (b t) (h w) c", n=3)  # 3 x (BT, HW, C)
+        q, k, v = rearrange(
+            self.qkv(self.norm(x)), "b (n c) t h w -> n (b t) (h w) c", n=3
+        )  # 3 x (BT, HW, C)
         out = F.scaled_dot_product_attention(q, k, v)  # (BT, HW, C)
         out = rearrange(out, "(b t) (h w) c -> b c t h w", t=t, h=h, w=w)
         return x + self.proj(out)
@@ -214,9 +224,6 @@ class VideoVAE(LatentScalingMixin, PretrainedMixin, nn.Module):
         """The deterministic reconstruction (posterior mode), for the generic contract test."""
         return self(video, sample_posterior=False)[0]
 
-    def example_inputs(self, video: Tensor) -> dict[str, object]:
-        return {}
-
     def checkpoint_modules(self) -> list[nn.Module]:
         return [m for m in self.modules() if isinstance(m, ResBlock3D | FrameAttention)]
 
@@ -242,7 +249,9 @@ DISCRIMINATOR_FLAVORS = {
 
 def _disc_layer(in_ch: int, out_ch: int, stride: int, groups: int | None) -> list[nn.Module]:
     # Kernel 3 in time (clips are short) and 4 in space, as in the 2D PatchGAN.
-    conv = nn.Conv3d(in_ch, out_ch, (3, 4, 4), stride=(stride, stride, stride), padding=1, bias=groups is None)
+    conv = nn.Conv3d(
+        in_ch, out_ch, (3, 4, 4), stride=(stride, stride, stride), padding=1, bias=groups is None
+    )
     norm = [nn.GroupNorm(groups, out_ch)] if groups is not None else []
     return [conv, *norm, nn.LeakyReLU(0.2)]
 
@@ -264,6 +273,3 @@ class VideoDiscriminator(PretrainedMixin, nn.Module):
 
     def forward(self, video: Tensor) -> Tensor:
         return self.layers(video)  # (B, 1, ~T/2^n, ~H/2^n - 2, ~W/2^n - 2)
-
-    def example_inputs(self, video: Tensor) -> dict[str, object]:
-        return {}

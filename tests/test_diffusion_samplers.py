@@ -119,11 +119,15 @@ def test_schedules_match_diffusers():
         ("scaled_linear", "scaled_linear"),
         ("cosine", "squaredcos_cap_v2"),
     ]:
-        reference = DDPMScheduler(num_train_timesteps=1000, beta_schedule=theirs, beta_start=0.0015, beta_end=0.0155)
+        reference = DDPMScheduler(
+            num_train_timesteps=1000, beta_schedule=theirs, beta_start=0.0015, beta_end=0.0155
+        )
         betas = make_betas(ours, 1000, 0.0015, 0.0155)
         assert betas.dtype == torch.float64
         torch.testing.assert_close(betas, reference.betas.double(), atol=1e-6, rtol=1e-5)
-        torch.testing.assert_close(alphas_cumprod(betas), reference.alphas_cumprod.double(), atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(
+            alphas_cumprod(betas), reference.alphas_cumprod.double(), atol=1e-6, rtol=1e-4
+        )
     # LDM's "linear" (LVDM): betas are the squares of a linear ramp of √β.
     betas = make_betas("sqrt_linear", 1000, 0.0015, 0.0155)
     assert torch.allclose(betas.sqrt().diff(), betas.sqrt().diff()[0].expand(999), atol=1e-12)
@@ -152,19 +156,35 @@ def exact_marginal_sample(mu: float, std: float, a_T: torch.Tensor, n: int, seed
     return a_T.sqrt() * mu + (a_T * std**2 + 1 - a_T).sqrt() * z
 
 
-@pytest.mark.parametrize(("sampler", "eta"), [("ddim", 0.0), ("ddim", 1.0), ("ddpm", None)])
-def test_gaussian_data_is_recovered(schedule, sampler, eta):
-    mu, std, n = 1.5, 0.5, 40000
-    timesteps = ddim_timesteps(1000, 100, steps_offset=0) if sampler == "ddpm" else ddim_timesteps(1000, 100)
-    x_T = exact_marginal_sample(mu, std, schedule[timesteps[0]], n, seed=5)
+def sample_gaussian(
+    schedule, sampler: str, eta: float, num_steps: int, mu: float, std: float
+) -> torch.Tensor:
+    offset = 0 if sampler == "ddpm" else 1
+    timesteps = ddim_timesteps(1000, num_steps, steps_offset=offset)
+    x_T = exact_marginal_sample(mu, std, schedule[timesteps[0]], 40000, seed=5)
     gen = torch.Generator().manual_seed(6)
     denoiser = gaussian_denoiser(mu, std, schedule)
     if sampler == "ddim":
-        x0 = ddim(denoiser, x_T, timesteps, alphas_cumprod=schedule, eta=eta, generator=gen)
-    else:
-        x0 = ddpm(denoiser, x_T, timesteps, alphas_cumprod=schedule, generator=gen)
-    assert abs(float(x0.mean()) - mu) < 0.015
-    assert abs(float(x0.std()) - std) < 0.015
+        return ddim(denoiser, x_T, timesteps, alphas_cumprod=schedule, eta=eta, generator=gen)
+    return ddpm(denoiser, x_T, timesteps, alphas_cumprod=schedule, generator=gen)
+
+
+@pytest.mark.parametrize(
+    ("sampler", "eta", "std_tol"), [("ddim", 0.0, 0.01), ("ddim", 1.0, 0.02), ("ddpm", 0.0, 0.02)]
+)
+def test_gaussian_data_is_recovered(schedule, sampler, eta, std_tol):
+    """Exact denoiser of N(1.5, 0.5²): the sampled mean/std match; the std bias shrinks with steps.
+
+    Standard errors at n = 40000 are 0.0025 (mean) and 0.0018 (std); the rest of the tolerance is
+    the discretisation bias of plugging E[x_0 | x_t] into the step (measured: DDIM η=0 std 0.475 at
+    50 steps, 0.493 at 250; η=1 and DDPM 0.449 at 50, 0.488 at 250).
+    """
+    mu, std = 1.5, 0.5
+    coarse = sample_gaussian(schedule, sampler, eta, 50, mu, std)
+    fine = sample_gaussian(schedule, sampler, eta, 250, mu, std)
+    assert abs(float(fine.mean()) - mu) < 0.01
+    assert abs(float(fine.std()) - std) < std_tol
+    assert abs(float(fine.std()) - std) < 0.5 * abs(float(coarse.std()) - std)
 
 
 def test_parameterizations_give_the_same_sample(schedule):
@@ -210,5 +230,7 @@ def test_guidance_wrappers():
         return x + 0.5
 
     torch.testing.assert_close(cfg(cond_fn, uncond_fn, 7.5)(x, t), torch.full((2, 3), 0.5 + 7.5 * 1.5))
-    torch.testing.assert_close(unconditional_guidance(cond_fn, uncond_fn, 0.1)(x, t), torch.full((2, 3), 2.0 + 0.1 * 1.5))
+    torch.testing.assert_close(
+        unconditional_guidance(cond_fn, uncond_fn, 0.1)(x, t), torch.full((2, 3), 2.0 + 0.1 * 1.5)
+    )
     torch.testing.assert_close(cfg(cond_fn, uncond_fn, 1.0)(x, t), cond_fn(x, t))

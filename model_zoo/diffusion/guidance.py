@@ -28,6 +28,8 @@ def cfg(denoise_fn_cond: DenoiseFn, denoise_fn_uncond: DenoiseFn, scale: float) 
     return guided
 
 
-def unconditional_guidance(denoise_fn_cond: DenoiseFn, denoise_fn_uncond: DenoiseFn, weight: float) -> DenoiseFn:
+def unconditional_guidance(
+    denoise_fn_cond: DenoiseFn, denoise_fn_uncond: DenoiseFn, weight: float
+) -> DenoiseFn:
     """LVDM's unconditional guidance ε_c + w (ε_c - ε_u), i.e. `cfg` with scale 1 + w."""
     return cfg(denoise_fn_cond, denoise_fn_uncond, 1.0 + weight)

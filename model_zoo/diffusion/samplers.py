@@ -103,10 +103,11 @@ def _timestep_batch(t: int, x: Tensor) -> Tensor:
     return torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)
 
 
-def _standard_normal(x: Tensor, generator: torch.Generator | None) -> Tensor:
+def standard_normal_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """N(0, I) of x's shape and dtype, drawn on the generator's device and moved to x's."""
     if generator is None:
         raise ValueError("a stochastic sampler needs a `generator` (no global RNG is used)")
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=generator.device).to(x.device)
 
 
 def ddim(
@@ -129,7 +130,7 @@ def ddim(
     x = x_T
     for index, (t, t_prev) in enumerate(zip(timesteps.tolist(), previous_timesteps(timesteps))):
         model_output = denoise_fn(x, _timestep_batch(t, x))
-        noise = _standard_normal(x, generator) if eta > 0 else None
+        noise = standard_normal_like(x, generator) if eta > 0 else None
         x = ddim_step(
             x,
             model_output,
@@ -163,7 +164,7 @@ def ddpm(
     x = x_T
     for index, (t, t_prev) in enumerate(zip(timesteps.tolist(), previous_timesteps(timesteps))):
         model_output = denoise_fn(x, _timestep_batch(t, x))
-        noise = _standard_normal(x, generator) if t_prev >= 0 else None
+        noise = standard_normal_like(x, generator) if t_prev >= 0 else None
         x = ddpm_step(
             x,
             model_output,

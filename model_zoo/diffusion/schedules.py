@@ -80,5 +80,7 @@ def ddim_timesteps(num_train_steps: int, num_inference_steps: int, *, steps_offs
     step_ratio = num_train_steps // num_inference_steps
     timesteps = torch.arange(num_inference_steps, dtype=torch.int64) * step_ratio + steps_offset
     if timesteps[-1] >= num_train_steps:
-        raise ValueError(f"steps_offset={steps_offset} puts timestep {int(timesteps[-1])} past T={num_train_steps}")
+        raise ValueError(
+            f"steps_offset={steps_offset} puts timestep {int(timesteps[-1])} past T={num_train_steps}"
+        )
     return timesteps.flip(0)

@@ -60,7 +60,9 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.out = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, *, bias: Tensor | None = None, rotary: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, *, bias: Tensor | None = None, rotary: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
         n, length, dim = x.shape
         qkv = self.qkv(x).view(n, length, 3, self.heads, dim // self.heads)  # (N, L, 3, h, d)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (N, h, L, d)
@@ -78,7 +80,9 @@ class CrossAttention(nn.Module):
     then starts as the identity of its residual branch).
     """
 
-    def __init__(self, dim: int, context_dim: int, heads: int, *, qkv_bias: bool = False, zero_init: bool = False) -> None:
+    def __init__(
+        self, dim: int, context_dim: int, heads: int, *, qkv_bias: bool = False, zero_init: bool = False
+    ) -> None:
         super().__init__()
         self.heads = heads
         self.q = nn.Linear(dim, dim, bias=qkv_bias)

@@ -21,6 +21,18 @@ def zero_module(module: nn.Module) -> nn.Module:
     return module
 
 
+class PointwiseConv(nn.Module):
+    """1x1 convolution as a linear map over channels of channels_last frames (no copy; oneDNN's
+    1x1 convolution on channels_last falls back to a slow kernel on CPU)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(in_channels, out_channels)
+
+    def forward(self, frames: Tensor) -> Tensor:
+        return self.proj(frames.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (N, C_out, H, W), channels_last
+
+
 class TemporalConv(nn.Module):
     """Residual branch GroupNorm -> SiLU -> conv over time (kernel 3, zero padding), zero-initialised.
 
@@ -34,8 +46,8 @@ class TemporalConv(nn.Module):
 
     def forward(self, frames: Tensor, num_frames: int) -> Tensor:
         bt, c, h, w = frames.shape
-        h_ = F.silu(self.norm(frames))
-        clip = h_.permute(0, 2, 3, 1).reshape(bt // num_frames, num_frames, h * w, c)  # (B, T, H*W, C)
+        act = F.silu(self.norm(frames))
+        clip = act.permute(0, 2, 3, 1).reshape(bt // num_frames, num_frames, h * w, c)  # (B, T, H*W, C)
         out = self.conv(clip.permute(0, 3, 1, 2))  # (B, C, T, H*W), channels_last
         return out.permute(0, 2, 3, 1).reshape(bt, h, w, c).permute(0, 3, 1, 2)  # (B*T, C, H, W)
 
@@ -63,7 +75,7 @@ class ResBlock(nn.Module):
         self.out_norm = AdaGroupNorm(out_channels, emb_dim, groups=groups)
         self.dropout = nn.Dropout(dropout)
         self.out_conv = zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1))
-        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+        self.skip = nn.Identity() if in_channels == out_channels else PointwiseConv(in_channels, out_channels)
         self.temporal = TemporalConv(out_channels, groups=groups) if temporal_conv else None
 
     def forward(self, frames: Tensor, emb: Tensor, num_frames: int) -> Tensor:
