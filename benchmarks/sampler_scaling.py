@@ -1,0 +1,104 @@
+"""Scaling of `lvd sample` on tiny random pipelines (CPU): prints one JSON object as its last line.
+
+- 2-rank speedup over 1 rank on lvdm-hierarchical and on streaming (whose refinement is the
+  randomised-blending stage), from the runs' own timings (`wall` excludes process start-up),
+  per stage and whole;
+- time per frame and peak RSS of lvdm-autoregressive at 1024 frames relative to 64 frames.
+Goals (issue 6): speedups >= 1.8, time-per-frame ratio <= 1.1, RSS ratio <= 1.2.
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.sampler_scaling [--steps 3] [--long-frames 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from sampler.tiny import tiny_pipeline
+
+COMMON = ["--height", "32", "--width", "32", "--device", "cpu", "--no-progress", "--prompt", "a red bicycle"]
+
+
+def sample(argv: list[str], out: Path) -> dict[str, Any]:
+    """Run `lvd sample` in a fresh process and return its `<out>.json`."""
+    cmd = [sys.executable, "-m", "sampler.cli", *argv, *COMMON, "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return json.loads(out.with_suffix(".json").read_text())
+
+
+def speedup(argv: list[str], stage: str, root: Path, name: str) -> dict[str, float]:
+    one = sample([*argv, "--nproc", "1"], root / f"{name}-1" / "v.mp4")
+    two = sample([*argv, "--nproc", "2"], root / f"{name}-2" / "v.mp4")
+    stage_two = max(rank["timings"].get(stage, 0.0) for rank in two["ranks"])
+    return {
+        "wall_1": round(one["timings"]["wall"], 2),
+        "wall_2": round(two["timings"]["wall"], 2),
+        "speedup": round(one["timings"]["wall"] / two["timings"]["wall"], 3),
+        f"{stage}_speedup": round(one["timings"][stage] / stage_two, 3),
+    }
+
+
+def length_scaling(model: str, steps: int, short: int, long: int, root: Path) -> dict[str, float]:
+    argv = ["--model", model, "--strategy", "lvdm-autoregressive", "--steps", str(steps)]
+    runs = {
+        frames: sample([*argv, "--frames", str(frames)], root / f"ar-{frames}" / "v.mp4")
+        for frames in (short, long)
+    }
+    per_frame = {frames: run["timings"]["wall"] / frames for frames, run in runs.items()}
+    return {
+        f"time_per_frame_{short}": round(per_frame[short], 4),
+        f"time_per_frame_{long}": round(per_frame[long], 4),
+        "time_per_frame_ratio": round(per_frame[long] / per_frame[short], 3),
+        f"peak_rss_mb_{short}": round(runs[short]["peak_rss_mb"], 1),
+        f"peak_rss_mb_{long}": round(runs[long]["peak_rss_mb"], 1),
+        "peak_rss_ratio": round(runs[long]["peak_rss_mb"] / runs[short]["peak_rss_mb"], 3),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--short-frames", type=int, default=64)
+    parser.add_argument("--long-frames", type=int, default=1024)
+    parser.add_argument("--parallel-frames", type=int, default=192)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        models = {
+            task: str(tiny_pipeline(root / task, task))
+            for task in ("lvdm_prediction", "lvdm_interpolation", "streaming")
+        }
+        steps = ["--steps", str(args.steps), "--frames", str(args.parallel_frames)]
+        hierarchical = ["--model", models["lvdm_prediction"], "--model2", models["lvdm_interpolation"]]
+        hierarchical += ["--strategy", "lvdm-hierarchical", "--stride", "7", "--clip-frames", "8", *steps]
+        streaming = [
+            "--model",
+            models["streaming"],
+            "--strategy",
+            "streaming",
+            "--clip-frames",
+            "8",
+            "--F",
+            "8",
+        ]
+        streaming += ["--O", "2", "--refine-t", "999", *steps]
+        result = {
+            "steps": args.steps,
+            "hierarchical": speedup(hierarchical, "gaps", root, "hier"),
+            "blending": speedup(streaming, "refine", root, "stream"),
+            "length": length_scaling(
+                models["lvdm_prediction"], args.steps, args.short_frames, args.long_frames, root
+            ),
+        }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

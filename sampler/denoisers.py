@@ -1,0 +1,67 @@
+"""Bind a pipeline's network, the prompt and the guidance into the `denoise_fn(x, t)` the strategies call.
+
+Text classifier-free guidance uses the empty prompt as the unconditional branch (SPEC §3);
+LVDM's masked networks are bound as `MaskedPredictFn`s, their unconditional guidance is applied
+by the strategy (`sampler.strategies.lvdm`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor
+
+from model_zoo.diffusion.guidance import cfg
+from model_zoo.diffusion.samplers import DenoiseFn
+from sampler.pipeline import Pipeline
+from sampler.strategies.lvdm import MaskedPredictFn
+
+
+def with_text_guidance(
+    branch: Callable[[Tensor | None], DenoiseFn], pipeline: Pipeline, prompt: str, guidance: float
+) -> DenoiseFn:
+    """`branch(context)` for the prompt, wrapped in CFG against the empty prompt unless g = 1 or no text."""
+    context = pipeline.text_context(prompt)
+    if context is None or guidance == 1.0:
+        return branch(context)
+    return cfg(branch(context), branch(pipeline.text_context("")), guidance)
+
+
+def text_denoiser(pipeline: Pipeline, prompt: str, guidance: float) -> DenoiseFn:
+    """A text-to-video denoiser (unet3d, videofusion): x (B, C, T, h, w), t (B,) -> output."""
+    model = pipeline.denoiser
+
+    def branch(context: Tensor | None) -> DenoiseFn:
+        return lambda x, t: model(x, t, context=context)
+
+    return with_text_guidance(branch, pipeline, prompt, guidance)
+
+
+def streaming_denoiser(
+    pipeline: Pipeline, prompt: str, guidance: float, *, cond_latents: Tensor, anchor: Tensor
+) -> DenoiseFn:
+    """StreamingT2V: CAM reads `cond_latents` (B, C, F_cond, h, w), APM the `anchor` embedding (B, D)."""
+    model = pipeline.denoiser
+
+    def branch(context: Tensor | None) -> DenoiseFn:
+        return lambda x, t: model(x, t, context=context, cond_latents=cond_latents, anchor=anchor)
+
+    return with_text_guidance(branch, pipeline, prompt, guidance)
+
+
+def lvdm_predict_fn(pipeline: Pipeline, prompt: str) -> MaskedPredictFn:
+    """LVDM's masked network `(net_input (B, C+1, l, h, w), t, level) -> ε` with the prompt bound."""
+    model = pipeline.denoiser
+    context = pipeline.text_context(prompt)
+    return lambda net_input, t, level: model(net_input, t, context=context, level=level)
+
+
+def counted(fn: Callable[..., Tensor], tick: Callable[[], object]) -> Callable[..., Tensor]:
+    """`fn` that calls `tick()` after every call (progress over denoising steps)."""
+
+    def wrapped(*args: Tensor) -> Tensor:
+        out = fn(*args)
+        tick()
+        return out
+
+    return wrapped

@@ -1,0 +1,101 @@
+"""The ranks of a sampling run: torchrun / srun / `lvd.launch` environment, gloo on CPU, NCCL on CUDA.
+
+A one-rank run needs no process group. Objects (latents on the CPU) move with
+`all_gather_object`, which is enough for the small overlaps and unit results the sampler exchanges.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+T = TypeVar("T")
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=12)
+"""Ranks wait at barriers while one rank runs a sequential stage; that can take hours."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class World:
+    """This process's rank among `size` ranks."""
+
+    rank: int = 0
+    """Global rank."""
+    size: int = 1
+    """Number of ranks."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def owns(self, index: int) -> bool:
+        """Round-robin ownership of unit `index` (prompts, hierarchical gaps)."""
+        return index % self.size == self.rank
+
+    def block(self, num_units: int) -> range:
+        """The contiguous block of units this rank owns (blending chunks: few neighbours cross ranks)."""
+        return range(self.rank * num_units // self.size, (self.rank + 1) * num_units // self.size)
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            dist.barrier()
+
+    def all_gather(self, value: T) -> list[T]:
+        """Every rank's `value` (pickled), in rank order."""
+        if self.size == 1:
+            return [value]
+        gathered: list[Any] = [None] * self.size
+        dist.all_gather_object(gathered, value)
+        return gathered
+
+    def broadcast(self, value: T, src: int) -> T:
+        if self.size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+
+def environment_world() -> tuple[int, int]:
+    """(rank, size) from torchrun / lvd.launch (RANK, WORLD_SIZE) or srun (SLURM_PROCID, SLURM_NTASKS)."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ.get("WORLD_SIZE", "1"))
+    if "SLURM_PROCID" in os.environ and "MASTER_ADDR" in os.environ:
+        return int(os.environ["SLURM_PROCID"]), int(os.environ.get("SLURM_NTASKS", "1"))
+    return 0, 1
+
+
+def init_world(device: str) -> World:
+    """Join the process group when the environment names more than one rank."""
+    rank, size = environment_world()
+    if size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
+        dist.init_process_group(backend, rank=rank, world_size=size, timeout=COLLECTIVE_TIMEOUT)
+    return World(rank=rank, size=size)
+
+
+def close_world(world: World) -> None:
+    if world.size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def gather_overlaps(
+    world: World, tails: Mapping[int, Tensor], heads: Mapping[int, Tensor]
+) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+    """`blending.OverlapExchange` over ranks: every rank receives every chunk's tail and head."""
+    local = ({i: x.cpu() for i, x in tails.items()}, {i: x.cpu() for i, x in heads.items()})
+    all_tails: dict[int, Tensor] = {}
+    all_heads: dict[int, Tensor] = {}
+    for rank_tails, rank_heads in world.all_gather(local):
+        all_tails.update(rank_tails)
+        all_heads.update(rank_heads)
+    device = next(iter(tails.values())).device if tails else torch.device("cpu")
+    return {i: x.to(device) for i, x in all_tails.items()}, {i: x.to(device) for i, x in all_heads.items()}

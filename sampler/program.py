@@ -1,0 +1,548 @@
+"""`lvd sample`: long videos from exported pipelines, split over ranks, resumable, streamed to mp4.
+
+One video per prompt. Video i (seed + i) is owned by rank i mod R, which writes
+`<stem>-<i:03d>.mp4` (just `out` for one prompt), its `.json` and its state folder `.parts/`.
+- Sequential strategies (ddim, lvdm-autoregressive, vidrd, videofusion) run each video on its
+  owner alone: ranks split the prompts.
+- lvdm-hierarchical: the owner makes the keyframes, then every rank fills the gaps it owns.
+- streaming: the owner runs the autoregressive CAM + APM stage, then every rank refines a
+  contiguous block of blending chunks, exchanging overlap latents after every step.
+Every unit of work (chunk, keyframe clip, gap, refined chunk) is saved to `.parts/` when it
+finishes and reused by a rerun of the same command, and all randomness is keyed by unit
+(`strategies.seeding`), so R ranks, one rank and a resumed run give the same video.
+The owner decodes chunk by chunk (`video_io.ChunkDecoder`) into the mp4 as chunks become final.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from sampler.config import PARALLEL_STRATEGIES, SampleConfig
+from sampler.denoisers import counted, lvdm_predict_fn, streaming_denoiser, text_denoiser
+from sampler.distributed import World, close_world, gather_overlaps, init_world
+from sampler.pipeline import Pipeline, anchor_embedding, load_pipeline, vae_factors
+from sampler.state import PartsStore
+from sampler.strategies import blending, lvdm, videofusion, vidrd
+from sampler.strategies.common import SamplingSetup, clip_noise, run_ddim
+from sampler.strategies.seeding import unit_generator
+from sampler.video_io import ChunkDecoder, Mp4Writer
+
+DEFAULT_CLIP_FRAMES = {
+    "lvdm-autoregressive": 4,
+    "lvdm-hierarchical": 4,
+    "vidrd": 8,
+    "videofusion": 16,
+    "streaming": 16,
+    "ddim": 0,
+}
+"""Latent frames per clip when --clip-frames is not given (ddim: the whole video in one window)."""
+
+State = dict[str, Tensor]
+Stepper = Callable[[int, State | None], tuple[Tensor, State]]
+"""`step(chunk_index, previous_state) -> (new latent frames (1, C, t, h, w), state for the next chunk)`."""
+
+
+def video_paths(out: str, num_prompts: int) -> list[Path]:
+    """`out` for one prompt, else `<stem>-000.mp4`, `<stem>-001.mp4`, ... beside it."""
+    path = Path(out)
+    if num_prompts == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{index:03d}{path.suffix}") for index in range(num_prompts)]
+
+
+def parts_folder(video: Path) -> Path:
+    return video.with_suffix(".parts")
+
+
+@dataclass(kw_only=True)
+class VideoJob:
+    """Everything one video's generation needs on this rank."""
+
+    config: SampleConfig
+    """The command."""
+    index: int
+    """Prompt index."""
+    prompt: str
+    """The prompt."""
+    out: Path
+    """The mp4 to write."""
+    world: World
+    """The ranks."""
+    pipeline: Pipeline
+    """--model."""
+    pipeline2: Pipeline | None
+    """--model2."""
+    setup: SamplingSetup
+    """DDIM run and latent geometry."""
+    latent_frames: int
+    """Latent frames needed for `config.frames` pixel frames."""
+    store: PartsStore
+    """The video's `.parts/` folder."""
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds per stage."""
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed + self.index
+
+    @property
+    def owner(self) -> int:
+        return self.index % self.world.size
+
+    @property
+    def is_owner(self) -> bool:
+        return self.world.rank == self.owner
+
+    @property
+    def clip_frames(self) -> int:
+        return self.config.clip_frames or DEFAULT_CLIP_FRAMES[self.config.strategy] or self.latent_frames
+
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+
+    def progress(self, desc: str, total: int) -> tqdm:
+        return tqdm(
+            total=total,
+            desc=desc,
+            unit="chunk",
+            disable=not (self.config.progress and self.is_owner),
+            leave=False,
+        )
+
+    def tick_steps(self) -> Callable[[], object]:
+        """A step bar's `update`, for `denoisers.counted` (one tick per model call)."""
+        bar = tqdm(
+            desc="denoising calls",
+            unit="call",
+            disable=not (self.config.progress and self.is_owner),
+            leave=False,
+        )
+        return bar.update
+
+
+class VideoSink:
+    """The owner's mp4: latent chunks in video order -> decoded frames -> h264, trimmed to `frames`."""
+
+    def __init__(self, job: VideoJob) -> None:
+        vae = job.pipeline.vae
+        self.time_factor = vae_factors(vae)[0]
+        self.remaining = job.latent_frames
+        self.decoder = ChunkDecoder(vae, self.time_factor, job.config.frames, job.config.decode_context)
+        self.writer = Mp4Writer(job.out, job.config.fps)
+        self.job = job
+
+    def add(self, latents: Tensor) -> None:
+        latents = latents[:, :, : self.remaining]
+        if latents.shape[2] == 0:
+            return
+        self.remaining -= latents.shape[2]
+        with self.job.timed("decode_and_encode"):
+            self.writer.write(self.decoder.decode(latents))
+
+    def close(self) -> Path:
+        return self.writer.close()
+
+
+# ---- sequential chunk loop: resumable, one chunk at a time ----------------------------------
+
+
+def run_chunks(
+    job: VideoJob, name: str, stepper: Stepper, num_chunks: int, sink: Callable[[Tensor], None]
+) -> None:
+    """Chunks 0..num_chunks-1 in order; a finished chunk is loaded from `.parts/` instead of computed."""
+    state: State | None = None
+    bar = job.progress(name, num_chunks)
+    for index in range(num_chunks):
+        saved = job.store.load(f"{name}-{index:05d}")
+        if saved is None:
+            with job.timed(name):
+                latents, state = stepper(index, state)
+            job.store.save(f"{name}-{index:05d}", {"latents": latents, **state})
+        else:
+            latents, state = saved.pop("latents"), saved
+        sink(latents.to(job.setup.device))
+        bar.update()
+    bar.close()
+
+
+def read_chunks(job: VideoJob, name: str, num_chunks: int, num_frames: int) -> Tensor:
+    """A stage's finished chunks, concatenated and cut to `num_frames` latent frames."""
+    chunks = [job.store.read(f"{name}-{index:05d}")["latents"] for index in range(num_chunks)]
+    return torch.cat(chunks, dim=2)[:, :, :num_frames].to(job.setup.device)
+
+
+def ddim_stepper(job: VideoJob) -> tuple[Stepper, int]:
+    """Plain DDIM windows of `clip_frames` latent frames, each from its own noise (no long-video method)."""
+    denoise = counted(text_denoiser(job.pipeline, job.prompt, job.config.guidance), job.tick_steps())
+
+    def step(index: int, state: State | None) -> tuple[Tensor, State]:
+        generator = unit_generator(job.seed, "ddim-window", index)
+        x_T = clip_noise(job.setup, job.clip_frames, generator)
+        return run_ddim(denoise, x_T, job.setup, generator), {}
+
+    return step, math.ceil(job.latent_frames / job.clip_frames)
+
+
+def lvdm_config(job: VideoJob) -> lvdm.LVDMConfig:
+    cfg = job.config
+    return lvdm.LVDMConfig(
+        clip_frames=job.clip_frames,
+        cond_frames=cfg.cond_frames,
+        interp_clip_frames=cfg.keyframe_stride + 1,
+        perturb_level=cfg.perturb_level,
+        guidance_weight=cfg.uncond_weight,
+    )
+
+
+def lvdm_stepper(job: VideoJob, num_frames: int) -> tuple[Stepper, int]:
+    """LVDM autoregressive prediction: l frames, then l - k per clip; the state is the last k frames."""
+    config = lvdm_config(job)
+    predict = counted(lvdm_predict_fn(job.pipeline, job.prompt), job.tick_steps())
+
+    def step(index: int, state: State | None) -> tuple[Tensor, State]:
+        context = None if state is None else state["context"]
+        clip = lvdm.autoregressive_clip(
+            predict, context, index, setup=job.setup, config=config, seed=job.seed
+        )
+        new_frames = clip if context is None else clip[:, :, config.cond_frames :]
+        return new_frames, {"context": clip[:, :, -config.cond_frames :]}
+
+    new_per_clip = config.clip_frames - config.cond_frames
+    return step, 1 + math.ceil(max(0, num_frames - config.clip_frames) / new_per_clip)
+
+
+def vidrd_stepper(job: VideoJob) -> tuple[Stepper, int]:
+    """VidRD clips of N frames; the state is the previous clip's z_T and DSG guide trajectory."""
+    cfg = job.config
+    config = vidrd.VidRDConfig(
+        clip_frames=job.clip_frames, overlap_frames=cfg.overlap, noise_alpha=cfg.alpha, guidance_beta=cfg.beta
+    )
+    if not 0 < config.overlap_frames <= config.clip_frames:
+        raise ValueError(f"need 0 < M <= N, got M={config.overlap_frames}, N={config.clip_frames}")
+    denoise = counted(text_denoiser(job.pipeline, job.prompt, cfg.guidance), job.tick_steps())
+
+    def step(index: int, state: State | None) -> tuple[Tensor, State]:
+        previous = (
+            None
+            if state is None
+            else vidrd.VidRDState(
+                clip_index=index,
+                initial_noise=state["initial_noise"],
+                guide_trajectory=state["guide_trajectory"],
+            )
+        )
+        clip, new = vidrd.vidrd_clip(denoise, previous, setup=job.setup, config=config, seed=job.seed)
+        return clip, {"initial_noise": new.initial_noise, "guide_trajectory": new.guide_trajectory}
+
+    return step, math.ceil(job.latent_frames / config.clip_frames)
+
+
+def videofusion_stepper(job: VideoJob) -> tuple[Stepper, int]:
+    """VideoFusion windows of N frames sharing one base noise b (recomputed from the seed)."""
+    model_lam = getattr(job.pipeline.denoiser.config, "lam", 0.5)
+    config = videofusion.VideoFusionWindowsConfig(
+        window_frames=job.clip_frames, base_ratio=model_lam if job.config.lam is None else job.config.lam
+    )
+    denoise = counted(text_denoiser(job.pipeline, job.prompt, job.config.guidance), job.tick_steps())
+    base = videofusion.base_noise(job.setup, job.seed)
+
+    def step(index: int, state: State | None) -> tuple[Tensor, State]:
+        window = videofusion.sample_window(
+            denoise, base, index, setup=job.setup, config=config, seed=job.seed
+        )
+        return window, {}
+
+    return step, math.ceil(job.latent_frames / config.window_frames)
+
+
+def streaming_stepper(job: VideoJob) -> tuple[Stepper, int]:
+    """StreamingT2V's autoregressive stage: chunks conditioned by CAM on the last F_cond latent frames
+    and by APM on the anchor (the CLIP embedding of the first frame).
+
+    The first chunk has no past: CAM reads zero latents and APM the embedding of a mid-grey frame
+    (the paper makes it with the plain base model instead).
+    """
+    cfg, setup, pipeline = job.config, job.setup, job.pipeline
+    cond_frames = pipeline.denoiser.config.cond_frames
+    tick = job.tick_steps()
+
+    def step(index: int, state: State | None) -> tuple[Tensor, State]:
+        if state is None:
+            cond = torch.zeros(setup.clip_shape(cond_frames), dtype=setup.dtype, device=setup.device)
+            grey = torch.zeros(1, 3, cfg.height, cfg.width, device=setup.device)
+            anchor = anchor_embedding(pipeline, grey)
+        else:
+            cond, anchor = state["cond"], state["anchor"]
+        denoise = streaming_denoiser(pipeline, job.prompt, cfg.guidance, cond_latents=cond, anchor=anchor)
+        generator = unit_generator(job.seed, "streaming-chunk", index)
+        x_T = clip_noise(setup, job.clip_frames, generator)
+        chunk = run_ddim(counted(denoise, tick), x_T, setup, generator)
+        if state is None:
+            first_frame = pipeline.vae.from_latents(chunk[:, :, :1])[:, :, 0]  # (1, 3, H, W)
+            anchor = anchor_embedding(pipeline, first_frame)
+        cond = torch.cat([cond, chunk], dim=2)[:, :, -cond_frames:]
+        return chunk, {"cond": cond, "anchor": anchor}
+
+    return step, math.ceil(job.latent_frames / job.clip_frames)
+
+
+SEQUENTIAL: dict[str, Callable[[VideoJob], tuple[Stepper, int]]] = {
+    "ddim": ddim_stepper,
+    "lvdm-autoregressive": lambda job: lvdm_stepper(job, job.latent_frames),
+    "vidrd": vidrd_stepper,
+    "videofusion": videofusion_stepper,
+}
+
+
+def run_sequential(job: VideoJob) -> None:
+    stepper, num_chunks = SEQUENTIAL[job.config.strategy](job)
+    sink = VideoSink(job)
+    run_chunks(job, "chunk", stepper, num_chunks, sink.add)
+    sink.close()
+
+
+# ---- LVDM hierarchical: keyframes on the owner, gaps on every rank --------------------------
+
+
+def run_hierarchical(job: VideoJob) -> None:
+    assert job.pipeline2 is not None
+    config = lvdm_config(job)
+    plan = lvdm.HierarchicalPlan(num_frames=job.latent_frames, keyframe_stride=config.keyframe_stride)
+    stepper, num_chunks = lvdm_stepper(job, plan.num_keyframes)
+    if job.is_owner:
+        run_chunks(job, "keyframes", stepper, num_chunks, lambda _: None)
+    job.world.barrier()
+    keyframes = read_chunks(job, "keyframes", num_chunks, plan.num_keyframes)
+    interpolate = counted(lvdm_predict_fn(job.pipeline2, job.prompt), job.tick_steps())
+    owned = [index for index in range(len(plan.gaps)) if job.world.owns(index)]
+    bar = job.progress("gaps", len(owned))
+    for index in owned:
+        if job.store.load(f"gap-{index:05d}") is None:
+            start, end = plan.gaps[index]
+            with job.timed("gaps"):
+                fill = lvdm.fill_gap(
+                    interpolate,
+                    keyframes[:, :, start : start + 1],
+                    keyframes[:, :, end : end + 1],
+                    gap_index=index,
+                    setup=job.setup,
+                    config=config,
+                    seed=job.seed,
+                )
+            job.store.save(f"gap-{index:05d}", {"latents": fill})
+        bar.update()
+    bar.close()
+    job.world.barrier()
+    if job.is_owner:
+        sink = VideoSink(job)
+        for index, (start, _) in enumerate(plan.gaps):
+            fill = job.store.read(f"gap-{index:05d}")["latents"].to(keyframes.device)
+            sink.add(torch.cat([keyframes[:, :, start : start + 1], fill], dim=2))  # (1, C, stride, h, w)
+        sink.add(keyframes[:, :, -1:])
+        sink.close()
+
+
+# ---- StreamingT2V: autoregressive stage on the owner, blending refinement on every rank -----
+
+
+def refiner_denoiser(job: VideoJob, anchor: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
+    """--model2 (a text-to-video pipeline) if given, else the StreamingT2V model with empty CAM memory."""
+    if job.pipeline2 is not None:
+        return text_denoiser(job.pipeline2, job.prompt, job.config.guidance)
+    cond_frames = job.pipeline.denoiser.config.cond_frames
+    empty = torch.zeros(job.setup.clip_shape(cond_frames), dtype=job.setup.dtype, device=job.setup.device)
+    return streaming_denoiser(
+        job.pipeline, job.prompt, job.config.guidance, cond_latents=empty, anchor=anchor
+    )
+
+
+def refine(job: VideoJob, latents: Tensor, anchor: Tensor) -> tuple[int, blending.BlendingConfig]:
+    """Randomised blending over the chunks this rank owns; each refined chunk goes to `.parts/`."""
+    config = blending.BlendingConfig(
+        chunk_frames=job.config.blend_frames, overlap_frames=job.config.blend_overlap
+    )
+    total = blending.num_chunks(latents.shape[2], config)
+    if all(job.store.has(f"refined-{index:05d}") for index in range(total)):
+        return total, config
+    setup = replace(job.setup, timesteps=job.setup.timesteps[job.setup.timesteps <= job.config.refine_t])
+    pieces = blending.split_chunks(latents, config)
+    chunks = {i: blending.noised_chunk(pieces[i], i, setup, config, job.seed) for i in job.world.block(total)}
+    denoise = counted(refiner_denoiser(job, anchor), job.tick_steps())
+    bar = job.progress("refine steps", setup.num_steps)
+    with job.timed("refine"):
+        for step_index in range(setup.num_steps):
+            chunks, _ = blending.refine_step(
+                denoise,
+                chunks,
+                step_index,
+                total_chunks=total,
+                setup=setup,
+                config=config,
+                seed=job.seed,
+                exchange=partial(gather_overlaps, job.world),
+            )
+            bar.update()
+    bar.close()
+    for index, chunk in chunks.items():
+        job.store.save(f"refined-{index:05d}", {"latents": chunk})
+    return total, config
+
+
+def run_streaming(job: VideoJob) -> None:
+    stepper, num_chunks = streaming_stepper(job)
+    refining = job.config.refine
+    if job.is_owner:
+        sink = None if refining else VideoSink(job)
+        run_chunks(job, "stream", stepper, num_chunks, sink.add if sink else lambda _: None)
+        if sink is not None:
+            sink.close()
+    if not refining:
+        return
+    job.world.barrier()
+    latents = read_chunks(job, "stream", num_chunks, job.latent_frames)
+    anchor = job.store.read(f"stream-{num_chunks - 1:05d}")["anchor"].to(job.setup.device)
+    total, config = refine(job, latents, anchor)
+    job.world.barrier()
+    if job.is_owner:
+        sink = VideoSink(job)
+        for index in range(total):
+            chunk = job.store.read(f"refined-{index:05d}")["latents"].to(job.setup.device)
+            sink.add(chunk if index == 0 else chunk[:, :, config.overlap_frames :])
+        sink.close()
+
+
+RUNNERS: dict[str, Callable[[VideoJob], None]] = {
+    **{name: run_sequential for name in SEQUENTIAL},
+    "lvdm-hierarchical": run_hierarchical,
+    "streaming": run_streaming,
+}
+
+
+# ---- the program -----------------------------------------------------------------------------
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def make_setup(config: SampleConfig, pipeline: Pipeline, device: str) -> SamplingSetup:
+    vae = pipeline.vae
+    _, fh, fw = vae_factors(vae)
+    if config.height % fh or config.width % fw:
+        raise ValueError(f"height and width must be multiples of the VAE's spatial factors ({fh}, {fw})")
+    schedule = pipeline.schedule
+    return SamplingSetup(
+        timesteps=schedule.timesteps(config.steps),
+        alphas_cumprod=schedule.alphas_cumprod,
+        frame_shape=(1, vae.config.latent_channels, config.height // fh, config.width // fw),
+        eta=config.eta,
+        parameterization=schedule.parameterization,
+        final_alpha_cumprod=schedule.final_alpha_cumprod,
+        device=device,
+    )
+
+
+def video_params(config: SampleConfig, index: int) -> dict[str, Any]:
+    """What determines video `index`: the command's result parameters for this prompt and seed."""
+    params = config.result_params()
+    params.pop("prompts")
+    params.pop("out")
+    return {**params, "prompt": config.prompts[index], "video_seed": config.seed + index}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def write_report(job: VideoJob, rank_stats: list[dict[str, Any]], wall: float) -> Path:
+    """`<out>.json`: parameters, seed, model ids, timings, unit counts and memory of every rank."""
+    report = {
+        "out": str(job.out),
+        "prompt": job.prompt,
+        "seed": job.seed,
+        "frames": job.config.frames,
+        "latent_frames": job.latent_frames,
+        "world_size": job.world.size,
+        "params": video_params(job.config, job.index),
+        "model": job.pipeline.model_id,
+        "model2": None if job.pipeline2 is None else job.pipeline2.model_id,
+        "timings": {**job.timings, "wall": wall},
+        "units_computed": sum(stats["computed"] for stats in rank_stats),
+        "units_reused": sum(stats["reused"] for stats in rank_stats),
+        "peak_rss_mb": max(stats["peak_rss_mb"] for stats in rank_stats),
+        "ranks": rank_stats,
+    }
+    path = job.out.with_suffix(".json")
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path
+
+
+def generate(config: SampleConfig) -> list[Path]:
+    """Run the command on this rank (joins the process group if the environment has several ranks)."""
+    device = resolve_device(config.device)
+    world = init_world(device)
+    try:
+        pipeline = load_pipeline(config.model, device=device)
+        pipeline2 = None if config.model2 is None else load_pipeline(config.model2, device=device)
+        setup = make_setup(config, pipeline, device)
+        latent_frames = math.ceil(config.frames / vae_factors(pipeline.vae)[0])
+        outputs = []
+        for index, out in enumerate(video_paths(config.out, len(config.prompts))):
+            parallel = config.strategy in PARALLEL_STRATEGIES
+            if not parallel and not world.owns(index):
+                continue
+            job = VideoJob(
+                config=config,
+                index=index,
+                prompt=config.prompts[index],
+                out=out,
+                world=world if parallel else World(),
+                pipeline=pipeline,
+                pipeline2=pipeline2,
+                setup=setup,
+                latent_frames=latent_frames,
+                store=PartsStore(parts_folder(out)),
+            )
+            outputs += run_video(job, world)
+        world.barrier()
+        return outputs
+    finally:
+        close_world(world)
+
+
+def run_video(job: VideoJob, world: World) -> list[Path]:
+    """One video on this rank; returns the files this rank wrote."""
+    start = time.perf_counter()
+    job.store.check_params(video_params(job.config, job.index), write=job.is_owner)
+    job.world.barrier()
+    with torch.no_grad():
+        RUNNERS[job.config.strategy](job)
+    stats = {
+        "rank": world.rank,
+        "computed": job.store.computed,
+        "reused": job.store.reused,
+        "peak_rss_mb": peak_rss_mb(),
+        "timings": job.timings,
+    }
+    rank_stats = job.world.all_gather(stats)
+    if not job.is_owner:
+        return []
+    return [job.out, write_report(job, rank_stats, time.perf_counter() - start)]

@@ -1,0 +1,76 @@
+"""Per-unit state of a generation in `<out>.parts/`, written atomically, for resuming.
+
+Each finished unit of work (a chunk, a keyframe clip, a gap, a refined chunk) is one safetensors
+file holding its latents and whatever the next unit needs (VidRD's noise and guide trajectory,
+LVDM's context clip, StreamingT2V's anchor). `params.json` holds the parameters that determine
+the video; a run with different parameters refuses to reuse the folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+PARAMS_FILE = "params.json"
+
+
+class ParamsMismatch(ValueError):
+    """The state folder was written by a command with other parameters."""
+
+
+class PartsStore:
+    """Named tensor dicts in one folder; `save` is atomic (tmp file + os.replace)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.computed = 0
+        """Units computed (saved) by this process."""
+        self.reused = 0
+        """Units loaded from an earlier run by this process."""
+
+    def check_params(self, params: dict[str, Any], *, write: bool) -> None:
+        """Refuse a folder written with other `params`; write them (main rank) when new."""
+        path = self.folder / PARAMS_FILE
+        if path.is_file():
+            stored = json.loads(path.read_text())
+            if stored != params:
+                differing = sorted(k for k in set(stored) | set(params) if stored.get(k) != params.get(k))
+                raise ParamsMismatch(
+                    f"{self.folder} holds the state of a different command (differing: {', '.join(differing)}); "
+                    "rerun with the same parameters or delete the folder"
+                )
+        elif write:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(PARAMS_FILE + ".tmp")
+            tmp.write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
+            os.replace(tmp, path)
+
+    def path(self, name: str) -> Path:
+        return self.folder / f"{name}.safetensors"
+
+    def has(self, name: str) -> bool:
+        return self.path(name).is_file()
+
+    def load(self, name: str) -> dict[str, Tensor] | None:
+        """The unit's tensors, or None if it has not finished."""
+        if not self.has(name):
+            return None
+        self.reused += 1
+        return load_file(str(self.path(name)))
+
+    def read(self, name: str) -> dict[str, Tensor]:
+        """A unit another rank or stage finished (not counted as reuse)."""
+        return load_file(str(self.path(name)))
+
+    def save(self, name: str, tensors: dict[str, Tensor]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.path(name)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, path)
+        self.computed += 1

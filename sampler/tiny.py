@@ -1,0 +1,51 @@
+"""Tiny random pipelines in `lvd export`'s layout, for tests, benchmarks and smoke runs.
+
+Zero-initialised layers (output heads, CAM's projections, APM's α) are filled with small random
+values so the untrained networks actually depend on their inputs and conditioning.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import model_zoo
+from sampler.pipeline import save_pipeline
+
+TASK_DENOISERS = {
+    "diffusion": ("unet3d", {}),
+    "lvdm_prediction": ("unet3d", {"in_channels": 5}),
+    "lvdm_interpolation": ("unet3d", {"in_channels": 5}),
+    "videofusion": ("videofusion", {}),
+    "streaming": ("streaming_t2v", {}),
+}
+"""Denoiser family and overrides of each task's tiny pipeline (LVDM: latent + mask channel)."""
+
+
+def wake_zero_parameters(module: nn.Module, seed: int, scale: float = 0.05) -> nn.Module:
+    """Fill every all-zero parameter with N(0, scale²) from a seeded generator."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            if not parameter.any():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+    return module
+
+
+def tiny_pipeline(folder: str | Path, task: str, *, seed: int = 0, vae: str = "video_vae") -> Path:
+    """A pipeline folder for `task` with tiny random networks (latents: 4 channels, /4 in space)."""
+    if task not in TASK_DENOISERS:
+        raise ValueError(f"unknown task {task!r}; valid: {', '.join(TASK_DENOISERS)}")
+    family, overrides = TASK_DENOISERS[task]
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        networks = {
+            "denoiser": wake_zero_parameters(model_zoo.build_model(family, "tiny", **overrides), seed),
+            "vae": model_zoo.build_model(vae, "tiny"),
+            "text_encoder": model_zoo.build_model("text_encoder", "tiny"),
+        }
+        if task == "streaming":
+            networks["image_encoder"] = model_zoo.build_model("image_encoder", "tiny")
+    return save_pipeline(folder, task, networks)

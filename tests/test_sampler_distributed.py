@@ -1,0 +1,102 @@
+"""`lvd sample` across processes: 2 ranks give the same videos as 1 rank, and a run killed with
+SIGKILL resumes from its finished chunks to the same bytes as an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from sampler.cli import main
+from sampler.tiny import tiny_pipeline
+
+REPO = Path(__file__).resolve().parent.parent
+COMMON = ["--steps", "3", "--height", "32", "--width", "32", "--device", "cpu", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("pipelines")
+    tasks = ("lvdm_prediction", "lvdm_interpolation", "streaming")
+    return {task: str(tiny_pipeline(root / task, task, seed=index)) for index, task in enumerate(tasks)}
+
+
+def cli_subprocess(argv: list[str]) -> subprocess.Popen[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "sampler.cli", *argv],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def parts(video: Path) -> dict[str, dict]:
+    return {
+        path.name: load_file(str(path)) for path in sorted(video.with_suffix(".parts").glob("*.safetensors"))
+    }
+
+
+def assert_same_outputs(one: Path, two: Path) -> None:
+    assert one.read_bytes() == two.read_bytes()
+    parts_one, parts_two = parts(one), parts(two)
+    assert parts_one.keys() == parts_two.keys()
+    for name, tensors in parts_one.items():
+        for key, value in tensors.items():
+            assert value.equal(parts_two[name][key]), (name, key)
+
+
+def strategy_argv(strategy: str, pipelines: dict[str, str]) -> list[str]:
+    if strategy == "lvdm-hierarchical":
+        model = ["--model", pipelines["lvdm_prediction"], "--model2", pipelines["lvdm_interpolation"]]
+        return [*model, "--frames", "30", "--stride", "3"]
+    return ["--model", pipelines["streaming"], "--frames", "36", "--clip-frames", "4", "--F", "6", "--O", "2"]
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("strategy", ["lvdm-hierarchical", "streaming"])
+def test_two_ranks_equal_one_rank(strategy, pipelines, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red bicycle\na grey cat\n")
+    argv = [*strategy_argv(strategy, pipelines), "--strategy", strategy, "--prompts", str(prompts), *COMMON]
+    assert main([*argv, "--out", str(tmp_path / "one" / "v.mp4")]) == 0
+    proc = cli_subprocess([*argv, "--out", str(tmp_path / "two" / "v.mp4"), "--nproc", "2"])
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    for index in range(2):
+        video = f"v-{index:03d}.mp4"
+        assert_same_outputs(tmp_path / "one" / video, tmp_path / "two" / video)
+        report = json.loads((tmp_path / "two" / video).with_suffix(".json").read_text())
+        assert report["world_size"] == 2
+        assert [rank["computed"] > 0 for rank in report["ranks"]] == [True, True]  # both ranks did work
+
+
+def test_kill_and_resume_gives_the_same_video(pipelines, tmp_path):
+    argv = ["--model", pipelines["lvdm_prediction"], "--strategy", "lvdm-autoregressive", "--frames", "160"]
+    argv += ["--prompt", "a red bicycle", *COMMON]
+    assert main([*argv, "--out", str(tmp_path / "full" / "v.mp4")]) == 0
+    video = tmp_path / "killed" / "v.mp4"
+    proc = cli_subprocess([*argv, "--out", str(video)])
+    chunks = video.with_suffix(".parts")
+    deadline = time.monotonic() + 120
+    while len(list(chunks.glob("chunk-*.safetensors"))) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = {path: path.stat().st_mtime_ns for path in chunks.glob("chunk-*.safetensors")}
+    assert 3 <= len(finished) < 27 and not video.exists()
+    assert main([*argv, "--out", str(video)]) == 0
+    assert all(path.stat().st_mtime_ns == mtime for path, mtime in finished.items())  # not recomputed
+    report = json.loads(video.with_suffix(".json").read_text())
+    assert report["units_reused"] == len(finished) and report["units_computed"] == 27 - len(finished)
+    assert_same_outputs(tmp_path / "full" / "v.mp4", video)

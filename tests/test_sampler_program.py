@@ -1,0 +1,213 @@
+"""`lvd sample` in one process on tiny random pipelines: every strategy end to end (frame counts,
+decodable mp4, JSON) and its mechanism visible in the per-chunk state; state-folder checks."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sampler.cli import build_parser, config_from_args, main
+from sampler.config import SampleConfig
+from sampler.program import generate
+from sampler.state import ParamsMismatch
+from sampler.tiny import tiny_pipeline
+from sampler.video_io import count_frames
+
+TASKS = ("diffusion", "lvdm_prediction", "lvdm_interpolation", "videofusion", "streaming")
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("pipelines")
+    return {task: str(tiny_pipeline(root / task, task, seed=index)) for index, task in enumerate(TASKS)}
+
+
+def run(config: SampleConfig) -> dict:
+    written = generate(config)
+    assert written == [Path(config.out), Path(config.out).with_suffix(".json")]
+    report = json.loads(Path(config.out).with_suffix(".json").read_text())
+    assert count_frames(Path(config.out)) == config.frames
+    return report
+
+
+def part(out: Path, name: str) -> dict[str, torch.Tensor]:
+    return load_file(str(out.with_suffix(".parts") / f"{name}.safetensors"))
+
+
+def base_config(pipelines: dict[str, str], tmp_path: Path, **fields) -> SampleConfig:
+    defaults = dict(
+        model=pipelines["diffusion"],
+        frames=12,
+        prompts=("a red bicycle",),
+        out=str(tmp_path / "video.mp4"),
+        steps=3,
+        height=32,
+        width=32,
+        progress=False,
+        device="cpu",
+    )
+    return SampleConfig(**{**defaults, **fields})
+
+
+def test_ddim_writes_mp4_and_report(pipelines, tmp_path):
+    report = run(base_config(pipelines, tmp_path, strategy="ddim", frames=7))
+    assert report["latent_frames"] == 4  # tiny video VAE halves time: ceil(7 / 2)
+    assert report["units_computed"] == 1 and report["units_reused"] == 0
+    assert report["model"]["task"] == "diffusion" and set(report["model"]["components"]) >= {
+        "denoiser",
+        "vae",
+    }
+    assert report["params"]["steps"] == 3 and report["seed"] == 0
+    assert report["timings"]["chunk"] > 0
+
+
+def test_lvdm_autoregressive_conditions_on_last_k_frames(pipelines, tmp_path):
+    config = base_config(
+        pipelines,
+        tmp_path,
+        model=pipelines["lvdm_prediction"],
+        strategy="lvdm-autoregressive",
+        frames=22,
+        cond_frames=1,
+    )
+    report = run(config)
+    out = Path(config.out)
+    # l = 4 then l - k = 3 new latent frames per clip: 4 + 3 + 3 + 3 >= 11 latent frames.
+    assert report["units_computed"] == 4
+    first, second = part(out, "chunk-00000"), part(out, "chunk-00001")
+    assert first["latents"].shape[2] == 4 and second["latents"].shape[2] == 3
+    assert torch.equal(first["context"], first["latents"][:, :, -1:])
+
+
+def test_lvdm_hierarchical_keyframes_then_gaps(pipelines, tmp_path):
+    config = base_config(
+        pipelines,
+        tmp_path,
+        model=pipelines["lvdm_prediction"],
+        model2=pipelines["lvdm_interpolation"],
+        strategy="lvdm-hierarchical",
+        frames=20,
+        keyframe_stride=3,
+    )
+    report = run(config)
+    out = Path(config.out)
+    # 10 latent frames, stride 3 -> keyframes at 0, 3, 6, 9 and three gaps of 2 frames each.
+    keyframes = part(out, "keyframes-00000")["latents"]
+    assert keyframes.shape[2] == 4
+    gaps = [part(out, f"gap-{index:05d}")["latents"] for index in range(3)]
+    assert all(gap.shape[2] == 2 for gap in gaps)
+    assert report["units_computed"] == 4
+    assert not torch.equal(gaps[0], gaps[1])
+
+
+def test_vidrd_reuses_reversed_noise_and_guides(pipelines, tmp_path):
+    config = base_config(pipelines, tmp_path, strategy="vidrd", frames=16, clip_frames=4, overlap=2, steps=5)
+    run(config)
+    out = Path(config.out)
+    first, second = part(out, "chunk-00000"), part(out, "chunk-00001")
+    # FNR: the first M initial noises of clip 1 are clip 0's last M, reversed.
+    torch.testing.assert_close(
+        second["initial_noise"][:, :, :2], first["initial_noise"].flip(2)[:, :, :2], rtol=0, atol=0
+    )
+    # PNS: the other frames follow the previous clip's noise with weight alpha / sqrt(1 + alpha^2).
+    correlation = torch.corrcoef(
+        torch.stack(
+            [second["initial_noise"][:, :, 2:].flatten(), first["initial_noise"].flip(2)[:, :, 2:].flatten()]
+        )
+    )[0, 1]
+    assert correlation > 0.9
+    # DSG: beta = 0.4 of 5 steps -> frame 0 is copied during 2 steps, which the trajectory records.
+    assert first["guide_trajectory"].shape[0] == 2 and first["guide_trajectory"].shape[3] == 2
+
+
+def test_videofusion_windows_share_base_noise(pipelines, tmp_path):
+    common = dict(model=pipelines["videofusion"], strategy="videofusion", frames=16, clip_frames=4)
+    shared = base_config(pipelines, tmp_path / "shared", lam=1.0, **common)
+    mixed = base_config(pipelines, tmp_path / "mixed", lam=0.5, **common)
+    run(shared), run(mixed)
+    # lambda = 1: every window starts from the same (base) noise, so windows coincide.
+    assert torch.equal(
+        part(Path(shared.out), "chunk-00000")["latents"], part(Path(shared.out), "chunk-00001")["latents"]
+    )
+    assert not torch.equal(
+        part(Path(mixed.out), "chunk-00000")["latents"], part(Path(mixed.out), "chunk-00001")["latents"]
+    )
+
+
+def test_streaming_cam_apm_state_and_blended_overlaps(pipelines, tmp_path):
+    config = base_config(
+        pipelines,
+        tmp_path,
+        model=pipelines["streaming"],
+        strategy="streaming",
+        frames=28,
+        clip_frames=4,
+        blend_frames=6,
+        blend_overlap=2,
+        steps=4,
+        refine_t=600,
+    )
+    report = run(config)
+    out = Path(config.out)
+    chunks = [part(out, f"stream-{index:05d}") for index in range(4)]
+    # CAM reads the last F_cond = 2 latent frames of the previous chunk; APM one anchor for all chunks.
+    assert torch.equal(chunks[1]["cond"], chunks[1]["latents"][:, :, -2:])
+    assert all(torch.equal(chunk["anchor"], chunks[0]["anchor"]) for chunk in chunks)
+    # 14 latent frames in chunks of F = 6 overlapping by O = 2: ceil((14 - 2) / 4) = 3 chunks.
+    refined = [part(out, f"refined-{index:05d}")["latents"] for index in range(3)]
+    for left, right in zip(refined, refined[1:]):
+        assert torch.equal(left[:, :, -2:], right[:, :, :2])  # blending leaves the overlaps equal
+    assert report["timings"]["refine"] > 0 and report["units_computed"] == 4 + 3
+
+
+def test_rerun_reuses_everything_and_refuses_other_parameters(pipelines, tmp_path):
+    config = base_config(pipelines, tmp_path, strategy="vidrd", frames=16, clip_frames=4, overlap=2)
+    run(config)
+    first_bytes = Path(config.out).read_bytes()
+    report = run(config)
+    assert report["units_reused"] == 2 and report["units_computed"] == 0
+    assert Path(config.out).read_bytes() == first_bytes
+    with pytest.raises(ParamsMismatch, match="alpha"):
+        generate(replace(config, alpha=2.0))
+
+
+def test_several_prompts_give_one_video_each(pipelines, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n\na dog\n")
+    out = tmp_path / "many.mp4"
+    argv = ["--model", pipelines["diffusion"], "--prompts", str(prompts), "--out", str(out), "--frames", "4"]
+    argv += ["--steps", "2", "--height", "32", "--width", "32", "--device", "cpu", "--no-progress"]
+    assert main(argv) == 0
+    for index, prompt in enumerate(["a cat", "a dog"]):
+        video = tmp_path / f"many-{index:03d}.mp4"
+        assert count_frames(video) == 4
+        report = json.loads(video.with_suffix(".json").read_text())
+        assert report["prompt"] == prompt and report["seed"] == index
+
+
+def test_cli_paper_aliases():
+    args = build_parser().parse_args(
+        [
+            "--model",
+            "m",
+            "--prompt",
+            "p",
+            "--out",
+            "o.mp4",
+            "--k",
+            "2",
+            "--M",
+            "3",
+            "--lambda",
+            "0.3",
+            "--F",
+            "16",
+        ]
+    )
+    config = config_from_args(args)
+    assert (config.cond_frames, config.overlap, config.lam, config.blend_frames) == (2, 3, 0.3, 16)
