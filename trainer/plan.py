@@ -221,7 +221,8 @@ def make_plan(
             f"communication buckets 2 x {BUCKET_ELEMENTS:.0e} elements when world > 1",
             f"{int(HEADROOM * 100)}% of GPU memory usable",
             f"step time at an assumed MFU of {mfu:.0%} of {'bf16' if bf16 else 'fp32'} peak ({peak / 1e12:.0f} TFLOP/s)",
-            "activations measured on meta: bytes autograd saves for backward, per sample",
+            "activations measured on meta: bytes autograd saves for backward, per sample, with PyTorch's "
+            "reference kernels (fused flash attention on GPUs saves less: an upper bound)",
         ],
     )
 
