@@ -25,7 +25,7 @@ def test_quick_demo_runs_the_whole_chain_and_resumes(tmp_path, media_dir):
         with av.open(str(path)) as container:
             frames = sum(1 for _ in container.decode(video=0))
         assert frames >= 128, (video, frames)
-        assert json.loads(path.with_suffix(".json").read_text())["strategy"] == video
+        assert json.loads(path.with_suffix(".json").read_text())["params"]["strategy"] == video
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"scuts", "mawe"} <= set(metrics)
     assert "TensorBoard" in result.stdout and str(out) in result.stdout
