@@ -13,7 +13,7 @@ if [ -x slurm/local/up.sh ] && [ "$(id -u)" = 0 ] && [ "${LVD_SKIP_SLURM:-0}" !=
   trap 'slurm/local/down.sh || true' EXIT
 fi
 set +e
-.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest --durations=15 "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then echo "test.sh: pytest collected no tests: failing" >&2; exit 1; fi
