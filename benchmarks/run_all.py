@@ -44,6 +44,9 @@ def run_script(path: Path) -> list[dict[str, object]]:
         return [{"name": path.stem, "error": f"last line is not JSON: {lines[-1][:200]}", "script": path.name}]
     entries = payload if isinstance(payload, list) else [payload]
     for entry in entries:
+        if not {"name", "value", "goal", "better"} <= set(entry):
+            return [{"name": path.stem, "error": f"does not follow the convention (name, value, unit, goal, better): {sorted(entry)}", "script": path.name}]
+    for entry in entries:
         entry.update(script=path.name, seconds=round(elapsed, 1), machine=machine())
         entry["met"] = _met(entry)
     return entries
@@ -98,6 +101,11 @@ def main() -> None:
         print(f"running {script.name} ...", file=sys.stderr, flush=True)
         entries.extend(run_script(script))
     date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    if args.only and (HERE / "results.json").is_file():  # keep the other scripts' figures
+        ran = {p.name for p in scripts}
+        previous = json.loads((HERE / "results.json").read_text())["results"]
+        entries = [e for e in previous if e.get("script") not in ran] + entries
+        entries.sort(key=lambda e: str(e.get("script")))
     (HERE / "results.json").write_text(json.dumps({"date": date, "machine": machine(), "results": entries}, indent=2) + "\n")
     print(table(entries))
     if args.update_readme:

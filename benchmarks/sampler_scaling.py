@@ -88,15 +88,16 @@ def main(argv: list[str] | None = None) -> int:
             "8",
         ]
         streaming += ["--O", "2", "--refine-t", "999", *steps]
-        result = {
-            "steps": args.steps,
-            "hierarchical": speedup(hierarchical, "gaps", root, "hier"),
-            "blending": speedup(streaming, "refine", root, "stream"),
-            "length": length_scaling(
-                models["lvdm_prediction"], args.steps, args.short_frames, args.long_frames, root
-            ),
-        }
-    print(json.dumps(result))
+        hier = speedup(hierarchical, "gaps", root, "hier")
+        blend = speedup(streaming, "refine", root, "stream")
+        length = length_scaling(models["lvdm_prediction"], args.steps, args.short_frames, args.long_frames, root)
+    common = {"steps": args.steps, "frames": args.parallel_frames}
+    print(json.dumps([
+        {"name": "sampler_2rank_speedup_hierarchical", "value": hier["speedup"], "unit": "x", "goal": 1.8, "better": "higher", **common, "detail": hier},
+        {"name": "sampler_2rank_speedup_blending", "value": blend["speedup"], "unit": "x", "goal": 1.8, "better": "higher", **common, "detail": blend},
+        {"name": "sampler_time_per_frame_1024_vs_64", "value": length["time_per_frame_ratio"], "unit": "ratio", "goal": 1.1, "better": "lower", "detail": length},
+        {"name": "sampler_peak_rss_1024_vs_64", "value": length["peak_rss_ratio"], "unit": "ratio", "goal": 1.2, "better": "lower", "detail": length},
+    ]))
     return 0
 
 

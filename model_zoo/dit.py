@@ -95,9 +95,9 @@ class DiT(PretrainedMixin, nn.Module):
         b, _, t, h, w = x.shape
         grid = (t // pt, h // ph, w // pw)
         patches = rearrange(x, "b c (t pt) (h ph) (w pw) -> b (t h w) (pt ph pw c)", pt=pt, ph=ph, pw=pw)
-        tokens = self.patch_embed(patches) + sincos_position_3d(
-            grid, self.config.hidden_size, x.device
-        )  # (B, N, D)
+        tokens = self.patch_embed(patches)  # (B, N, D)
+        # The fixed table follows the tokens' dtype, so bf16 training keeps a bf16 residual stream.
+        tokens = tokens + sincos_position_3d(grid, self.config.hidden_size, x.device).to(tokens.dtype)
         if cond_frame is not None:
             if self.cond_embed is None:
                 raise ValueError("cond_frame was given but this DiT has cond_channels=0")

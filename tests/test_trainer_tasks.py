@@ -123,3 +123,11 @@ def test_export_round_trip_matches_the_engine(tmp_path, video_shards):
     ema_model = model_zoo.from_pretrained(ema_dir / "denoiser")
     with torch.no_grad():
         assert not torch.allclose(ema_model(x, t, context=context), want)
+
+
+@pytest.mark.parametrize("config", ["unet3d.yaml", "dit.yaml"])
+def test_bf16_training_runs(config, tmp_path, video_shards):
+    cfg = _config(config, tmp_path, video_shards, "train.steps=2", "train.checkpoint_every=0", "train.precision=bf16", "train.zero_stage=2")
+    assert train(cfg) == 0
+    records = read_metrics(tmp_path)
+    assert sorted(records) == [1, 2] and all(math.isfinite(r["loss"]) for r in records.values())

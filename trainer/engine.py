@@ -253,6 +253,7 @@ _FLAT_GROUPS = (
     "fp16_partitioned_groups_flat",
     "fp32_partitioned_groups_flat",
     "fp32_groups_flat_partition",
+    "fp32_groups",  # FP16_UnfusedOptimizer (bf16 without ZeRO): fp32 master copies
 )
 
 

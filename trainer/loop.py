@@ -148,7 +148,10 @@ def _train_step(
         data_wait += time.perf_counter() - fetch
         state.extra["last_batch"] = batch
         with counter or _nullcontext():
-            out = task.losses(engines, batch, generator, state.step)
+            # bf16: DeepSpeed holds bf16 weights; autocast makes the float32 inputs the models build
+            # themselves (timestep embeddings, masks, noise) meet them in bf16.
+            with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
+                out = task.losses(engines, batch, generator, state.step)
             values = [float(loss.detach()) for _, loss in out.losses]
             if _fault_nan(state.step + 1) and info.is_main:
                 values[0] = float("nan")

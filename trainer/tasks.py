@@ -92,14 +92,20 @@ class DiffusionTask(Task):
 
     def __init__(self, cfg: TrainJobConfig, device: torch.device):
         super().__init__(cfg, device)
-        seed = cfg.train.seed
-        self.frozen["text_encoder"] = build_helper(cfg.model.text_encoder, seed=seed + 1, device=device)
-        if not cfg.data.latent:
-            self.frozen["vae"] = build_helper(cfg.model.vae, seed=seed + 2, device=device)
-        obj = cfg.objective
-        betas = make_betas(obj.schedule, obj.num_timesteps, beta_start=obj.beta_start, beta_end=obj.beta_end)
-        self.alphas_cumprod = alphas_cumprod(betas).float().to(device)
+        self.setup_diffusion(vae=not cfg.data.latent)
         self.trained = {"model": _trained_model(cfg, **self.model_overrides())}
+
+    def setup_diffusion(self, *, vae: bool, image_encoder: bool = False) -> None:
+        """The frozen helpers (seeded when random) and the noise schedule ᾱ_t."""
+        model, seed = self.cfg.model, self.cfg.train.seed
+        self.frozen["text_encoder"] = build_helper(model.text_encoder, seed=seed + 1, device=self.device)
+        if vae:
+            self.frozen["vae"] = build_helper(model.vae, seed=seed + 2, device=self.device)
+        if image_encoder:
+            self.frozen["image_encoder"] = build_helper(model.image_encoder, seed=seed + 3, device=self.device)
+        obj = self.cfg.objective
+        betas = make_betas(obj.schedule, obj.num_timesteps, beta_start=obj.beta_start, beta_end=obj.beta_end)
+        self.alphas_cumprod = alphas_cumprod(betas).float().to(self.device)
 
     def latent_channels(self) -> int:
         if self.cfg.data.latent:
@@ -280,12 +286,8 @@ class VideoFusionTask(DiffusionTask):
 
     def __init__(self, cfg: TrainJobConfig, device: torch.device):
         Task.__init__(self, cfg, device)
-        seed = cfg.train.seed
-        self.frozen["text_encoder"] = build_helper(cfg.model.text_encoder, seed=seed + 1, device=device)
-        if not cfg.data.latent:
-            self.frozen["vae"] = build_helper(cfg.model.vae, seed=seed + 2, device=device)
+        self.setup_diffusion(vae=not cfg.data.latent)
         obj = cfg.objective
-        self.alphas_cumprod = alphas_cumprod(make_betas(obj.schedule, obj.num_timesteps, beta_start=obj.beta_start, beta_end=obj.beta_end)).float().to(device)
         config = model_zoo.make_config(cfg.model.family, cfg.model.flavor, **cfg.model.overrides)
         c, d = self.latent_channels(), self.context_dim()
         generators = {name: dataclasses.replace(getattr(config, name), in_channels=c, out_channels=c, context_dim=d) for name in ("base", "residual")}
@@ -311,19 +313,14 @@ class StreamingTask(DiffusionTask):
 
     def __init__(self, cfg: TrainJobConfig, device: torch.device):
         Task.__init__(self, cfg, device)
-        seed = cfg.train.seed
-        self.frozen["text_encoder"] = build_helper(cfg.model.text_encoder, seed=seed + 1, device=device)
-        self.frozen["vae"] = build_helper(cfg.model.vae, seed=seed + 2, device=device)
-        self.frozen["image_encoder"] = build_helper(cfg.model.image_encoder, seed=seed + 3, device=device)
-        obj = cfg.objective
-        self.alphas_cumprod = alphas_cumprod(make_betas(obj.schedule, obj.num_timesteps, beta_start=obj.beta_start, beta_end=obj.beta_end)).float().to(device)
+        self.setup_diffusion(vae=True, image_encoder=True)
         if cfg.model.base is None or not Path(cfg.model.base).is_dir():
             raise ValueError(
                 f"model.base: {cfg.model.base!r} is not a model folder; the streaming task trains CAM/APM over a "
                 "trained text-to-video unet3d (e.g. <export>/denoiser). A freshly initialised U-Net has a "
                 "zero output layer, so CAM and APM would receive no gradient at all"
             )
-        base = build_helper(cfg.model.base, seed=seed + 4, device=torch.device("cpu"))
+        base = build_helper(cfg.model.base, seed=cfg.train.seed + 4, device=torch.device("cpu"))
         config = model_zoo.make_config(cfg.model.family, cfg.model.flavor, **cfg.model.overrides)
         config = dataclasses.replace(config, base=base.config, image_embed_dim=int(self.frozen["image_encoder"].config.context_dim))
         model = model_zoo.build_from_config(config)
@@ -361,9 +358,7 @@ class CMDTask(DiffusionTask):
 
     def __init__(self, cfg: TrainJobConfig, device: torch.device):
         Task.__init__(self, cfg, device)
-        self.frozen["text_encoder"] = build_helper(cfg.model.text_encoder, seed=cfg.train.seed + 1, device=device)
-        obj = cfg.objective
-        self.alphas_cumprod = alphas_cumprod(make_betas(obj.schedule, obj.num_timesteps, beta_start=obj.beta_start, beta_end=obj.beta_end)).float().to(device)
+        self.setup_diffusion(vae=False)
         autoencoder = _trained_model(cfg)
         from model_zoo.cmd import motion_model_config
 
