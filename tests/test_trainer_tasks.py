@@ -131,3 +131,25 @@ def test_bf16_training_runs(config, tmp_path, video_shards):
     assert train(cfg) == 0
     records = read_metrics(tmp_path)
     assert sorted(records) == [1, 2] and all(math.isfinite(r["loss"]) for r in records.values())
+
+
+def test_latent_cache_trains_with_only_the_shard_path_and_a_flag(tmp_path, video_shards):
+    """`lvd shard latents --vae <pipeline>` then `lvd train ... data.latent=true` on its shards."""
+    import json
+
+    import model_zoo
+    from lvd.shard_cmd import main as shard_main
+
+    pipeline = tmp_path / "pipeline"
+    for name, family in (("vae", "video_vae"), ("text_encoder", "text_encoder")):
+        torch.manual_seed(0)
+        model_zoo.save_pretrained(model_zoo.build_model(family, "tiny"), pipeline / name)
+    (pipeline / "model_index.json").write_text(json.dumps({"vae": ["model_zoo", "video_vae"], "text_encoder": ["model_zoo", "text_encoder"]}))
+    shards = video_shards.split("/{")[0]
+    code = shard_main(["latents", "--input", shards, "--vae", str(pipeline), "--out", str(tmp_path / "latents"), "--frames", "8", "--height", "32", "--width", "32"])
+    assert code == 0
+    manifest = json.loads((tmp_path / "latents" / "manifest.json").read_text())
+    assert manifest["samples"] > 0
+    cfg = _config("unet3d.yaml", tmp_path / "run", str(tmp_path / "latents"), "data.latent=true", "train.steps=2", "train.checkpoint_every=0")
+    assert train(cfg) == 0
+    assert sorted(read_metrics(tmp_path / "run")) == [1, 2]
