@@ -7,6 +7,7 @@ without allocating memory, for counting parameters and FLOPs of billion-paramete
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -77,7 +78,7 @@ def build_from_config(config: Any, *, device: str | torch.device | None = None) 
     _ensure_loaded()
     for fam in _FAMILIES.values():
         if type(config) is fam.config_cls:
-            with torch.device(device) if device is not None else _nullcontext():
+            with torch.device(device) if device is not None else contextlib.nullcontext():
                 return fam.model_cls(config)
     raise TypeError(f"no registered model family uses config class {type(config).__name__}")
 
@@ -85,11 +86,3 @@ def build_from_config(config: Any, *, device: str | torch.device | None = None) 
 def build_model(family: str, flavor: str = "tiny", *, device: str | torch.device | None = None, **overrides: Any) -> nn.Module:
     """Build `family/flavor`; `device="meta"` allocates nothing. Unknown names list the valid ones."""
     return build_from_config(make_config(family, flavor, **overrides), device=device)
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

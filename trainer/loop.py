@@ -10,6 +10,7 @@ after SIGUSR1/SIGTERM and a complete checkpoint: requeue and the next start resu
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -147,7 +148,7 @@ def _train_step(
         batch = next(loader)
         data_wait += time.perf_counter() - fetch
         state.extra["last_batch"] = batch
-        with counter or _nullcontext():
+        with counter or contextlib.nullcontext():
             # bf16: DeepSpeed holds bf16 weights; autocast makes the float32 inputs the models build
             # themselves (timestep embeddings, masks, noise) meet them in bf16.
             with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
@@ -302,11 +303,3 @@ def _flop_counter() -> Any:
     from torch.utils.flop_counter import FlopCounterMode
 
     return FlopCounterMode(display=False)
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

@@ -10,7 +10,6 @@ state is checkpointed, so a resumed run draws exactly what an uninterrupted run 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -432,7 +431,3 @@ def build_task(cfg: TrainJobConfig, device: torch.device) -> Task:
     with torch.random.fork_rng():
         torch.manual_seed(cfg.train.seed)
         return TASKS[cfg.train.task](cfg, device)
-
-
-def is_finite(value: float) -> bool:
-    return math.isfinite(value)
