@@ -11,20 +11,24 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-from model_zoo.diffusion.guidance import cfg
+from model_zoo.diffusion.guidance import Guide, cfg
 from model_zoo.diffusion.samplers import DenoiseFn
 from sampler.pipeline import Pipeline
 from sampler.strategies.lvdm import MaskedPredictFn
 
 
 def with_text_guidance(
-    branch: Callable[[Tensor | None], DenoiseFn], pipeline: Pipeline, prompt: str, guidance: float
+    branch: Callable[[Tensor | None], DenoiseFn],
+    pipeline: Pipeline,
+    prompt: str,
+    guidance: float,
+    guide: Guide = cfg,
 ) -> DenoiseFn:
     """`branch(context)` for the prompt, wrapped in CFG against the empty prompt unless g = 1 or no text."""
     context = pipeline.text_context(prompt)
     if context is None or guidance == 1.0:
         return branch(context)
-    return cfg(branch(context), branch(pipeline.text_context("")), guidance)
+    return guide(branch(context), branch(pipeline.text_context("")), guidance)
 
 
 def text_denoiser(pipeline: Pipeline, prompt: str, guidance: float) -> DenoiseFn:
@@ -38,7 +42,13 @@ def text_denoiser(pipeline: Pipeline, prompt: str, guidance: float) -> DenoiseFn
 
 
 def streaming_denoiser(
-    pipeline: Pipeline, prompt: str, guidance: float, *, cond_latents: Tensor, anchor: Tensor
+    pipeline: Pipeline,
+    prompt: str,
+    guidance: float,
+    *,
+    cond_latents: Tensor,
+    anchor: Tensor,
+    guide: Guide = cfg,
 ) -> DenoiseFn:
     """StreamingT2V: CAM reads `cond_latents` (B, C, F_cond, h, w), APM the `anchor` embedding (B, D)."""
     model = pipeline.denoiser
@@ -46,7 +56,7 @@ def streaming_denoiser(
     def branch(context: Tensor | None) -> DenoiseFn:
         return lambda x, t: model(x, t, context=context, cond_latents=cond_latents, anchor=anchor)
 
-    return with_text_guidance(branch, pipeline, prompt, guidance)
+    return with_text_guidance(branch, pipeline, prompt, guidance, guide)
 
 
 def lvdm_predict_fn(pipeline: Pipeline, prompt: str) -> MaskedPredictFn:

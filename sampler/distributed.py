@@ -1,7 +1,8 @@
 """The ranks of a sampling run: torchrun / srun / `lvd.launch` environment, gloo on CPU, NCCL on CUDA.
 
 A one-rank run needs no process group. Objects (latents on the CPU) move with
-`all_gather_object`, which is enough for the small overlaps and unit results the sampler exchanges.
+`all_gather_object`, which is enough for the small overlaps and unit results the sampler exchanges;
+the per-step model outputs of branch-parallel guidance move as tensors (`broadcast_tensor`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from model_zoo.diffusion.guidance import Guide, cfg
+from model_zoo.diffusion.samplers import DenoiseFn
 
 T = TypeVar("T")
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=12)
@@ -53,6 +57,12 @@ class World:
         gathered: list[Any] = [None] * self.size
         dist.all_gather_object(gathered, value)
         return gathered
+
+    def broadcast_tensor(self, tensor: Tensor, src: int) -> Tensor:
+        """`tensor` of rank `src` on every rank (the others pass a buffer of the same shape and dtype)."""
+        if self.size > 1:
+            dist.broadcast(tensor, src=src)
+        return tensor
 
     def broadcast(self, value: T, src: int) -> T:
         if self.size == 1:
@@ -99,3 +109,34 @@ def gather_overlaps(
         all_heads.update(rank_heads)
     device = next(iter(tails.values())).device if tails else torch.device("cpu")
     return {i: x.to(device) for i, x in all_tails.items()}, {i: x.to(device) for i, x in all_heads.items()}
+
+
+def branch_parallel_guide(world: World) -> Guide:
+    """Classifier-free guidance with its two branches on two ranks (CFG parallelism).
+
+    Every rank runs the same sequential loop in lockstep; at each model call rank 0 evaluates the
+    conditional branch and rank 1 the unconditional one, both are broadcast, and every rank
+    combines them with `cfg`'s arithmetic, so the result is bitwise that of one rank running both.
+    Ranks from 2 on only receive. Both branches must return the dtype and shape of `x_t`.
+    """
+    if world.size == 1:
+        return cfg
+
+    def guide(denoise_fn_cond: DenoiseFn, denoise_fn_uncond: DenoiseFn, scale: float) -> DenoiseFn:
+        def guided(x_t: Tensor, t: Tensor) -> Tensor:
+            outputs = [torch.empty_like(x_t), torch.empty_like(x_t)]  # [cond, uncond]
+            if world.rank < 2:
+                mine = (denoise_fn_cond, denoise_fn_uncond)[world.rank](x_t, t)
+                if mine.shape != x_t.shape or mine.dtype != x_t.dtype:
+                    raise ValueError(
+                        f"branch-parallel guidance needs branch outputs shaped like x_t {tuple(x_t.shape)} "
+                        f"{x_t.dtype}, got {tuple(mine.shape)} {mine.dtype}"
+                    )
+                outputs[world.rank] = mine
+            cond = world.broadcast_tensor(outputs[0], src=0)
+            uncond = world.broadcast_tensor(outputs[1], src=1)
+            return uncond + scale * (cond - uncond)
+
+        return guided
+
+    return guide

@@ -4,13 +4,16 @@ One video per prompt. Video i (seed + i) is owned by rank i mod R, which writes
 `<stem>-<i:03d>.mp4` (just `out` for one prompt), its `.json` and its state folder `.parts/`.
 - Sequential strategies (ddim, lvdm-autoregressive, vidrd, videofusion) run each video on its
   owner alone: ranks split the prompts.
-- lvdm-hierarchical: the owner makes the keyframes, then every rank fills the gaps it owns.
-- streaming: the owner runs the autoregressive CAM + APM stage, then every rank refines a
-  contiguous block of blending chunks, exchanging overlap latents after every step.
+- lvdm-hierarchical: the keyframes, then every rank fills the gaps it owns.
+- streaming: the autoregressive CAM + APM stage, then every rank refines a contiguous block of
+  blending chunks, exchanging overlap latents after every step.
+- In these two, the sequential stage (keyframes, CAM + APM chunks) runs on all ranks in lockstep
+  with the two guidance branches on two ranks (`distributed.branch_parallel_guide`), and the
+  final VAE decoding is split into one block of pieces per rank (`write_pieces`).
 Every unit of work (chunk, keyframe clip, gap, refined chunk) is saved to `.parts/` when it
 finishes and reused by a rerun of the same command, and all randomness is keyed by unit
 (`strategies.seeding`), so R ranks, one rank and a resumed run give the same video.
-The owner decodes chunk by chunk (`video_io.ChunkDecoder`) into the mp4 as chunks become final.
+Sequential strategies decode chunk by chunk (`video_io.ChunkDecoder`) into the mp4 as chunks become final.
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from model_zoo.diffusion import guidance
 from sampler.config import PARALLEL_STRATEGIES, SampleConfig
 from sampler.denoisers import counted, lvdm_predict_fn, streaming_denoiser, text_denoiser
-from sampler.distributed import World, close_world, gather_overlaps, init_world
+from sampler.distributed import World, branch_parallel_guide, close_world, gather_overlaps, init_world
 from sampler.pipeline import Pipeline, anchor_embedding, load_pipeline, vae_factors
 from sampler.state import PartsStore
 from sampler.strategies import blending, lvdm, videofusion, vidrd
@@ -159,22 +163,100 @@ class VideoSink:
         return self.writer.close()
 
 
+def kept_lengths(lengths: list[int], latent_frames: int) -> list[int]:
+    """Latent frames of each piece that make it into the video (the video is cut to `latent_frames`)."""
+    kept, total = [], 0
+    for length in lengths:
+        kept.append(max(0, min(length, latent_frames - total)))
+        total += kept[-1]
+    return kept
+
+
+def decode_block(lengths: list[int], position: int, num_blocks: int) -> range:
+    """Pieces of the `position`-th of `num_blocks` contiguous blocks with about equal latent frames:
+    piece i goes to the block its middle frame falls in."""
+    total, start, block = sum(lengths), 0, []
+    for index, length in enumerate(lengths):
+        if (2 * start + length) * num_blocks // (2 * total) == position:
+            block.append(index)
+        start += length
+    return range(block[0], block[-1] + 1) if block else range(0)
+
+
+def write_pieces(job: VideoJob, piece: Callable[[int], Tensor], num_pieces: int) -> None:
+    """The final latents, given piece by piece in video order, into the mp4.
+
+    Every rank VAE-decodes one contiguous block of pieces, the owner the first block (straight into
+    the mp4) and rank owner + j the j-th block (to `.parts/frames-*`, uint8); the owner then appends
+    the other blocks in order and deletes their frames. Each block's decoder starts from the last
+    latent frames of the piece before it, exactly as one decoder running over all pieces would, so
+    the video does not depend on the number of ranks.
+    """
+    vae, world = job.pipeline.vae, job.world
+    time_factor = vae_factors(vae)[0]
+    kept = kept_lengths([piece(index).shape[2] for index in range(num_pieces)], job.latent_frames)
+    num_pieces = sum(1 for length in kept if length > 0)
+    block = decode_block(kept[:num_pieces], (world.rank - job.owner) % world.size, world.size)
+    decoder = ChunkDecoder(
+        vae,
+        time_factor,
+        job.config.frames - time_factor * sum(kept[: block.start]),
+        job.config.decode_context,
+    )
+    if block.start > 0:
+        decoder.previous = piece(block.start - 1)[:, :, : kept[block.start - 1]]
+    writer = Mp4Writer(job.out, job.config.fps) if job.is_owner else None
+    for index in block:
+        with job.timed("decode"):
+            frames = decoder.decode(piece(index)[:, :, : kept[index]])
+        if writer is not None:
+            with job.timed("encode"):
+                writer.write(frames)
+        else:
+            job.store.save(f"frames-{index:05d}", {"frames": torch.from_numpy(frames)}, unit=False)
+    world.barrier()
+    if writer is None:
+        return
+    with job.timed("encode"):
+        for index in range(block.stop, num_pieces):
+            writer.write(job.store.read(f"frames-{index:05d}")["frames"].numpy())
+        writer.close()
+    for index in range(block.stop, num_pieces):
+        job.store.path(f"frames-{index:05d}").unlink()
+
+
 # ---- sequential chunk loop: resumable, one chunk at a time ----------------------------------
+
+
+def finished_prefix(job: VideoJob, name: str, num_chunks: int) -> int:
+    """How many leading chunks of a stage an earlier run saved, as the owner sees it (every rank of
+    a lockstep stage must agree on where computing starts)."""
+    done = 0
+    while done < num_chunks and job.store.has(f"{name}-{done:05d}"):
+        done += 1
+    return job.world.broadcast(done, src=job.owner)
 
 
 def run_chunks(
     job: VideoJob, name: str, stepper: Stepper, num_chunks: int, sink: Callable[[Tensor], None]
 ) -> None:
-    """Chunks 0..num_chunks-1 in order; a finished chunk is loaded from `.parts/` instead of computed."""
+    """Chunks 0..num_chunks-1 in order; a finished chunk is loaded from `.parts/` instead of computed.
+
+    With several ranks in `job.world` every rank runs the loop in lockstep (the stepper's guidance
+    splits its branches over them, `distributed.branch_parallel_guide`); the owner saves.
+    """
     state: State | None = None
     bar = job.progress(name, num_chunks)
+    resume_at = finished_prefix(job, name, num_chunks)
     for index in range(num_chunks):
-        saved = job.store.load(f"{name}-{index:05d}")
-        if saved is None:
+        if index >= resume_at:
             with job.timed(name):
                 latents, state = stepper(index, state)
-            job.store.save(f"{name}-{index:05d}", {"latents": latents, **state})
+            if job.is_owner:
+                job.store.save(f"{name}-{index:05d}", {"latents": latents, **state})
         else:
+            saved = job.store.load(f"{name}-{index:05d}")
+            assert saved is not None
             latents, state = saved.pop("latents"), saved
         sink(latents.to(job.setup.device))
         bar.update()
@@ -214,11 +296,12 @@ def lvdm_stepper(job: VideoJob, num_frames: int) -> tuple[Stepper, int]:
     """LVDM autoregressive prediction: l frames, then l - k per clip; the state is the last k frames."""
     config = lvdm_config(job)
     predict = counted(lvdm_predict_fn(job.pipeline, job.prompt), job.tick_steps())
+    guide = branch_parallel_guide(job.world)
 
     def step(index: int, state: State | None) -> tuple[Tensor, State]:
         context = None if state is None else state["context"]
         clip = lvdm.autoregressive_clip(
-            predict, context, index, setup=job.setup, config=config, seed=job.seed
+            predict, context, index, setup=job.setup, config=config, seed=job.seed, guide=guide
         )
         new_frames = clip if context is None else clip[:, :, config.cond_frames :]
         return new_frames, {"context": clip[:, :, -config.cond_frames :]}
@@ -281,6 +364,7 @@ def streaming_stepper(job: VideoJob) -> tuple[Stepper, int]:
     cfg, setup, pipeline = job.config, job.setup, job.pipeline
     cond_frames = pipeline.denoiser.config.cond_frames
     tick = job.tick_steps()
+    guide = branch_parallel_guide(job.world)
 
     def step(index: int, state: State | None) -> tuple[Tensor, State]:
         if state is None:
@@ -289,7 +373,9 @@ def streaming_stepper(job: VideoJob) -> tuple[Stepper, int]:
             anchor = anchor_embedding(pipeline, grey)
         else:
             cond, anchor = state["cond"], state["anchor"]
-        denoise = streaming_denoiser(pipeline, job.prompt, cfg.guidance, cond_latents=cond, anchor=anchor)
+        denoise = streaming_denoiser(
+            pipeline, job.prompt, cfg.guidance, cond_latents=cond, anchor=anchor, guide=guide
+        )
         generator = unit_generator(job.seed, "streaming-chunk", index)
         x_T = clip_noise(setup, job.clip_frames, generator)
         chunk = run_ddim(counted(denoise, tick), x_T, setup, generator)
@@ -321,19 +407,30 @@ def run_sequential(job: VideoJob) -> None:
 
 
 def run_hierarchical(job: VideoJob) -> None:
+    """Keyframes in lockstep; gaps round-robin, except the last (number of gaps mod R), which all
+    ranks fill in lockstep with the guidance branches split, so no rank idles through a last round."""
     assert job.pipeline2 is not None
     config = lvdm_config(job)
     plan = lvdm.HierarchicalPlan(num_frames=job.latent_frames, keyframe_stride=config.keyframe_stride)
     stepper, num_chunks = lvdm_stepper(job, plan.num_keyframes)
-    if job.is_owner:
-        run_chunks(job, "keyframes", stepper, num_chunks, lambda _: None)
+    run_chunks(job, "keyframes", stepper, num_chunks, lambda _: None)
     job.world.barrier()
     keyframes = read_chunks(job, "keyframes", num_chunks, plan.num_keyframes)
     interpolate = counted(lvdm_predict_fn(job.pipeline2, job.prompt), job.tick_steps())
-    owned = [index for index in range(len(plan.gaps)) if job.world.owns(index)]
-    bar = job.progress("gaps", len(owned))
-    for index in owned:
-        if job.store.load(f"gap-{index:05d}") is None:
+    num_gaps, size = len(plan.gaps), job.world.size
+    shared_from = num_gaps - num_gaps % size if size > 1 else num_gaps
+    owned = [index for index in range(shared_from) if job.world.owns(index)]
+    shared = range(shared_from, num_gaps)
+    guide = branch_parallel_guide(job.world)
+    bar = job.progress("gaps", len(owned) + len(shared))
+    for index in [*owned, *shared]:
+        lockstep = index in shared
+        done = job.store.has(f"gap-{index:05d}")
+        if lockstep:  # every rank takes part, so all follow the owner's view of the folder
+            done = job.world.broadcast(done, src=job.owner)
+        if done:
+            job.store.reused += 1
+        else:
             start, end = plan.gaps[index]
             with job.timed("gaps"):
                 fill = lvdm.fill_gap(
@@ -344,18 +441,23 @@ def run_hierarchical(job: VideoJob) -> None:
                     setup=job.setup,
                     config=config,
                     seed=job.seed,
+                    guide=guide if lockstep else guidance.cfg,
                 )
-            job.store.save(f"gap-{index:05d}", {"latents": fill})
+            if not lockstep or job.is_owner:
+                job.store.save(f"gap-{index:05d}", {"latents": fill})
         bar.update()
     bar.close()
     job.world.barrier()
-    if job.is_owner:
-        sink = VideoSink(job)
-        for index, (start, _) in enumerate(plan.gaps):
-            fill = job.store.read(f"gap-{index:05d}")["latents"].to(keyframes.device)
-            sink.add(torch.cat([keyframes[:, :, start : start + 1], fill], dim=2))  # (1, C, stride, h, w)
-        sink.add(keyframes[:, :, -1:])
-        sink.close()
+
+    def piece(index: int) -> Tensor:
+        """Gap `index` with its left keyframe (1, C, stride, h, w); the last piece is the last keyframe."""
+        if index == len(plan.gaps):
+            return keyframes[:, :, -1:]
+        start = plan.gaps[index][0]
+        fill = job.store.read(f"gap-{index:05d}")["latents"].to(keyframes.device)
+        return torch.cat([keyframes[:, :, start : start + 1], fill], dim=2)
+
+    write_pieces(job, piece, len(plan.gaps) + 1)
 
 
 # ---- StreamingT2V: autoregressive stage on the owner, blending refinement on every rank -----
@@ -407,11 +509,10 @@ def refine(job: VideoJob, latents: Tensor, anchor: Tensor) -> tuple[int, blendin
 def run_streaming(job: VideoJob) -> None:
     stepper, num_chunks = streaming_stepper(job)
     refining = job.config.refine
-    if job.is_owner:
-        sink = None if refining else VideoSink(job)
-        run_chunks(job, "stream", stepper, num_chunks, sink.add if sink else lambda _: None)
-        if sink is not None:
-            sink.close()
+    sink = VideoSink(job) if job.is_owner and not refining else None
+    run_chunks(job, "stream", stepper, num_chunks, sink.add if sink else lambda _: None)
+    if sink is not None:
+        sink.close()
     if not refining:
         return
     job.world.barrier()
@@ -419,12 +520,13 @@ def run_streaming(job: VideoJob) -> None:
     anchor = job.store.read(f"stream-{num_chunks - 1:05d}")["anchor"].to(job.setup.device)
     total, config = refine(job, latents, anchor)
     job.world.barrier()
-    if job.is_owner:
-        sink = VideoSink(job)
-        for index in range(total):
-            chunk = job.store.read(f"refined-{index:05d}")["latents"].to(job.setup.device)
-            sink.add(chunk if index == 0 else chunk[:, :, config.overlap_frames :])
-        sink.close()
+
+    def piece(index: int) -> Tensor:
+        """Refined chunk `index` without the overlap it shares with the chunk before."""
+        chunk = job.store.read(f"refined-{index:05d}")["latents"].to(job.setup.device)
+        return chunk if index == 0 else chunk[:, :, config.overlap_frames :]
+
+    write_pieces(job, piece, total)
 
 
 RUNNERS: dict[str, Callable[[VideoJob], None]] = {

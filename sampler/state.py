@@ -67,10 +67,11 @@ class PartsStore:
         """A unit another rank or stage finished (not counted as reuse)."""
         return load_file(str(self.path(name)))
 
-    def save(self, name: str, tensors: dict[str, Tensor]) -> None:
+    def save(self, name: str, tensors: dict[str, Tensor], *, unit: bool = True) -> None:
+        """Write `name` atomically; `unit=False` for intermediate files that are not units of work."""
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.path(name)
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
         os.replace(tmp, path)
-        self.computed += 1
+        self.computed += unit

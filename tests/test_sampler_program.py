@@ -211,3 +211,15 @@ def test_cli_paper_aliases():
     )
     config = config_from_args(args)
     assert (config.cond_frames, config.overlap, config.lam, config.blend_frames) == (2, 3, 0.3, 16)
+
+
+def test_decode_blocks_partition_the_pieces_by_frames():
+    from sampler.program import decode_block, kept_lengths
+
+    assert kept_lengths([7, 7, 7, 1], 16) == [7, 7, 2, 0]
+    lengths = [7] * 8 + [1]
+    blocks = [decode_block(lengths, position, 2) for position in range(2)]
+    assert blocks == [range(0, 4), range(4, 9)]  # 28 and 29 latent frames
+    blocks = [decode_block([8, 6, 6, 6], position, 3) for position in range(3)]
+    assert [index for block in blocks for index in block] == [0, 1, 2, 3]
+    assert sorted(len(decode_block([5], position, 2)) for position in range(2)) == [0, 1]  # one rank idles

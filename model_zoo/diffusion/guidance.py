@@ -13,9 +13,16 @@ applies unchanged to ε- and v-parameterised networks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import Tensor
 
 from model_zoo.diffusion.samplers import DenoiseFn
+
+Guide = Callable[[DenoiseFn, DenoiseFn, float], DenoiseFn]
+"""`guide(denoise_fn_cond, denoise_fn_uncond, scale)`: how the two branches are combined and where
+they run; `cfg` runs both in this process, the sampler's branch-parallel guide splits them over
+two ranks with the same arithmetic."""
 
 
 def cfg(denoise_fn_cond: DenoiseFn, denoise_fn_uncond: DenoiseFn, scale: float) -> DenoiseFn:
@@ -29,7 +36,7 @@ def cfg(denoise_fn_cond: DenoiseFn, denoise_fn_uncond: DenoiseFn, scale: float) 
 
 
 def unconditional_guidance(
-    denoise_fn_cond: DenoiseFn, denoise_fn_uncond: DenoiseFn, weight: float
+    denoise_fn_cond: DenoiseFn, denoise_fn_uncond: DenoiseFn, weight: float, guide: Guide = cfg
 ) -> DenoiseFn:
     """LVDM's unconditional guidance ε_c + w (ε_c - ε_u), i.e. `cfg` with scale 1 + w."""
-    return cfg(denoise_fn_cond, denoise_fn_uncond, 1.0 + weight)
+    return guide(denoise_fn_cond, denoise_fn_uncond, 1.0 + weight)

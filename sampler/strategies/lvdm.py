@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from model_zoo.diffusion.guidance import unconditional_guidance
+from model_zoo.diffusion.guidance import Guide, cfg, unconditional_guidance
 from model_zoo.diffusion.objectives import apply_mask_conditioning, build_mask, perturb_condition
 from model_zoo.diffusion.samplers import DenoiseFn
 from sampler.strategies.common import SamplingSetup, clip_noise, run_ddim
@@ -52,7 +52,12 @@ class LVDMConfig:
 
 
 def _masked_denoiser(
-    predict_fn: MaskedPredictFn, z_cond: Tensor, mask: Tensor, perturb_level: int, guidance_weight: float
+    predict_fn: MaskedPredictFn,
+    z_cond: Tensor,
+    mask: Tensor,
+    perturb_level: int,
+    guidance_weight: float,
+    guide: Guide,
 ) -> DenoiseFn:
     """ε̃(x, t) for a clip whose frames with mask 1 are given as `z_cond` (already perturbed)."""
     zero_mask = torch.zeros_like(mask)
@@ -68,7 +73,7 @@ def _masked_denoiser(
         return unconditional
     if guidance_weight == 0:
         return conditional
-    return unconditional_guidance(conditional, unconditional, guidance_weight)
+    return unconditional_guidance(conditional, unconditional, guidance_weight, guide)
 
 
 def sample_masked_clip(
@@ -79,18 +84,20 @@ def sample_masked_clip(
     setup: SamplingSetup,
     config: LVDMConfig,
     generator: torch.Generator,
+    guide: Guide = cfg,
 ) -> Tensor:
     """One clip (B, C, l, h, w) with the frames where `mask` (l,) is 1 conditioned on `given`.
 
     `given` (B, C, l, h, w) holds clean latents at masked frames (anything elsewhere); they are
-    perturbed to level s (LVDM's conditional latent perturbation) before conditioning.
+    perturbed to level s (LVDM's conditional latent perturbation) before conditioning. `guide`
+    combines the conditional and unconditional branches (see `guidance.Guide`).
     """
     num_frames = mask.numel()
     x_T = clip_noise(setup, num_frames, generator)
     perturbation = clip_noise(setup, num_frames, generator)
     z_cond = perturb_condition(given, config.perturb_level, perturbation, setup.alphas_cumprod)
     denoiser = _masked_denoiser(
-        predict_fn, z_cond, mask.to(x_T), config.perturb_level, config.guidance_weight
+        predict_fn, z_cond, mask.to(x_T), config.perturb_level, config.guidance_weight, guide
     )
     return run_ddim(denoiser, x_T, setup, generator)
 
@@ -103,6 +110,7 @@ def autoregressive_clip(
     setup: SamplingSetup,
     config: LVDMConfig,
     seed: int,
+    guide: Guide = cfg,
 ) -> Tensor:
     """Clip `clip_index` (B, C, l, h, w): unconditional if `context` is None, else conditioned
     (mask 1) on the last k frames of `context`. Its first k frames are the model's outputs at the
@@ -116,7 +124,9 @@ def autoregressive_clip(
     if context is not None:
         given[:, :, :cond_frames] = context[:, :, -cond_frames:]
         mask = build_mask("prediction", clip_frames, cond_frames)
-    return sample_masked_clip(predict_fn, given, mask, setup=setup, config=config, generator=generator)
+    return sample_masked_clip(
+        predict_fn, given, mask, setup=setup, config=config, generator=generator, guide=guide
+    )
 
 
 def autoregressive_clips(
@@ -182,6 +192,7 @@ def fill_gap(
     setup: SamplingSetup,
     config: LVDMConfig,
     seed: int,
+    guide: Guide = cfg,
 ) -> Tensor:
     """The stride - 1 latent frames between two keyframes (B, C, 1, h, w) each, by interpolation.
 
@@ -191,7 +202,9 @@ def fill_gap(
     given = torch.zeros(setup.clip_shape(config.interp_clip_frames), dtype=setup.dtype, device=setup.device)
     given[:, :, :1], given[:, :, -1:] = key_start, key_end
     mask = build_mask("interpolation", config.interp_clip_frames)
-    clip = sample_masked_clip(predict_fn, given, mask, setup=setup, config=config, generator=generator)
+    clip = sample_masked_clip(
+        predict_fn, given, mask, setup=setup, config=config, generator=generator, guide=guide
+    )
     return clip[:, :, 1:-1]
 
 
