@@ -21,7 +21,7 @@ STRATEGIES: tuple[str, ...] = (
 )
 PARALLEL_STRATEGIES = ("lvdm-hierarchical", "streaming")
 """Strategies whose units of one video (gaps, blending chunks) are split over ranks; the others
-split whole prompts over ranks."""
+split whole prompts over ranks (and run the leftover prompts on all ranks in lockstep)."""
 RUNTIME_FIELDS = ("nproc", "progress")
 """Fields that do not change the result: a resumed run may differ in them."""
 

@@ -31,14 +31,14 @@ def with_text_guidance(
     return guide(branch(context), branch(pipeline.text_context("")), guidance)
 
 
-def text_denoiser(pipeline: Pipeline, prompt: str, guidance: float) -> DenoiseFn:
+def text_denoiser(pipeline: Pipeline, prompt: str, guidance: float, guide: Guide = cfg) -> DenoiseFn:
     """A text-to-video denoiser (unet3d, videofusion): x (B, C, T, h, w), t (B,) -> output."""
     model = pipeline.denoiser
 
     def branch(context: Tensor | None) -> DenoiseFn:
         return lambda x, t: model(x, t, context=context)
 
-    return with_text_guidance(branch, pipeline, prompt, guidance)
+    return with_text_guidance(branch, pipeline, prompt, guidance, guide)
 
 
 def streaming_denoiser(

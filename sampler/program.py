@@ -2,18 +2,21 @@
 
 One video per prompt. Video i (seed + i) is owned by rank i mod R, which writes
 `<stem>-<i:03d>.mp4` (just `out` for one prompt), its `.json` and its state folder `.parts/`.
-- Sequential strategies (ddim, lvdm-autoregressive, vidrd, videofusion) run each video on its
-  owner alone: ranks split the prompts.
-- lvdm-hierarchical: the keyframes, then every rank fills the gaps it owns.
+- Sequential strategies (ddim, lvdm-autoregressive, vidrd, videofusion): ranks split the prompts,
+  one rank per video in full rounds; the videos left over (number of prompts mod R, so the one
+  video of a single prompt) run on all ranks in lockstep, see below.
+- lvdm-hierarchical: the keyframes, then every rank fills the gaps it owns (the gaps left over
+  after full rounds in lockstep).
 - streaming: the autoregressive CAM + APM stage, then every rank refines a contiguous block of
   blending chunks, exchanging overlap latents after every step.
-- In these two, the sequential stage (keyframes, CAM + APM chunks) runs on all ranks in lockstep
-  with the two guidance branches on two ranks (`distributed.branch_parallel_guide`), and the
-  final VAE decoding is split into one block of pieces per rank (`write_pieces`).
+- Lockstep: a sequential stage (keyframes, CAM + APM chunks, a leftover video's chunks) runs on
+  all ranks with the two guidance branches on ranks 0 and 1 (`distributed.branch_parallel_guide`),
+  and the final VAE decoding is split into one block of pieces per rank (`write_pieces`).
 Every unit of work (chunk, keyframe clip, gap, refined chunk) is saved to `.parts/` when it
 finishes and reused by a rerun of the same command, and all randomness is keyed by unit
 (`strategies.seeding`), so R ranks, one rank and a resumed run give the same video.
-Sequential strategies decode chunk by chunk (`video_io.ChunkDecoder`) into the mp4 as chunks become final.
+A video on one rank is decoded chunk by chunk (`video_io.ChunkDecoder`) into the mp4 as chunks
+become final.
 """
 
 from __future__ import annotations
@@ -269,9 +272,14 @@ def read_chunks(job: VideoJob, name: str, num_chunks: int, num_frames: int) -> T
     return torch.cat(chunks, dim=2)[:, :, :num_frames].to(job.setup.device)
 
 
+def text_denoiser_for(job: VideoJob) -> Callable[[Tensor, Tensor], Tensor]:
+    """--model with the prompt and text guidance, the branches split over `job.world`'s ranks."""
+    return text_denoiser(job.pipeline, job.prompt, job.config.guidance, branch_parallel_guide(job.world))
+
+
 def ddim_stepper(job: VideoJob) -> tuple[Stepper, int]:
     """Plain DDIM windows of `clip_frames` latent frames, each from its own noise (no long-video method)."""
-    denoise = counted(text_denoiser(job.pipeline, job.prompt, job.config.guidance), job.tick_steps())
+    denoise = counted(text_denoiser_for(job), job.tick_steps())
 
     def step(index: int, state: State | None) -> tuple[Tensor, State]:
         generator = unit_generator(job.seed, "ddim-window", index)
@@ -318,7 +326,7 @@ def vidrd_stepper(job: VideoJob) -> tuple[Stepper, int]:
     )
     if not 0 < config.overlap_frames <= config.clip_frames:
         raise ValueError(f"need 0 < M <= N, got M={config.overlap_frames}, N={config.clip_frames}")
-    denoise = counted(text_denoiser(job.pipeline, job.prompt, cfg.guidance), job.tick_steps())
+    denoise = counted(text_denoiser_for(job), job.tick_steps())
 
     def step(index: int, state: State | None) -> tuple[Tensor, State]:
         previous = (
@@ -342,7 +350,7 @@ def videofusion_stepper(job: VideoJob) -> tuple[Stepper, int]:
     config = videofusion.VideoFusionWindowsConfig(
         window_frames=job.clip_frames, base_ratio=model_lam if job.config.lam is None else job.config.lam
     )
-    denoise = counted(text_denoiser(job.pipeline, job.prompt, job.config.guidance), job.tick_steps())
+    denoise = counted(text_denoiser_for(job), job.tick_steps())
     base = videofusion.base_noise(job.setup, job.seed)
 
     def step(index: int, state: State | None) -> tuple[Tensor, State]:
@@ -397,10 +405,18 @@ SEQUENTIAL: dict[str, Callable[[VideoJob], tuple[Stepper, int]]] = {
 
 
 def run_sequential(job: VideoJob) -> None:
+    """One rank: chunks decoded into the mp4 as they come. Several ranks (a video left over after
+    the full rounds of prompts): chunks in lockstep with the guidance branches split, then the
+    decoding split (`write_pieces`)."""
     stepper, num_chunks = SEQUENTIAL[job.config.strategy](job)
-    sink = VideoSink(job)
-    run_chunks(job, "chunk", stepper, num_chunks, sink.add)
-    sink.close()
+    if job.world.size == 1:
+        sink = VideoSink(job)
+        run_chunks(job, "chunk", stepper, num_chunks, sink.add)
+        sink.close()
+        return
+    run_chunks(job, "chunk", stepper, num_chunks, lambda _: None)
+    job.world.barrier()
+    write_pieces(job, lambda index: job.store.read(f"chunk-{index:05d}")["latents"], num_chunks)
 
 
 # ---- LVDM hierarchical: keyframes on the owner, gaps on every rank --------------------------
@@ -607,16 +623,18 @@ def generate(config: SampleConfig) -> list[Path]:
         setup = make_setup(config, pipeline, device)
         latent_frames = math.ceil(config.frames / vae_factors(pipeline.vae)[0])
         outputs = []
-        for index, out in enumerate(video_paths(config.out, len(config.prompts))):
-            parallel = config.strategy in PARALLEL_STRATEGIES
-            if not parallel and not world.owns(index):
+        num_videos = len(config.prompts)
+        alone_until = num_videos - num_videos % world.size  # full rounds: one rank per video
+        for index, out in enumerate(video_paths(config.out, num_videos)):
+            shared = config.strategy in PARALLEL_STRATEGIES or index >= alone_until
+            if not shared and not world.owns(index):
                 continue
             job = VideoJob(
                 config=config,
                 index=index,
                 prompt=config.prompts[index],
                 out=out,
-                world=world if parallel else World(),
+                world=world if shared else World(),
                 pipeline=pipeline,
                 pipeline2=pipeline2,
                 setup=setup,
@@ -632,7 +650,7 @@ def generate(config: SampleConfig) -> list[Path]:
 
 def run_video(job: VideoJob, world: World) -> list[Path]:
     """One video on this rank; returns the files this rank wrote."""
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     job.store.check_params(video_params(job.config, job.index), write=job.is_owner)
     job.world.barrier()
     with torch.no_grad():
@@ -642,6 +660,7 @@ def run_video(job: VideoJob, world: World) -> list[Path]:
         "computed": job.store.computed,
         "reused": job.store.reused,
         "peak_rss_mb": peak_rss_mb(),
+        "cpu_seconds": time.process_time() - cpu_start,
         "timings": job.timings,
     }
     rank_stats = job.world.all_gather(stats)

@@ -84,6 +84,21 @@ def test_two_ranks_equal_one_rank(strategy, pipelines, tmp_path):
         assert not list((tmp_path / "two" / video).with_suffix(".parts").glob("frames-*"))
 
 
+@pytest.mark.multirank
+def test_one_prompt_on_two_ranks_splits_the_guidance_branches(pipelines, tmp_path):
+    """A sequential strategy with a single prompt: both ranks work on it in lockstep, same bytes."""
+    argv = ["--model", pipelines["lvdm_prediction"], "--strategy", "lvdm-autoregressive", "--frames", "24"]
+    argv += ["--prompt", "a red bicycle", *COMMON]
+    assert main([*argv, "--out", str(tmp_path / "one" / "v.mp4")]) == 0
+    proc = cli_subprocess([*argv, "--out", str(tmp_path / "two" / "v.mp4"), "--nproc", "2"])
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    assert_same_outputs(tmp_path / "one" / "v.mp4", tmp_path / "two" / "v.mp4")
+    report = json.loads((tmp_path / "two" / "v.json").read_text())
+    assert all(rank["timings"]["chunk"] > 0 and rank["timings"]["decode"] > 0 for rank in report["ranks"])
+    assert report["units_computed"] == len(list((tmp_path / "one" / "v.parts").glob("chunk-*")))
+
+
 def test_kill_and_resume_gives_the_same_video(pipelines, tmp_path):
     argv = ["--model", pipelines["lvdm_prediction"], "--strategy", "lvdm-autoregressive", "--frames", "160"]
     argv += ["--prompt", "a red bicycle", *COMMON]
