@@ -12,9 +12,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from sampler.config import STRATEGIES, SampleConfig
+from sampler.config import STRATEGIES, SampleConfig, trained_size
 from sampler.state import ParamsMismatch
 
+DEFAULT_SIZE = 256
+"""Pixel height and width when neither the command nor the pipeline gives them."""
 EXAMPLE = "lvd sample --model runs/t2v/export --strategy vidrd --frames 64 --prompt 'a red car' --out car.mp4"
 
 
@@ -39,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--steps", type=int, default=50, help="DDIM steps")
     add("--eta", type=float, default=0.0, help="DDIM eta")
     add("--guidance", type=float, default=7.5, help="text CFG scale g (1 disables)")
-    add("--height", type=int, default=256)
-    add("--width", type=int, default=256)
+    add("--height", type=int, help="pixel height (default: the --model's training size, else 256)")
+    add("--width", type=int, help="pixel width (default: the --model's training size, else 256)")
     add("--fps", type=int, default=8)
     add("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     add("--decode-context", type=int, default=1, help="latent frames of left context when decoding a chunk")
@@ -71,6 +73,7 @@ def read_prompts(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def config_from_args(args: argparse.Namespace) -> SampleConfig:
+    height, width = trained_size(args.model) or (DEFAULT_SIZE, DEFAULT_SIZE)
     return SampleConfig(
         model=args.model,
         model2=args.model2,
@@ -83,8 +86,8 @@ def config_from_args(args: argparse.Namespace) -> SampleConfig:
         steps=args.steps,
         eta=args.eta,
         guidance=args.guidance,
-        height=args.height,
-        width=args.width,
+        height=height if args.height is None else args.height,
+        width=width if args.width is None else args.width,
         fps=args.fps,
         device=args.device,
         decode_context=args.decode_context,

@@ -7,7 +7,9 @@ needs ⌈frames / f_t⌉ latent frames).
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 Strategy = Literal["lvdm-autoregressive", "lvdm-hierarchical", "vidrd", "streaming", "videofusion", "ddim"]
@@ -109,3 +111,12 @@ class SampleConfig:
             params.pop(name)
         params["prompts"] = list(self.prompts)
         return params
+
+
+def trained_size(folder: str | Path) -> tuple[int, int] | None:
+    """(height, width) of the clips the pipeline was trained on (`lvd export` records it), if known."""
+    index_file = Path(folder) / "model_index.json"
+    if not index_file.is_file():
+        return None
+    size = json.loads(index_file.read_text()).get("sample_size")
+    return None if not size else (int(size["height"]), int(size["width"]))

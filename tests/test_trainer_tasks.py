@@ -117,6 +117,11 @@ def test_export_round_trip_matches_the_engine(tmp_path, video_shards):
     from diffusers import DDIMScheduler
 
     assert {p.name for p in exported.iterdir()} >= {"model_index.json", "denoiser", "vae", "text_encoder", "scheduler"}
+    from sampler.cli import build_parser, config_from_args
+
+    sample_args = build_parser().parse_args(["--model", str(exported), "--prompt", "x", "--out", "v.mp4"])
+    trained = (cfg.data.height, cfg.data.width)
+    assert (config_from_args(sample_args).height, config_from_args(sample_args).width) == trained
     scheduler = DDIMScheduler.from_pretrained(exported / "scheduler")
     assert scheduler.config.beta_schedule == "scaled_linear"
     ema_dir = export_mod.export(tmp_path, tmp_path / "export_ema", ema=True)

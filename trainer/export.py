@@ -62,6 +62,8 @@ def export(run_dir: Path, out: Path, *, step: int | None = None, ema: bool = Fal
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     index: dict[str, Any] = {"_class_name": "LVDPipeline", "task": cfg.train.task, "source": str(ckpt_dir / tag), "step": meta["step"], "ema": ema}
+    # The pixel clip size the run trained on: `lvd sample`'s default height and width.
+    index["sample_size"] = {"frames": cfg.data.frames, "height": cfg.data.height, "width": cfg.data.width}
     for engine_name in meta["engines"]:
         state = consolidated_state_dict(ckpt_dir / tag, engine_name)
         if ema and engine_name == "model":
