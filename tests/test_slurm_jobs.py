@@ -303,6 +303,98 @@ def test_submit_shard_array_equals_single_process(
     _assert_same_shards(out / "manifest.json", single_process_shards)
 
 
+@pytest.fixture(scope="module")
+def hierarchical_reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], Path]:
+    """`lvd sample` arguments for a tiny hierarchical run, and its video made by one local rank."""
+    from sampler.cli import main as sample_main
+    from sampler.tiny import tiny_pipeline
+
+    root = tmp_path_factory.mktemp("sample")
+    argv = [
+        "--model",
+        str(tiny_pipeline(root / "pred", "lvdm_prediction", seed=0)),
+        "--model2",
+        str(tiny_pipeline(root / "interp", "lvdm_interpolation", seed=1)),
+        "--strategy",
+        "lvdm-hierarchical",
+        "--frames",
+        "96",
+        "--stride",
+        "3",
+        "--steps",
+        "4",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--prompt",
+        "a red bicycle",
+    ]
+    assert sample_main([*argv, "--out", str(root / "one" / "v.mp4")]) == 0
+    return argv, root / "one" / "v.mp4"
+
+
+@pytest.mark.slurm
+def test_sbatch_sample_on_two_nodes_requeues_on_usr1_and_matches_one_rank(
+    cluster, hierarchical_reference, tmp_path
+) -> None:
+    argv, reference = hierarchical_reference
+    video, log = tmp_path / "v.mp4", tmp_path / "sample.out"
+    cmd = [
+        "sbatch",
+        "--parsable",
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        f"--output={log}",
+        "slurm/sample.sbatch",
+    ]
+    job_id = _run([*cmd, *argv, "--out", str(video)]).strip()
+    parts = video.with_suffix(".parts")
+    _wait(lambda: any(parts.glob("gap-*.safetensors")), timeout=300, what="the first gap", log=log)
+    _run(["scancel", "--signal=USR1", "--batch", job_id])
+    _wait(lambda: _job(job_id)["Restarts"] == "1", timeout=120, what=f"the requeue of job {job_id}", log=log)
+    _wait_done(job_id, log)
+    text = log.read_text()
+    assert "requeueing job" in text and "rank 1 of 2" in text
+    assert video.read_bytes() == reference.read_bytes()
+    report = json.loads(video.with_suffix(".json").read_text())
+    assert report["world_size"] == 2 and report["units_reused"] > 0  # the restart reused saved units
+
+
+@pytest.mark.slurm
+def test_submit_sample_runs_two_ranks_and_matches_one_rank(cluster, hierarchical_reference, tmp_path) -> None:
+    argv, reference = hierarchical_reference
+    video = tmp_path / "v.mp4"
+    printed = _submit(
+        "sample",
+        "--nodes",
+        "2",
+        "--partition",
+        "debug",
+        "--time",
+        "10",
+        "--logs",
+        f"{tmp_path}/logs/%j",
+        "--",
+        *argv,
+        "--out",
+        str(video),
+    )
+    job_id = printed.split("submitted", 1)[1].split()[-1].strip(".:()")
+    log = next(iter((tmp_path / "logs").glob("*/*_0_log.out")), tmp_path / "missing.log")
+    _wait(
+        lambda: video.with_suffix(".json").exists(),
+        timeout=300,
+        what=f"lvd submit sample job {job_id}",
+        log=log,
+    )
+    assert video.read_bytes() == reference.read_bytes()
+    assert json.loads(video.with_suffix(".json").read_text())["world_size"] == 2
+
+
 @pytest.mark.slurm
 def test_submit_dry_run_prints_the_script_and_keeps_arguments_out_of_it(tmp_path) -> None:
     hostile = "run.dir=/tmp/x; touch /tmp/lvd-pwned"
