@@ -108,10 +108,24 @@ def test_tiny_contract(name: str, tmp_path: Path) -> None:
         assert torch.equal(_output(twin, x, kwargs), out)
 
     # 3. Gradients reach every trainable parameter (non-zero, finite); frozen encoders have none.
+    # Every module holding trainable parameters runs its own forward: ZeRO-3 gathers a
+    # partitioned parameter only in its module's hooks, so a weight read from outside (say
+    # `self.fc.weight` in a parent's forward) would be an empty shard at scale.
     trainable = {pname: p for pname, p in model.named_parameters() if p.requires_grad}
     if trainable:
         model.train()
-        _output(model, x, kwargs).float().square().mean().backward()
+        called: set[int] = set()
+        hooks = [m.register_forward_pre_hook(lambda m, _: called.add(id(m))) for m in model.modules()]
+        out = _output(model, x, kwargs)
+        for hook in hooks:
+            hook.remove()
+        owners = [
+            mname
+            for mname, m in model.named_modules()
+            if any(p.requires_grad for p in m.parameters(recurse=False)) and id(m) not in called
+        ]
+        assert not owners, f"{name}: parameters used outside their module's forward: {owners}"
+        out.float().square().mean().backward()
         for pname, p in trainable.items():
             assert p.grad is not None, f"{name}: no gradient reaches {pname}"
             assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, (
@@ -153,3 +167,19 @@ def test_unknown_names_list_the_valid_ones() -> None:
         model_zoo.build_model("unet3d", "huge")
     with pytest.raises(KeyError, match="dit"):
         model_zoo.build_model("no-such-family")
+
+
+def test_fused_cpu_attention_counts_the_flops_of_the_unfused_path() -> None:
+    """PyTorch's counter counts 0 for the CPU flash kernel; ours counts what the matmuls do."""
+    from model_zoo.counting import flop_counter
+
+    def counted(attention: Callable[[Tensor], Tensor], device: str) -> int:
+        q = torch.randn(2, 4, 64, 16, requires_grad=True, device=device)
+        with flop_counter() as counter:
+            attention(q).sum().backward()
+        return counter.get_total_flops()
+
+    fused = counted(lambda q: torch.nn.functional.scaled_dot_product_attention(q, q, q), "cpu")
+    unfused = counted(lambda q: (q @ q.transpose(-1, -2)).softmax(-1) @ q, "cpu")
+    assert fused == unfused == 3 * 2 * 2 * (2 * 4 * 64 * 64 * 16)  # fwd + bwd of two matmuls
+    assert counted(lambda q: torch.nn.functional.scaled_dot_product_attention(q, q, q), "meta") == unfused

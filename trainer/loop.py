@@ -300,6 +300,6 @@ def _barrier() -> None:
 
 
 def _flop_counter() -> Any:
-    from torch.utils.flop_counter import FlopCounterMode
+    from model_zoo.counting import flop_counter
 
-    return FlopCounterMode(display=False)
+    return flop_counter()

@@ -65,7 +65,9 @@ class SelfAttention(nn.Module):
     ) -> Tensor:
         n, length, dim = x.shape
         qkv = self.qkv(x).view(n, length, 3, self.heads, dim // self.heads)  # (N, L, 3, h, d)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (N, h, L, d)
+        # Unbinding the qkv axis in place makes the backward one stack straight into the
+        # projection's (N, L, 3, h, d) layout, with no extra reshape copy.
+        q, k, v = (part.transpose(1, 2) for part in qkv.unbind(2))  # 3 x (N, h, L, d)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         mask = bias.to(q.dtype) if bias is not None else None
@@ -97,26 +99,30 @@ class CrossAttention(nn.Module):
         head_dim = dim // self.heads
         q = self.q(x).view(n, length, self.heads, head_dim).transpose(1, 2)  # (N, h, L, d)
         kv = self.kv(context).view(n, context.shape[1], 2, self.heads, head_dim)  # (N, S, 2, h, d)
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (N, h, S, d)
+        k, v = (part.transpose(1, 2) for part in kv.unbind(2))  # 2 x (N, h, S, d)
         out = F.scaled_dot_product_attention(q, k, v)  # (N, h, L, d)
         return self.out(merge_heads(out))  # (N, L, C)
 
 
 class FeedForward(nn.Module):
-    """Token MLP: GELU(tanh) MLP (DiT) or GEGLU (LDM) when `gated`."""
+    """Token MLP: GELU(tanh) MLP (DiT) or GEGLU (LDM) when `gated`.
+
+    GEGLU's value and gate projections are two Linear modules rather than one of width 2·hidden
+    split in two: the backward then adds two (N, L, C) input gradients instead of concatenating two
+    (N, L, hidden) ones, and each weight is used through its own module's forward (ZeRO-3 gathers
+    a partitioned parameter only in its module's hooks).
+    """
 
     def __init__(self, dim: int, *, mult: float = 4.0, gated: bool = False) -> None:
         super().__init__()
         hidden = int(dim * mult)
-        self.gated = gated
-        self.fc1 = nn.Linear(dim, 2 * hidden if gated else hidden)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc_gate = nn.Linear(dim, hidden) if gated else None
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.fc1(x)  # (N, L, hidden or 2*hidden)
-        if self.gated:
-            value, gate = h.chunk(2, dim=-1)  # 2 x (N, L, hidden)
-            h = value * F.gelu(gate)
+        if self.fc_gate is not None:
+            h = self.fc1(x) * F.gelu(self.fc_gate(x))  # (N, L, hidden)
         else:
-            h = F.gelu(h, approximate="tanh")
+            h = F.gelu(self.fc1(x), approximate="tanh")  # (N, L, hidden)
         return self.fc2(h)  # (N, L, C)
