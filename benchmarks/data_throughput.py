@@ -49,13 +49,30 @@ def _make_shards(out: Path, size: int, clip_frames: int) -> list[bytes]:
     return [sample.files["mp4"] for path in sorted(out.glob("shard-*.tar")) for sample in iter_samples(path)]
 
 
-def _decode_for(payloads: list[bytes], seconds: float) -> int:
-    """Decode clips round-robin for `seconds`; return how many were decoded."""
-    done, deadline = 0, time.perf_counter() + seconds
+def _decode_for(payloads: list[bytes], seconds: float) -> tuple[int, float]:
+    """Decode clips round-robin for `seconds`; return how many were decoded and the CPU seconds used."""
+    done, deadline, cpu = 0, time.perf_counter() + seconds, time.process_time()
     while time.perf_counter() < deadline:
         decode_mp4(payloads[done % len(payloads)])
         done += 1
-    return done
+    return done, time.process_time() - cpu
+
+
+def _tree_cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its live descendants (Linux /proc; 0 elsewhere)."""
+    parents, times = {}, {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        pid = int(stat.parent.name)
+        parents[pid], times[pid] = int(fields[1]), int(fields[11]) + int(fields[12])
+    tree, grown = {os.getpid()}, True
+    while grown:
+        children = {pid for pid, parent in parents.items() if parent in tree} - tree
+        tree, grown = tree | children, bool(children)
+    return sum(times.get(pid, 0) for pid in tree) / os.sysconf("SC_CLK_TCK")
 
 
 class RawDecoders:
@@ -66,24 +83,28 @@ class RawDecoders:
         self.pool = multiprocessing.get_context("forkserver").Pool(processes)
         self.measure(0.5)  # warm up
 
-    def measure(self, seconds: float) -> tuple[int, float]:
+    def measure(self, seconds: float) -> tuple[int, float, float]:
+        """(clips, wall seconds, CPU seconds) of one timed window."""
         start = time.perf_counter()
         shares = [
             (self.payloads[rank :: self.processes] or self.payloads, seconds)
             for rank in range(self.processes)
         ]
-        return sum(self.pool.starmap(_decode_for, shares)), time.perf_counter() - start
+        results = self.pool.starmap(_decode_for, shares)
+        elapsed = time.perf_counter() - start
+        return sum(done for done, _ in results), elapsed, sum(cpu for _, cpu in results)
 
 
-def measure_loader(cfg: DataConfig, seconds: float) -> tuple[int, float]:
-    """Timed batches once the workers run and their prefetch queues are full."""
+def measure_loader(cfg: DataConfig, seconds: float) -> tuple[int, float, float]:
+    """(clips, wall seconds, CPU seconds of the main process and its workers) of timed batches, once
+    the workers run and their prefetch queues are full."""
     loader = build_loader(cfg, rank=0, world_size=1, batch_size=4, seed=0, tokenizer=None)
     for _ in range(cfg.workers * cfg.prefetch + 2):
         next(loader)
-    clips, start = 0, time.perf_counter()
+    clips, start, cpu = 0, time.perf_counter(), _tree_cpu_seconds()
     while time.perf_counter() - start < seconds:
         clips += next(loader)["video"].shape[0]
-    return clips, time.perf_counter() - start
+    return clips, time.perf_counter() - start, _tree_cpu_seconds() - cpu
 
 
 def run(processes: int, seconds: float, size: int, clip_frames: int) -> dict[str, object]:
@@ -102,11 +123,13 @@ def run(processes: int, seconds: float, size: int, clip_frames: int) -> dict[str
         )
         decoders = RawDecoders(payloads, processes)
         before = decoders.measure(seconds / 2)
-        clips, elapsed = measure_loader(cfg, seconds)
+        clips, elapsed, loader_cpu = measure_loader(cfg, seconds)
         after = decoders.measure(seconds / 2)
         decoders.pool.terminate()
     raw = (before[0] + after[0]) / (before[1] + after[1])
     loaded = clips / elapsed
+    raw_cpu_ms = 1e3 * (before[2] + after[2]) / (before[0] + after[0])
+    loader_cpu_ms = 1e3 * loader_cpu / clips
     return {
         "name": "data_loader_vs_raw_pyav_decode",
         "value": round(loaded / raw, 3),
@@ -119,6 +142,14 @@ def run(processes: int, seconds: float, size: int, clip_frames: int) -> dict[str
             "processes": processes,
             "clips": len(payloads),
             "raw_before_after_clips_per_s": [round(before[0] / before[1], 2), round(after[0] / after[1], 2)],
+            # Work per clip, less sensitive to other load on the machine than the wall-clock rates;
+            # CPU used / wall time shows how much of the machine each side got.
+            "cpu_ms_per_clip": {"raw": round(raw_cpu_ms, 2), "loader": round(loader_cpu_ms, 2)},
+            "cpu_ratio_raw_over_loader": round(raw_cpu_ms / loader_cpu_ms, 3),
+            "cores_used": {
+                "raw": round((before[2] + after[2]) / (before[1] + after[1]), 2),
+                "loader": round(loader_cpu / elapsed, 2),
+            },
             "clip": f"{clip_frames} frames, short side {size}, h264 one-GOP",
             "batch": f"(4, 3, {clip_frames}, {size}, {size}) float32",
         },

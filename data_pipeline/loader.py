@@ -8,6 +8,9 @@ over workers, so after n batches the next one comes from worker n mod W; a resum
 the worker roles by that amount. Per-sample randomness (temporal offset, crop, caption dropout)
 is keyed by (seed, rank, worker, sample number), never drawn from a shared generator.
 
+Video batches travel as uint8 through a fixed ring of shared-memory cells (`VideoRing`) and are
+converted to float32 in [-1, 1] by the main process in `VideoLoader.__next__`.
+
 World size change: positions are per slot and slots change with the world size (or the worker
 count), so `load_state_dict` then starts every slot at the start of the epoch after the furthest
 epoch this rank's saved slots had reached (logged as a warning): the rest of the interrupted
@@ -21,6 +24,7 @@ import functools
 import logging
 import math
 import multiprocessing
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -87,12 +91,16 @@ class _BatchMaker:
         buckets: list[Bucket],
         tokenizer: Tokenizer | None,
         state: dict[str, Any] | None,
+        handoff: tuple[VideoRing, int] | None,
     ) -> None:
         self.cfg, self.slot, self.buckets, self.tokenizer = cfg, slot, buckets, tokenizer
+        self.handoff = handoff  # (ring, ring row of this process), None for latent shards
+        self.handed = 0
         self.stream = SampleStream(
             sets, slot, buffer_size=cfg.shuffle_buffer, state=state and state["stream"]
         )
         self.pending: list[list[tuple[list[Any], int, dict[str, Any]]]] = [[] for _ in buckets]
+        self.videos: list[np.ndarray | None] = [None for _ in buckets]
         for bucket, ref, counter in state["pending"] if state else []:
             self.pending[bucket].append(
                 (ref, counter, self._prepare(read_sample(ref[1], ref[2]), ref, counter, bucket))
@@ -116,11 +124,18 @@ class _BatchMaker:
         if "mp4" not in files:
             return None
         rng = keyed_random(*self._key("aug", counter)) if self.cfg.random_crop else None
-        clip = decode_clip(files["mp4"], self.buckets[bucket].shape, rng)
-        if clip is None:
-            return None
-        item["video"] = clip
-        return item
+        row = self._video_batch(bucket)[len(self.pending[bucket])]  # (L, H, W, 3)
+        return (
+            item if decode_clip(files["mp4"], self.buckets[bucket].shape, rng, out=row) is not None else None
+        )
+
+    def _video_batch(self, bucket: int) -> np.ndarray:
+        """(B, L, H, W, 3) uint8 batch the bucket's clips are decoded into (no stacking copies),
+        reused from batch to batch: its contents are copied into the hand-off ring when complete."""
+        if self.videos[bucket] is None:
+            shape, size = self.buckets[bucket].shape, self.buckets[bucket].batch_size
+            self.videos[bucket] = np.empty((size, shape.frames, shape.height, shape.width, 3), np.uint8)
+        return self.videos[bucket]
 
     def _state(self) -> dict[str, Any]:
         pending = [
@@ -146,11 +161,11 @@ class _BatchMaker:
             if len(self.pending[bucket]) == self.buckets[bucket].batch_size:
                 items = [entry[2] for entry in self.pending[bucket]]
                 self.pending[bucket] = []
-                yield self._collate(items) | {
+                yield self._collate(items, bucket) | {
                     "_position": {"worker": self.slot.worker, "state": self._state()}
                 }
 
-    def _collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+    def _collate(self, items: list[dict[str, Any]], bucket: int) -> dict[str, Any]:
         captions = [item["caption"] for item in items]
         batch: dict[str, Any] = {"caption": captions, "meta": [item["meta"] for item in items]}
         if self.cfg.latent:
@@ -158,11 +173,52 @@ class _BatchMaker:
             if all("text_emb" in item for item in items):
                 batch["text_emb"] = torch.from_numpy(np.stack([item["text_emb"] for item in items])).float()
         else:
-            # uint8 crosses the process boundary (4x less than float32); __next__ converts.
-            batch["video"] = torch.from_numpy(np.stack([item["video"] for item in items]))
+            ring, row = self.handoff  # set for pixel shards: VideoLoader makes the ring
+            batch["_video_cell"] = ring.put(row, self.handed, self.videos[bucket])
+            self.handed += 1
         if self.tokenizer is not None:
             batch["tokens"] = self.tokenizer(captions).long()
         return batch
+
+
+class VideoRing:
+    """Fixed uint8 buffers in shared memory through which workers hand video batches to the main
+    process, which converts them to float and frees the cell at once.
+
+    Versus returning a tensor per batch this saves, per batch, a fresh shared-memory segment (its
+    page faults cost more than the uint8 -> float conversion), the copy into it and the file
+    descriptor hand-shake with the worker. DataLoader keeps at most `prefetch` batches of a worker
+    outstanding, so `prefetch + 1` cells per worker never make a worker wait; a busy flag per cell
+    keeps that safe without relying on it.
+    """
+
+    WAIT_SECONDS = 120.0
+
+    def __init__(self, *, rows: int, cells: int, nbytes: int, shared: bool) -> None:
+        self.buffers = torch.empty((rows, cells, nbytes), dtype=torch.uint8)
+        self.busy = torch.zeros((rows, cells), dtype=torch.uint8)
+        if shared:
+            self.buffers.share_memory_()
+            self.busy.share_memory_()
+
+    def put(self, row: int, number: int, video: np.ndarray) -> tuple[int, int, tuple[int, ...]]:
+        """Copy the `number`-th batch of ring row `row` into a cell; returns what `take` needs."""
+        cell = number % self.busy.shape[1]
+        busy, deadline = self.busy.numpy(), time.monotonic() + self.WAIT_SECONDS
+        while busy[row, cell]:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"video ring cell {row}/{cell} still busy after {self.WAIT_SECONDS} s")
+            time.sleep(0.001)
+        busy[row, cell] = 1
+        self.buffers[row, cell, : video.nbytes].numpy()[:] = video.reshape(-1)
+        return row, cell, video.shape
+
+    def take(self, row: int, cell: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """(B, C, T, H, W) float32 in [-1, 1] of a cell's (B, T, H, W, 3) batch; frees the cell."""
+        pixels = self.buffers[row, cell, : math.prod(shape)].numpy().reshape(shape)
+        video = to_unit_range(pixels)
+        self.busy[row, cell] = 0
+        return video
 
 
 class _SlotDataset(IterableDataset):
@@ -184,6 +240,7 @@ class _SlotDataset(IterableDataset):
         self.workers = max(1, cfg.workers)
         self.rotation = 0
         self.states: dict[int, dict[str, Any]] = {}
+        self.ring: VideoRing | None = None
 
     def slot(self, worker: int) -> Slot:
         return Slot(
@@ -196,10 +253,29 @@ class _SlotDataset(IterableDataset):
         if info is not None:
             torch.set_num_threads(1)
         worker = (physical + self.rotation) % self.workers
+        handoff = (self.ring, physical) if self.ring is not None else None
         maker = _BatchMaker(
-            self.cfg, self.sets, self.slot(worker), self.buckets, self.tokenizer, self.states.get(worker)
+            self.cfg,
+            self.sets,
+            self.slot(worker),
+            self.buckets,
+            self.tokenizer,
+            self.states.get(worker),
+            handoff,
         )
         return iter(maker)
+
+    def new_ring(self) -> VideoRing | None:
+        """A hand-off ring sized for the largest bucket (None for latent shards)."""
+        if self.cfg.latent:
+            return None
+        nbytes = max(
+            bucket.batch_size * bucket.shape.frames * bucket.shape.height * bucket.shape.width * 3
+            for bucket in self.buckets
+        )
+        if self.cfg.workers == 0:
+            return VideoRing(rows=1, cells=1, nbytes=nbytes, shared=False)
+        return VideoRing(rows=self.cfg.workers, cells=self.cfg.prefetch + 1, nbytes=nbytes, shared=True)
 
 
 def _identity(batch: dict[str, Any]) -> dict[str, Any]:
@@ -230,6 +306,8 @@ class VideoLoader:
 
     def _start(self) -> Iterator[dict[str, Any]]:
         self.dataset.rotation = self.batches % self.dataset.workers
+        # A new ring per start: workers of an abandoned iterator may still be writing the old one.
+        self.dataset.ring = self.dataset.new_ring()
         if self.dataset.cfg.workers == 0:
             return iter(self.dataset)
         context = multiprocessing.get_context("forkserver")
@@ -256,8 +334,8 @@ class VideoLoader:
         position = batch.pop("_position")
         self.dataset.states[position["worker"]] = position["state"]
         self.batches += 1
-        if "video" in batch:
-            batch["video"] = to_unit_range(batch["video"].numpy())
+        if "_video_cell" in batch:
+            batch["video"] = self.dataset.ring.take(*batch.pop("_video_cell"))
         return batch
 
     def state_dict(self) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import av
 import numpy as np
 import torch
 
-from data_pipeline.video_io import iter_frames, to_rgb
+from data_pipeline.video_io import decode_frames, to_rgb_window
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,11 +48,16 @@ def resize_and_crop_box(
     return resized_w, resized_h, rng.randint(0, free_w), rng.randint(0, free_h)
 
 
-def decode_clip(payload: bytes, shape: ClipShape, rng: random.Random | None) -> np.ndarray | None:
-    """(L, H, W, 3) uint8 frames of an mp4, or None when the clip has fewer than `span` frames.
+def decode_clip(
+    payload: bytes, shape: ClipShape, rng: random.Random | None, out: np.ndarray | None = None
+) -> np.ndarray | None:
+    """(L, H, W, 3) frames of an mp4, or None when the clip has fewer than `span` frames.
 
-    With `rng`, the start frame and the crop are random; without, start 0 and centre crop.
+    With `rng`, the start frame and the crop are random; without, start 0 and centre crop. The
+    frames are written into `out` when given (a row of a batch: no stacking copies).
     """
+    frames = np.empty((shape.frames, shape.height, shape.width, 3), np.uint8) if out is None else out
+    written = 0
     with av.open(io.BytesIO(payload)) as container:
         stream = container.streams.video[0]
         available = stream.frames
@@ -60,17 +65,17 @@ def decode_clip(payload: bytes, shape: ClipShape, rng: random.Random | None) -> 
             return None
         start = rng.randint(0, available - shape.span) if rng is not None and available > 0 else 0
         wanted = range(start, start + shape.span, shape.frame_stride)
-        box = resize_and_crop_box(stream.codec_context.width, stream.codec_context.height, shape, rng)
-        frames = []
-        for index, _, frame in iter_frames(container):
+        resized_w, resized_h, left, top = resize_and_crop_box(
+            stream.codec_context.width, stream.codec_context.height, shape, rng
+        )
+        window = (left, top, shape.width, shape.height)
+        for index, frame in enumerate(decode_frames(container)):
             if index in wanted:
-                frames.append(to_rgb(frame, box[:2]))
-            if len(frames) == shape.frames:
+                frames[written] = to_rgb_window(frame, (resized_w, resized_h), window)
+                written += 1
+            if written == shape.frames:
                 break
-    if len(frames) < shape.frames:
-        return None
-    left, top = box[2], box[3]
-    return np.stack([frame[top : top + shape.height, left : left + shape.width] for frame in frames])
+    return frames if written == shape.frames else None
 
 
 def to_unit_range(clips: np.ndarray) -> torch.Tensor:
@@ -78,9 +83,11 @@ def to_unit_range(clips: np.ndarray) -> torch.Tensor:
 
     Converting in the stored (T, H, W, C) order and permuting the view avoids a strided copy that
     cost more than the conversion itself; conv3d accepts this layout, `.contiguous()` gives NCTHW.
+    numpy casts inside the multiply: two passes over the float array instead of torch's three.
     """
-    video = torch.from_numpy(clips).float().mul_(2.0 / 255.0).sub_(1.0)
-    return video.permute(0, 4, 1, 2, 3)  # (B, T, H, W, C) -> (B, C, T, H, W)
+    video = np.multiply(clips, np.float32(2.0 / 255.0), dtype=np.float32)
+    np.subtract(video, np.float32(1.0), out=video)
+    return torch.from_numpy(video).permute(0, 4, 1, 2, 3)  # (B, T, H, W, C) -> (B, C, T, H, W)
 
 
 def drop_caption(caption: str, p_uncond: float, rng: random.Random) -> str:

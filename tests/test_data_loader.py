@@ -13,7 +13,7 @@ import torch
 
 from data_pipeline.config import DataConfig
 from data_pipeline.latents import shard_latents
-from data_pipeline.loader import build_loader
+from data_pipeline.loader import VideoRing, build_loader
 from data_pipeline.shard_cli import main
 from data_pipeline.stages import ClipShape, decode_clip, to_unit_range
 from data_pipeline.tario import iter_samples
@@ -133,6 +133,21 @@ def test_resume_yields_exactly_the_uninterrupted_batches(shards, workers):
     resumed = build_loader(cfg, rank=0, world_size=1, batch_size=2, seed=4, tokenizer=None)
     resumed.load_state_dict(state)
     assert _same(_take(resumed, 6), expected)
+
+
+def test_workers_wait_for_busy_ring_cells(shards, monkeypatch):
+    """One ring cell per worker (instead of prefetch + 1): workers must wait until the main process
+    has taken each batch, and the batches are unchanged."""
+    cfg = _cfg(shards, workers=2, prefetch=2, random_crop=True)
+    expected = _take(build_loader(cfg, rank=0, world_size=1, batch_size=2, seed=1, tokenizer=None), 8)
+    roomy = VideoRing.__init__
+
+    def one_cell(self, *, rows: int, cells: int, nbytes: int, shared: bool) -> None:
+        roomy(self, rows=rows, cells=1, nbytes=nbytes, shared=shared)
+
+    monkeypatch.setattr(VideoRing, "__init__", one_cell)
+    squeezed = _take(build_loader(cfg, rank=0, world_size=1, batch_size=2, seed=1, tokenizer=None), 8)
+    assert _same(squeezed, expected)
 
 
 def test_seed_changes_order_and_crops(shards):

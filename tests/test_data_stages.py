@@ -5,20 +5,23 @@ from __future__ import annotations
 import io
 import random
 from collections import Counter
+from fractions import Fraction
 
+import av
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from data_pipeline.clips import ClipGrid, SegmentTracker
 from data_pipeline.config import DataConfig
 from data_pipeline.inputs import sample_key
-from data_pipeline.loader import Bucket, build_buckets, choose_bucket
+from data_pipeline.loader import Bucket, VideoRing, build_buckets, choose_bucket
 from data_pipeline.pseudo_video import draw_path, render
 from data_pipeline.stages import ClipShape, decode_clip, drop_caption, resize_and_crop_box, to_unit_range
 from data_pipeline.stream import ShardSet, Slot, first_draw_of_epoch, shard_of_draw
 from data_pipeline.tario import iter_samples, read_sample, split_key, tar_bytes
-from data_pipeline.video_io import encode_mp4
+from data_pipeline.video_io import encode_mp4, iter_frames, to_rgb
 
 
 @pytest.mark.parametrize("frames,stride,length", [(8, 1, 30), (4, 3, 46), (16, 4, 61), (5, 2, 9), (3, 1, 2)])
@@ -126,13 +129,62 @@ def test_resize_and_crop_covers_target():
 
 def test_decode_clip_samples_stride_and_maps_to_unit_range():
     ramp = [np.full((32, 48, 3), 10 * index, np.uint8) for index in range(12)]
-    payload = encode_mp4(ramp, fps=__import__("fractions").Fraction(8))
+    payload = encode_mp4(ramp, fps=Fraction(8))
     clip = decode_clip(payload, ClipShape(frames=4, frame_stride=3, height=32, width=32), None)
     assert clip.shape == (4, 32, 32, 3)
     assert np.allclose(clip.reshape(4, -1).mean(1), [0, 30, 60, 90], atol=4)
     assert decode_clip(payload, ClipShape(frames=5, frame_stride=3, height=32, width=32), None) is None
     video = to_unit_range(clip[None])
     assert video.shape == (1, 3, 4, 32, 32) and -1.0 <= video.min() and video.max() <= 1.0
+
+
+@pytest.mark.parametrize(
+    "size,shape",
+    [
+        ((70, 32), ClipShape(frames=3, frame_stride=2, height=32, width=32)),  # crop only, odd offsets
+        ((34, 70), ClipShape(frames=2, frame_stride=1, height=31, width=34)),  # odd window, portrait
+        ((70, 48), ClipShape(frames=2, frame_stride=1, height=24, width=40)),  # resize, then crop
+    ],
+)
+def test_decode_clip_equals_whole_frame_conversion_then_crop(size, shape):
+    """The loader crops before converting to RGB; that must not change a single pixel."""
+    noise = np.random.default_rng(0).integers(0, 256, (6, size[1], size[0], 3), np.uint8)
+    payload = encode_mp4(list(noise), fps=Fraction(8))
+    with av.open(io.BytesIO(payload)) as container:
+        decoded = [frame for _, _, frame in iter_frames(container)]
+    for seed in range(12):
+        rng = random.Random(seed)
+        start = rng.randint(0, len(decoded) - shape.span)
+        resized_w, resized_h, left, top = resize_and_crop_box(*size, shape, rng)
+        expected = np.stack(
+            [
+                to_rgb(frame, (resized_w, resized_h))[top : top + shape.height, left : left + shape.width]
+                for frame in decoded[start : start + shape.span : shape.frame_stride]
+            ]
+        )
+        into = np.zeros((shape.frames, shape.height, shape.width, 3), np.uint8)
+        clip = decode_clip(payload, shape, random.Random(seed), out=into)
+        assert clip is into and np.array_equal(clip, expected), f"seed {seed}: box {(left, top)}"
+
+
+def test_to_unit_range_maps_every_level_in_ncthw_order():
+    levels = np.arange(256, dtype=np.uint8).reshape(1, 4, 8, 8, 1).repeat(3, axis=-1)  # (B, T, H, W, C)
+    video = to_unit_range(levels)
+    assert video.shape == (1, 3, 4, 8, 8) and video.dtype == torch.float32
+    expected = torch.from_numpy(levels.astype(np.float64) * 2 / 255 - 1).permute(0, 4, 1, 2, 3)
+    assert torch.allclose(video.double(), expected, atol=3e-7, rtol=0)  # float32 rounding
+    assert video.min() == -1.0 and video.max() == 1.0
+
+
+def test_video_ring_round_trip_and_a_busy_cell_is_never_overwritten(monkeypatch):
+    ring = VideoRing(rows=2, cells=2, nbytes=64, shared=False)
+    clips = np.arange(24, dtype=np.uint8).reshape(2, 1, 2, 2, 3)  # (B, T, H, W, C)
+    cell = ring.put(1, 0, clips)
+    monkeypatch.setattr(VideoRing, "WAIT_SECONDS", 0.05)
+    with pytest.raises(RuntimeError, match="busy"):
+        ring.put(1, 2, clips + 1)  # the same cell, not taken yet
+    assert torch.equal(ring.take(*cell), to_unit_range(clips))
+    assert torch.equal(ring.take(*ring.put(1, 2, clips + 1)), to_unit_range(clips + 1))
 
 
 def test_caption_dropout_rate():
