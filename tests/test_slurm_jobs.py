@@ -318,7 +318,7 @@ def hierarchical_reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[li
         "--strategy",
         "lvdm-hierarchical",
         "--frames",
-        "96",
+        "64",
         "--stride",
         "3",
         "--steps",
@@ -365,37 +365,6 @@ def test_sbatch_sample_on_two_nodes_requeues_on_usr1_and_matches_one_rank(
 
 
 @pytest.mark.slurm
-def test_submit_sample_runs_two_ranks_and_matches_one_rank(cluster, hierarchical_reference, tmp_path) -> None:
-    argv, reference = hierarchical_reference
-    video = tmp_path / "v.mp4"
-    printed = _submit(
-        "sample",
-        "--nodes",
-        "2",
-        "--partition",
-        "debug",
-        "--time",
-        "10",
-        "--logs",
-        f"{tmp_path}/logs/%j",
-        "--",
-        *argv,
-        "--out",
-        str(video),
-    )
-    job_id = printed.split("submitted", 1)[1].split()[-1].strip(".:()")
-    log = next(iter((tmp_path / "logs").glob("*/*_0_log.out")), tmp_path / "missing.log")
-    _wait(
-        lambda: video.with_suffix(".json").exists(),
-        timeout=300,
-        what=f"lvd submit sample job {job_id}",
-        log=log,
-    )
-    assert video.read_bytes() == reference.read_bytes()
-    assert json.loads(video.with_suffix(".json").read_text())["world_size"] == 2
-
-
-@pytest.mark.slurm
 def test_submit_dry_run_prints_the_script_and_keeps_arguments_out_of_it(tmp_path) -> None:
     hostile = "run.dir=/tmp/x; touch /tmp/lvd-pwned"
     printed = _submit(
@@ -432,6 +401,8 @@ def test_submit_dry_run_prints_the_script_and_keeps_arguments_out_of_it(tmp_path
         "train", "--nodes", "2", "--gpus-per-node", "4", "--dry-run", "--logs", f"{tmp_path}/%j", "--", "x=1"
     )
     assert "#SBATCH --gpus-per-node=4" in gpus and "#SBATCH --ntasks-per-node=4" in gpus
+    sample = _submit("sample", "--nodes", "2", "--dry-run", "--logs", f"{tmp_path}/%j", "--", "--model", "x")
+    assert "#SBATCH --nodes=2" in sample and "#SBATCH --requeue" in sample and "lvd_rendezvous" in sample
 
 
 def test_slices_are_disjoint_and_cover_the_input() -> None:
