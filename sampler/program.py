@@ -404,19 +404,24 @@ SEQUENTIAL: dict[str, Callable[[VideoJob], tuple[Stepper, int]]] = {
 }
 
 
-def run_sequential(job: VideoJob) -> None:
-    """One rank: chunks decoded into the mp4 as they come. Several ranks (a video left over after
-    the full rounds of prompts): chunks in lockstep with the guidance branches split, then the
-    decoding split (`write_pieces`)."""
-    stepper, num_chunks = SEQUENTIAL[job.config.strategy](job)
+def run_chunks_to_video(job: VideoJob, name: str, stepper: Stepper, num_chunks: int) -> None:
+    """A stage of chunks that are the video. One rank: each chunk is decoded into the mp4 as it
+    comes. Several ranks: the chunks in lockstep (guidance branches split), then the decoding split
+    (`write_pieces`), so no rank waits for another's decoding inside the lockstep loop."""
     if job.world.size == 1:
         sink = VideoSink(job)
-        run_chunks(job, "chunk", stepper, num_chunks, sink.add)
+        run_chunks(job, name, stepper, num_chunks, sink.add)
         sink.close()
         return
-    run_chunks(job, "chunk", stepper, num_chunks, lambda _: None)
+    run_chunks(job, name, stepper, num_chunks, lambda _: None)
     job.world.barrier()
-    write_pieces(job, lambda index: job.store.read(f"chunk-{index:05d}")["latents"], num_chunks)
+    write_pieces(job, lambda index: job.store.read(f"{name}-{index:05d}")["latents"], num_chunks)
+
+
+def run_sequential(job: VideoJob) -> None:
+    """One video of a sequential strategy (on all ranks if it is left over after full rounds)."""
+    stepper, num_chunks = SEQUENTIAL[job.config.strategy](job)
+    run_chunks_to_video(job, "chunk", stepper, num_chunks)
 
 
 # ---- LVDM hierarchical: keyframes on the owner, gaps on every rank --------------------------
@@ -524,13 +529,10 @@ def refine(job: VideoJob, latents: Tensor, anchor: Tensor) -> tuple[int, blendin
 
 def run_streaming(job: VideoJob) -> None:
     stepper, num_chunks = streaming_stepper(job)
-    refining = job.config.refine
-    sink = VideoSink(job) if job.is_owner and not refining else None
-    run_chunks(job, "stream", stepper, num_chunks, sink.add if sink else lambda _: None)
-    if sink is not None:
-        sink.close()
-    if not refining:
+    if not job.config.refine:
+        run_chunks_to_video(job, "stream", stepper, num_chunks)
         return
+    run_chunks(job, "stream", stepper, num_chunks, lambda _: None)
     job.world.barrier()
     latents = read_chunks(job, "stream", num_chunks, job.latent_frames)
     anchor = job.store.read(f"stream-{num_chunks - 1:05d}")["anchor"].to(job.setup.device)

@@ -78,16 +78,16 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {step: record["loss"] for step, record in read_metrics(run_dir).items()}
 
 
+def _sbatch_two_nodes(script: str, log: Path, args: list[str]) -> str:
+    """Job id of `script` submitted on 2 nodes, one rank each, logging to `log`."""
+    cmd = ["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", f"--output={log}", script]
+    return _run(cmd + args).strip()
+
+
 def _sbatch_train(run_dir: Path, log: Path, shards: str) -> str:
-    cmd = [
-        "sbatch",
-        "--parsable",
-        "--nodes=2",
-        "--ntasks-per-node=1",
-        f"--output={log}",
-        "slurm/train.sbatch",
-    ]
-    return _run(cmd + TRAIN_ARGS + [f"data.shards={shards}", f"run.dir={run_dir}"]).strip()
+    return _sbatch_two_nodes(
+        "slurm/train.sbatch", log, [*TRAIN_ARGS, f"data.shards={shards}", f"run.dir={run_dir}"]
+    )
 
 
 def _submit(command: str, *args: str, cwd: Path = REPO) -> str:
@@ -343,15 +343,7 @@ def test_sbatch_sample_on_two_nodes_requeues_on_usr1_and_matches_one_rank(
 ) -> None:
     argv, reference = hierarchical_reference
     video, log = tmp_path / "v.mp4", tmp_path / "sample.out"
-    cmd = [
-        "sbatch",
-        "--parsable",
-        "--nodes=2",
-        "--ntasks-per-node=1",
-        f"--output={log}",
-        "slurm/sample.sbatch",
-    ]
-    job_id = _run([*cmd, *argv, "--out", str(video)]).strip()
+    job_id = _sbatch_two_nodes("slurm/sample.sbatch", log, [*argv, "--out", str(video)])
     parts = video.with_suffix(".parts")
     _wait(lambda: any(parts.glob("gap-*.safetensors")), timeout=300, what="the first gap", log=log)
     _run(["scancel", "--signal=USR1", "--batch", job_id])

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from data_pipeline.loader import build_loader
 from lvd.config import to_dict
 from model_zoo import save_pretrained
+from model_zoo.counting import flop_counter
 from model_zoo.pretrained import write_config
 from trainer import checkpoint
 from trainer.config import TrainJobConfig
@@ -67,7 +68,9 @@ def rank_generator(seed: int, rank: int) -> torch.Generator:
 
 def train(cfg: TrainJobConfig) -> int:
     if not cfg.data.shards:
-        raise TrainingError("data.shards: empty; pass the shards, e.g. data.shards='shards/{000000..000003}.tar'")
+        raise TrainingError(
+            "data.shards: empty; pass the shards, e.g. data.shards='shards/{000000..000003}.tar'"
+        )
     info = init_distributed()
     run_dir = Path(cfg.run.dir)
     ckpt_dir = run_dir / "checkpoints"
@@ -93,9 +96,16 @@ def _train(cfg: TrainJobConfig, info: DistInfo, run_dir: Path, ckpt_dir: Path, m
         for module in task.trained.values():
             for block in module.checkpoint_modules():
                 checkpoint_wrapper(block)
-    engines = {name: build_engine(module.to(info.device), cfg.train, info) for name, module in task.trained.items()}
+    engines = {
+        name: build_engine(module.to(info.device), cfg.train, info) for name, module in task.trained.items()
+    }
     loader = build_loader(
-        cfg.data, rank=info.rank, world_size=info.world_size, batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed, tokenizer=task.tokenizer()
+        cfg.data,
+        rank=info.rank,
+        world_size=info.world_size,
+        batch_size=cfg.train.micro_batch_size,
+        seed=cfg.train.seed,
+        tokenizer=task.tokenizer(),
     )
     generator = rank_generator(cfg.train.seed, info.rank)
     ema = Ema(engines["model"].module, cfg.train.ema_decay, local_shard) if cfg.train.ema_decay > 0 else None
@@ -124,23 +134,34 @@ def _train(cfg: TrainJobConfig, info: DistInfo, run_dir: Path, ckpt_dir: Path, m
             if stop or due or state.step == cfg.train.steps:
                 _save(cfg, ckpt_dir, info, engines, loader, generator, ema, state)
             if stop:
-                monitor.message(f"lvd train: stopped by signal at step {state.step}; checkpoint written; exit {PREEMPTED_EXIT_CODE}")
+                monitor.message(
+                    f"lvd train: stopped by signal at step {state.step}; checkpoint written; exit {PREEMPTED_EXIT_CODE}"
+                )
                 return PREEMPTED_EXIT_CODE
     finally:
         flag.uninstall()
-    monitor.message(f"lvd train: done, {state.step} steps, {state.skipped_total} skipped; checkpoints in {ckpt_dir}")
+    monitor.message(
+        f"lvd train: done, {state.step} steps, {state.skipped_total} skipped; checkpoints in {ckpt_dir}"
+    )
     return 0
 
 
 def _train_step(
-    cfg: TrainJobConfig, task: Task, engines: dict[str, Any], loader: Any, generator: torch.Generator, state: RunState, info: DistInfo, peak_flops: float
+    cfg: TrainJobConfig,
+    task: Task,
+    engines: dict[str, Any],
+    loader: Any,
+    generator: torch.Generator,
+    state: RunState,
+    info: DistInfo,
+    peak_flops: float,
 ) -> dict[str, float]:
     """One optimizer step over `grad_accum` micro-batches; a non-finite loss on any rank skips it."""
     start = time.perf_counter()
     data_wait = 0.0
     totals: dict[str, float] = {}
     skipped = False
-    counter = _flop_counter() if state.flops_per_step == 0.0 else None
+    counter = flop_counter() if state.flops_per_step == 0.0 else None
     lr = current_lr(engines["model"])
     grad_norm = float("nan")
     for _ in range(cfg.train.grad_accum):
@@ -151,7 +172,9 @@ def _train_step(
         with counter or contextlib.nullcontext():
             # bf16: DeepSpeed holds bf16 weights; autocast makes the float32 inputs the models build
             # themselves (timestep embeddings, masks, noise) meet them in bf16.
-            with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
+            with torch.autocast(
+                info.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"
+            ):
                 out = task.losses(engines, batch, generator, state.step)
             values = [float(loss.detach()) for _, loss in out.losses]
             if _fault_nan(state.step + 1) and info.is_main:
@@ -222,7 +245,14 @@ def _fault_nan(step: int) -> bool:
 
 
 def _save(
-    cfg: TrainJobConfig, ckpt_dir: Path, info: DistInfo, engines: dict[str, Any], loader: Any, generator: torch.Generator, ema: Ema | None, state: RunState
+    cfg: TrainJobConfig,
+    ckpt_dir: Path,
+    info: DistInfo,
+    engines: dict[str, Any],
+    loader: Any,
+    generator: torch.Generator,
+    ema: Ema | None,
+    state: RunState,
 ) -> None:
     _check_finite(engines)
     rank_state = {
@@ -235,25 +265,51 @@ def _save(
         "skipped_total": state.skipped_total,
         "world_size": info.world_size,
     }
-    meta = {"step": state.step, "world_size": info.world_size, "engines": list(engines), "config": to_dict(cfg), "time": time.time()}
+    meta = {
+        "step": state.step,
+        "world_size": info.world_size,
+        "engines": list(engines),
+        "config": to_dict(cfg),
+        "time": time.time(),
+    }
 
     def save_engines(directory: Path, tag: str) -> None:
         for name, engine in engines.items():
             save_engine(engine, directory / tag, name)
 
     checkpoint.save(
-        ckpt_dir, state.step, rank=info.rank, save_engines=save_engines, rank_state=rank_state, meta=meta, barrier=_barrier, keep_last=cfg.train.keep_last
+        ckpt_dir,
+        state.step,
+        rank=info.rank,
+        save_engines=save_engines,
+        rank_state=rank_state,
+        meta=meta,
+        barrier=_barrier,
+        keep_last=cfg.train.keep_last,
     )
 
 
 def _check_finite(engines: dict[str, Any]) -> None:
-    bad = any(not torch.isfinite(local_shard(p)).all() for engine in engines.values() for p in engine.module.parameters())
+    bad = any(
+        not torch.isfinite(local_shard(p)).all()
+        for engine in engines.values()
+        for p in engine.module.parameters()
+    )
     if _any_rank(bad):
-        raise TrainingError("non-finite weights: refusing to write a checkpoint that holds NaN/inf; the previous one is intact")
+        raise TrainingError(
+            "non-finite weights: refusing to write a checkpoint that holds NaN/inf; the previous one is intact"
+        )
 
 
 def _resume(
-    ckpt_dir: Path, tag: str, info: DistInfo, engines: dict[str, Any], loader: Any, generator: torch.Generator, ema: Ema | None, state: RunState
+    ckpt_dir: Path,
+    tag: str,
+    info: DistInfo,
+    engines: dict[str, Any],
+    loader: Any,
+    generator: torch.Generator,
+    ema: Ema | None,
+    state: RunState,
 ) -> None:
     meta_world = checkpoint.read_rank_state(ckpt_dir, tag, 0)["world_size"] if info.is_main else None
     rank_file = checkpoint.rank_state_path(ckpt_dir, tag, info.rank)
@@ -297,9 +353,3 @@ def _preview(task: Task, engines: dict[str, Any], batch: dict[str, Any], monitor
 def _barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
-
-
-def _flop_counter() -> Any:
-    from model_zoo.counting import flop_counter
-
-    return flop_counter()
