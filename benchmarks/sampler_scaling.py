@@ -2,11 +2,12 @@
 
 - 2-rank speedup over 1 rank on lvdm-hierarchical and on streaming (whose refinement is the
   randomised-blending stage), from the runs' own timings (`wall` excludes process start-up),
-  per stage and whole;
+  per stage and whole; each case runs `--repeats` times (alternating 1 and 2 ranks) and the fastest
+  run of each counts, all walls are in the detail;
 - time per frame and peak RSS of lvdm-autoregressive at 1024 frames relative to 64 frames.
 Goals (issue 6): speedups >= 1.8, time-per-frame ratio <= 1.1, RSS ratio <= 1.2.
 
-    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.sampler_scaling [--steps 3] [--long-frames 1024]
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.sampler_scaling [--steps 3] [--repeats 3] [--only hierarchical]
 """
 
 from __future__ import annotations
@@ -32,15 +33,25 @@ def sample(argv: list[str], out: Path) -> dict[str, Any]:
     return json.loads(out.with_suffix(".json").read_text())
 
 
-def speedup(argv: list[str], stage: str, root: Path, name: str) -> dict[str, float]:
-    one = sample([*argv, "--nproc", "1"], root / f"{name}-1" / "v.mp4")
-    two = sample([*argv, "--nproc", "2"], root / f"{name}-2" / "v.mp4")
+def speedup(argv: list[str], stage: str, root: Path, name: str, repeats: int) -> dict[str, Any]:
+    """1 rank vs 2 ranks, each run `repeats` times alternately in fresh folders; the fastest run of
+    each counts (on a shared VM the slow runs measure the neighbours, not the sampler)."""
+    runs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
+    for repeat in range(repeats):
+        for nproc in (1, 2):
+            out = root / f"{name}-{nproc}-{repeat}" / "v.mp4"
+            runs[nproc].append(sample([*argv, "--nproc", str(nproc)], out))
+    one, two = (min(runs[n], key=lambda run: run["timings"]["wall"]) for n in (1, 2))
     stage_two = max(rank["timings"].get(stage, 0.0) for rank in two["ranks"])
     return {
         "wall_1": round(one["timings"]["wall"], 2),
         "wall_2": round(two["timings"]["wall"], 2),
         "speedup": round(one["timings"]["wall"] / two["timings"]["wall"], 3),
         f"{stage}_speedup": round(one["timings"][stage] / stage_two, 3),
+        "all_walls_1": [round(run["timings"]["wall"], 2) for run in runs[1]],
+        "all_walls_2": [round(run["timings"]["wall"], 2) for run in runs[2]],
+        "stages_1": {k: round(v, 2) for k, v in one["timings"].items()},
+        "stages_2_by_rank": [{k: round(v, 2) for k, v in rank["timings"].items()} for rank in two["ranks"]],
     }
 
 
@@ -67,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--short-frames", type=int, default=64)
     parser.add_argument("--long-frames", type=int, default=1024)
     parser.add_argument("--parallel-frames", type=int, default=192)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each 1-rank / 2-rank case; the fastest counts")
+    parser.add_argument("--only", choices=("hierarchical", "blending", "length"), help="run one case only")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -88,16 +101,22 @@ def main(argv: list[str] | None = None) -> int:
             "8",
         ]
         streaming += ["--O", "2", "--refine-t", "999", *steps]
-        hier = speedup(hierarchical, "gaps", root, "hier")
-        blend = speedup(streaming, "refine", root, "stream")
-        length = length_scaling(models["lvdm_prediction"], args.steps, args.short_frames, args.long_frames, root)
+        if args.only in (None, "hierarchical"):
+            hier = speedup(hierarchical, "gaps", root, "hier", args.repeats)
+        if args.only in (None, "blending"):
+            blend = speedup(streaming, "refine", root, "stream", args.repeats)
+        if args.only in (None, "length"):
+            length = length_scaling(models["lvdm_prediction"], args.steps, args.short_frames, args.long_frames, root)
     common = {"steps": args.steps, "frames": args.parallel_frames}
-    print(json.dumps([
-        {"name": "sampler_2rank_speedup_hierarchical", "value": hier["speedup"], "unit": "x", "goal": 1.8, "better": "higher", **common, "detail": hier},
-        {"name": "sampler_2rank_speedup_blending", "value": blend["speedup"], "unit": "x", "goal": 1.8, "better": "higher", **common, "detail": blend},
-        {"name": "sampler_time_per_frame_1024_vs_64", "value": length["time_per_frame_ratio"], "unit": "ratio", "goal": 1.1, "better": "lower", "detail": length},
-        {"name": "sampler_peak_rss_1024_vs_64", "value": length["peak_rss_ratio"], "unit": "ratio", "goal": 1.2, "better": "lower", "detail": length},
-    ]))
+    results = []
+    if args.only in (None, "hierarchical"):
+        results.append({"name": "sampler_2rank_speedup_hierarchical", "value": hier["speedup"], "unit": "x", "goal": 1.8, "better": "higher", **common, "detail": hier})
+    if args.only in (None, "blending"):
+        results.append({"name": "sampler_2rank_speedup_blending", "value": blend["speedup"], "unit": "x", "goal": 1.8, "better": "higher", **common, "detail": blend})
+    if args.only in (None, "length"):
+        results.append({"name": "sampler_time_per_frame_1024_vs_64", "value": length["time_per_frame_ratio"], "unit": "ratio", "goal": 1.1, "better": "lower", "detail": length})
+        results.append({"name": "sampler_peak_rss_1024_vs_64", "value": length["peak_rss_ratio"], "unit": "ratio", "goal": 1.2, "better": "lower", "detail": length})
+    print(json.dumps(results))
     return 0
 
 

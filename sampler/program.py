@@ -39,7 +39,14 @@ from tqdm import tqdm
 from model_zoo.diffusion import guidance
 from sampler.config import PARALLEL_STRATEGIES, SampleConfig
 from sampler.denoisers import counted, lvdm_predict_fn, streaming_denoiser, text_denoiser
-from sampler.distributed import World, branch_parallel_guide, close_world, gather_overlaps, init_world
+from sampler.distributed import (
+    COLLECTIVE_TIMEOUT,
+    World,
+    branch_parallel_guide,
+    close_world,
+    gather_overlaps,
+    init_world,
+)
 from sampler.pipeline import Pipeline, anchor_embedding, load_pipeline, vae_factors
 from sampler.state import PartsStore
 from sampler.strategies import blending, lvdm, videofusion, vidrd
@@ -175,12 +182,24 @@ def kept_lengths(lengths: list[int], latent_frames: int) -> list[int]:
     return kept
 
 
-def decode_block(lengths: list[int], position: int, num_blocks: int) -> range:
-    """Pieces of the `position`-th of `num_blocks` contiguous blocks with about equal latent frames:
-    piece i goes to the block its middle frame falls in."""
+OWNER_DECODE_SHARE = 0.9
+"""The owner's decode block, relative to another rank's: it also encodes every frame of the video
+(about a tenth of the VAE decoding time in `benchmarks/sampler_scaling.py`), and it encodes the
+other blocks while their ranks still decode."""
+
+
+def decode_block(lengths: list[int], position: int, num_blocks: int, first_share: float = 1.0) -> range:
+    """Pieces of the `position`-th of `num_blocks` contiguous blocks of latent frames: block 0 gets
+    `first_share` times the frames of each other block; piece i goes to the block its middle frame
+    falls in."""
+    bounds = [0.0]
+    for index in range(num_blocks):
+        bounds.append(bounds[-1] + (first_share if index == 0 else 1.0))
     total, start, block = sum(lengths), 0, []
     for index, length in enumerate(lengths):
-        if (2 * start + length) * num_blocks // (2 * total) == position:
+        middle = (start + length / 2) / total * bounds[-1]
+        owner = next(j for j in range(num_blocks) if middle < bounds[j + 1] or j == num_blocks - 1)
+        if owner == position:
             block.append(index)
         start += length
     return range(block[0], block[-1] + 1) if block else range(0)
@@ -189,17 +208,24 @@ def decode_block(lengths: list[int], position: int, num_blocks: int) -> range:
 def write_pieces(job: VideoJob, piece: Callable[[int], Tensor], num_pieces: int) -> None:
     """The final latents, given piece by piece in video order, into the mp4.
 
-    Every rank VAE-decodes one contiguous block of pieces, the owner the first block (straight into
-    the mp4) and rank owner + j the j-th block (to `.parts/frames-*`, uint8); the owner then appends
-    the other blocks in order and deletes their frames. Each block's decoder starts from the last
+    Every rank VAE-decodes one contiguous block of pieces, the owner the first (smaller) block
+    straight into the mp4 and rank owner + j the j-th block to `.parts/frames-*` (uint8, one file
+    per piece, written atomically). The owner then appends the other blocks in order, each piece as
+    soon as its file appears (so it encodes while the others still decode), and deletes them. Each block's decoder starts from the last
     latent frames of the piece before it, exactly as one decoder running over all pieces would, so
     the video does not depend on the number of ranks.
     """
     vae, world = job.pipeline.vae, job.world
+    if job.is_owner:  # frames of a killed earlier run: the owner must not mistake them for new ones
+        for stale in job.store.folder.glob("frames-*.safetensors"):
+            stale.unlink()
+    world.barrier()
     time_factor = vae_factors(vae)[0]
     kept = kept_lengths([piece(index).shape[2] for index in range(num_pieces)], job.latent_frames)
     num_pieces = sum(1 for length in kept if length > 0)
-    block = decode_block(kept[:num_pieces], (world.rank - job.owner) % world.size, world.size)
+    block = decode_block(
+        kept[:num_pieces], (world.rank - job.owner) % world.size, world.size, OWNER_DECODE_SHARE
+    )
     decoder = ChunkDecoder(
         vae,
         time_factor,
@@ -217,12 +243,16 @@ def write_pieces(job: VideoJob, piece: Callable[[int], Tensor], num_pieces: int)
                 writer.write(frames)
         else:
             job.store.save(f"frames-{index:05d}", {"frames": torch.from_numpy(frames)}, unit=False)
-    world.barrier()
+    if writer is not None:
+        for index in range(block.stop, num_pieces):
+            with job.timed("wait"):
+                job.store.wait_for(f"frames-{index:05d}", timeout=COLLECTIVE_TIMEOUT.total_seconds())
+            with job.timed("encode"):
+                writer.write(job.store.read(f"frames-{index:05d}")["frames"].numpy())
+    world.barrier()  # every block is written (or a rank failed: the collective says so)
     if writer is None:
         return
     with job.timed("encode"):
-        for index in range(block.stop, num_pieces):
-            writer.write(job.store.read(f"frames-{index:05d}")["frames"].numpy())
         writer.close()
     for index in range(block.stop, num_pieces):
         job.store.path(f"frames-{index:05d}").unlink()

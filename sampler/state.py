@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,14 @@ class PartsStore:
             return None
         self.reused += 1
         return load_file(str(self.path(name)))
+
+    def wait_for(self, name: str, *, timeout: float, poll: float = 0.005) -> None:
+        """Block until another rank has saved `name` (saves are atomic, so the file is whole)."""
+        deadline = time.monotonic() + timeout
+        while not self.has(name):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.path(name)} did not appear within {timeout:.0f} s")
+            time.sleep(poll)
 
     def read(self, name: str) -> dict[str, Tensor]:
         """A unit another rank or stage finished (not counted as reuse)."""

@@ -223,3 +223,7 @@ def test_decode_blocks_partition_the_pieces_by_frames():
     blocks = [decode_block([8, 6, 6, 6], position, 3) for position in range(3)]
     assert [index for block in blocks for index in block] == [0, 1, 2, 3]
     assert sorted(len(decode_block([5], position, 2)) for position in range(2)) == [0, 1]  # one rank idles
+    # The owner (block 0) also encodes: with first_share < 1 its block holds fewer frames.
+    shared = [decode_block([7] * 14, position, 2, first_share=0.8) for position in range(2)]
+    assert shared == [range(0, 6), range(6, 14)]
+    assert [decode_block([7] * 14, position, 2, first_share=1.0) for position in range(2)] == [range(0, 7), range(7, 14)]
