@@ -182,10 +182,10 @@ def kept_lengths(lengths: list[int], latent_frames: int) -> list[int]:
     return kept
 
 
-OWNER_DECODE_SHARE = 0.9
+OWNER_DECODE_SHARE = 0.95
 """The owner's decode block, relative to another rank's: it also encodes every frame of the video
-(about a tenth of the VAE decoding time in `benchmarks/sampler_scaling.py`), and it encodes the
-other blocks while their ranks still decode."""
+(3-8% of the VAE decoding time in `benchmarks/sampler_scaling.py`), the other blocks' pieces as
+they appear. (0.9 moved one piece too many to rank 1 there: the owner then waited for it.)"""
 
 
 def decode_block(lengths: list[int], position: int, num_blocks: int, first_share: float = 1.0) -> range:
