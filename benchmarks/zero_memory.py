@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 def measure_rank(config: str, out: Path, precision: str) -> None:
     from lvd.config import load_config
     from trainer.config import TrainJobConfig
-    from trainer.engine import allocated_state_bytes, build_engine, init_distributed
+    from trainer.engine import allocated_state_bytes, build_engine, init_distributed, leave_distributed
     from trainer.tasks import build_task
 
     info = init_distributed()
@@ -49,10 +49,7 @@ def measure_rank(config: str, out: Path, precision: str) -> None:
         results[stage] = gathered
     if info.is_main:
         out.write_text(json.dumps(results))
-    # Leave the group explicitly: once (1 of 4 suite runs) a rank aborted at interpreter exit with
-    # "terminate called without an active exception" while gloo's threads were still up.
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    leave_distributed()
 
 
 def main() -> None:

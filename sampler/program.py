@@ -210,10 +210,10 @@ def write_pieces(job: VideoJob, piece: Callable[[int], Tensor], num_pieces: int)
 
     Every rank VAE-decodes one contiguous block of pieces, the owner the first (smaller) block
     straight into the mp4 and rank owner + j the j-th block to `.parts/frames-*` (uint8, one file
-    per piece, written atomically). The owner then appends the other blocks in order, each piece as
-    soon as its file appears (so it encodes while the others still decode), and deletes them. Each block's decoder starts from the last
-    latent frames of the piece before it, exactly as one decoder running over all pieces would, so
-    the video does not depend on the number of ranks.
+    per piece, written atomically). The owner then appends the other blocks in order, each piece
+    as soon as its file appears (so it encodes while the others still decode), and deletes them.
+    Each block's decoder starts from the last latent frames of the piece before it, exactly as one
+    decoder running over all pieces would, so the video does not depend on the number of ranks.
     """
     vae, world = job.pipeline.vae, job.world
     if job.is_owner:  # frames of a killed earlier run: the owner must not mistake them for new ones

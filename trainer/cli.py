@@ -39,25 +39,12 @@ def main(argv: list[str]) -> int:
         from lvd.launch import launch_local
 
         return launch_local(["-m", "trainer.cli", *_without_nproc(argv)], nproc=args.nproc)
+    from trainer.engine import leave_distributed
     from trainer.loop import train
 
     code = train(config)
-    _leave_process_group(succeeded=code == 0)
+    leave_distributed(succeeded=code == 0)
     return code
-
-
-def _leave_process_group(*, succeeded: bool) -> None:
-    """Tear the process group down before the interpreter exits: left to the exit handlers, gloo's
-    threads can abort the process ("terminate called without an active exception", exit 134)
-    after the run's work is done (seen once in `benchmarks/zero_memory.py`'s ranks). The barrier
-    only after success: after a failure the other ranks may never arrive."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        return
-    if succeeded and dist.get_world_size() > 1:
-        dist.barrier()
-    dist.destroy_process_group()
 
 
 def _without_nproc(argv: list[str]) -> list[str]:

@@ -76,6 +76,18 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend)
 
 
+def leave_distributed(*, succeeded: bool = True) -> None:
+    """Tear the process group down before the interpreter exits: left to the exit handlers, gloo's
+    threads can abort a finished process ("terminate called without an active exception", exit
+    134; seen once in `benchmarks/zero_memory.py`'s ranks). The ranks meet at a barrier first, but
+    only after success: after a failure the other ranks may never arrive."""
+    if not dist.is_initialized():
+        return
+    if succeeded and dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def _free_port() -> int:
     import socket
 
