@@ -121,8 +121,10 @@ def main(argv: list[str]) -> int:
         from lvd.launch import launch_local
 
         return launch_local(["-m", "sampler.cli", *argv], nproc=config.nproc)
+    from lvd.allocator import keep_freed_memory
     from sampler.program import generate
 
+    keep_freed_memory()  # this process is a sampling rank: see lvd/allocator.py
     try:
         written = generate(config)
     except ParamsMismatch as err:

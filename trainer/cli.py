@@ -39,9 +39,11 @@ def main(argv: list[str]) -> int:
         from lvd.launch import launch_local
 
         return launch_local(["-m", "trainer.cli", *_without_nproc(argv)], nproc=args.nproc)
+    from lvd.allocator import keep_freed_memory
     from trainer.engine import leave_distributed
     from trainer.loop import train
 
+    keep_freed_memory()  # this process is a training rank: see lvd/allocator.py
     code = train(config)
     leave_distributed(succeeded=code == 0)
     return code
