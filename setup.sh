@@ -28,7 +28,7 @@ if ! stamp_ok .venv/.lvd-installed "$want"; then
 fi
 
 # 2. System pieces: captioned images for pseudo-videos, the local Slurm daemons.
-sys_pkgs=(tuxpaint-stamps-default slurmctld slurmd slurm-client munge)
+sys_pkgs=(tuxpaint-stamps-default slurmctld slurmd slurm-client munge g++)  # g++: torch.compile on CPU
 if [ "${LVD_SKIP_SYSTEM:-0}" != 1 ]; then
   missing=()
   for p in "${sys_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

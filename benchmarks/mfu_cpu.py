@@ -14,10 +14,10 @@ line is a JSON list of results (issue 4 goals: DiT >= 0.8 and U-Net >= 0.55 of G
 thread).
 
 The detail gives the fewest minor page faults of a round of each side: glibc maps and unmaps
-activation-sized blocks, and a step with many faults is a slow one. (Keeping freed blocks in the
-heap with `mallopt` took the model's faults to 0 but changed the fraction by less than the
-run-to-run noise here, five A/B runs each, so the benchmark runs with glibc's defaults, as
-`lvd train` does.)
+activation-sized blocks, and a step with many faults is a slow one. The benchmark keeps freed
+memory in-process as `lvd train` ranks do (`lvd.allocator.keep_freed_memory`, which takes the
+model's faults to ~0); `LVD_KEEP_FREED_MEMORY=0` measures glibc's defaults. In five A/B runs
+each the setting changed the fraction by less than the run-to-run noise here.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lvd.allocator import keep_freed_memory
 from model_zoo import build_model, count_parameters
 from model_zoo.counting import flop_counter
 
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--only", choices=sorted(BENCHMARKS), help="run one model only")
     args = parser.parse_args(argv)
+    allocator = keep_freed_memory()
     torch.manual_seed(0)
     results = []
     for name, (family, flavor, overrides, shape) in BENCHMARKS.items():
@@ -129,6 +131,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             "achieved_gflops": round(achieved / 1e9, 2),
             "gemm_gflops": round(reference / 1e9, 2),
             "threads": torch.get_num_threads(),
+            "allocator": allocator,
             "minor_page_faults_per_step": {"model": int(times["model"]["faults"]), "gemm": int(times["gemm"]["faults"])},
         }
         results.append(

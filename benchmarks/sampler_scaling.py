@@ -1,9 +1,10 @@
-"""Scaling of `lvd sample` on tiny random pipelines (CPU): prints one JSON object as its last line.
+"""Scaling of `lvd sample` on tiny random pipelines (CPU): prints a JSON list of results as its last line.
 
 - 2-rank speedup over 1 rank on lvdm-hierarchical and on streaming (whose refinement is the
   randomised-blending stage), from the runs' own timings (`wall` excludes process start-up),
   per stage and whole; each case runs `--repeats` times (alternating 1 and 2 ranks) and the fastest
-  run of each counts, all walls are in the detail;
+  run of each counts, all walls are in the detail, and so are the speed-ups of each 1-rank run over
+  the 2-rank run right after it (a drift of the shared VM's speed cancels within a pair);
 - time per frame and peak RSS of lvdm-autoregressive at 1024 frames relative to 64 frames.
 Goals (issue 6): speedups >= 1.8, time-per-frame ratio <= 1.1, RSS ratio <= 1.2.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,12 +44,16 @@ def speedup(argv: list[str], stage: str, root: Path, name: str, repeats: int) ->
             out = root / f"{name}-{nproc}-{repeat}" / "v.mp4"
             runs[nproc].append(sample([*argv, "--nproc", str(nproc)], out))
     one, two = (min(runs[n], key=lambda run: run["timings"]["wall"]) for n in (1, 2))
+    # each 1-rank run against the 2-rank run right after it: slow drifts of the VM cancel in a pair
+    paired = [round(a["timings"]["wall"] / b["timings"]["wall"], 3) for a, b in zip(runs[1], runs[2])]
     stage_two = max(rank["timings"].get(stage, 0.0) for rank in two["ranks"])
     return {
         "wall_1": round(one["timings"]["wall"], 2),
         "wall_2": round(two["timings"]["wall"], 2),
         "speedup": round(one["timings"]["wall"] / two["timings"]["wall"], 3),
         f"{stage}_speedup": round(one["timings"][stage] / stage_two, 3),
+        "paired_speedups": paired,
+        "median_paired_speedup": statistics.median(paired),
         "all_walls_1": [round(run["timings"]["wall"], 2) for run in runs[1]],
         "all_walls_2": [round(run["timings"]["wall"], 2) for run in runs[2]],
         "stages_1": {k: round(v, 2) for k, v in one["timings"].items()},

@@ -66,6 +66,7 @@ def test_string_override_keeps_text_verbatim():
         (["train.precision=fp16"], "train.precision"),
         (["data.p_uncond=2"], "data.p_uncond"),
         (["train.act_ckpt=maybe"], "train.act_ckpt"),
+        (["train.compile=true", "train.zero_stage=3"], "train.compile"),
         (["train.steps.x=1"], "train.steps"),
     ],
 )

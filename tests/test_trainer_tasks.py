@@ -138,6 +138,33 @@ def test_bf16_training_runs(config, tmp_path, video_shards):
     assert sorted(records) == [1, 2] and all(math.isfinite(r["loss"]) for r in records.values())
 
 
+def test_compiled_blocks_train_like_eager(tmp_path, video_shards):
+    """train.compile=true (regional torch.compile, here with activation checkpointing) gives the
+    eager run's losses, really compiles, and leaves the checkpoint's parameter names alone."""
+    from torch._dynamo.utils import counters
+
+    from trainer import export as export_mod
+
+    losses, keys = {}, {}
+    for name, extra in {"eager": [], "compiled": ["train.compile=true", "train.act_ckpt=true"]}.items():
+        counters.clear()
+        cfg = _config("dit.yaml", tmp_path / name, video_shards, "train.steps=2", "train.checkpoint_every=0", *extra)
+        assert train(cfg) == 0
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs > 0 if name == "compiled" else graphs == 0
+        losses[name] = [r["loss"] for _, r in sorted(read_metrics(tmp_path / name).items())]
+        exported = export_mod.export(tmp_path / name, tmp_path / f"export-{name}")
+        keys[name] = sorted(model_zoo_state(exported / "denoiser"))
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4)
+    assert keys["compiled"] == keys["eager"]
+
+
+def model_zoo_state(folder: Path) -> dict[str, torch.Tensor]:
+    import model_zoo
+
+    return model_zoo.from_pretrained(folder).state_dict()
+
+
 def test_latent_cache_trains_with_only_the_shard_path_and_a_flag(tmp_path, video_shards):
     """`lvd shard latents --vae <pipeline>` then `lvd train ... data.latent=true` on its shards."""
     import json

@@ -75,6 +75,9 @@ class TrainConfig:
     """Training precision (fp16 is not offered: bf16 on GPU, fp32 or bf16 on CPU)."""
     act_ckpt: bool = False
     """Activation checkpointing of the model's blocks, applied from outside the model."""
+    compile: bool = False
+    """torch.compile each of the model's blocks (regional: one compile serves every block of a
+    kind; parameter names and checkpoints do not change). ZeRO stage 0-2 only."""
     ema_decay: float = 0.0
     """EMA decay of the trained weights (0: no EMA). Works under ZeRO-3."""
     max_bad_steps: int = 5
@@ -95,6 +98,11 @@ class TrainConfig:
             raise ValueError(f"lr: must be > 0, got {self.lr}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay: must be in [0, 1), got {self.ema_decay}")
+        if self.compile and self.zero_stage == 3:
+            raise ValueError(
+                "compile: torch.compile of the blocks is supported with zero_stage 0, 1 or 2, not 3 "
+                "(ZeRO-3 gathers parameters in module hooks inside the compiled region)"
+            )
         if self.max_bad_steps < 1:
             raise ValueError(f"max_bad_steps: must be >= 1, got {self.max_bad_steps}")
 
