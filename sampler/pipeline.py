@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,8 @@ BETA_SCHEDULES: dict[str, BetaScheduleKind] = {
 }
 PARAMETERIZATIONS: dict[str, Parameterization] = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 NETWORK_COMPONENTS = ("denoiser", "vae", "text_encoder", "image_encoder")
+TEXT_CACHE_SIZE = 8
+"""Prompts whose text tokens a pipeline keeps (a prompt and the empty one per video, a few videos)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,6 +65,8 @@ class Pipeline:
     """The DDIM schedule."""
     model_id: dict[str, Any]
     """What identifies the models: folder, task, source checkpoint, and a hash per component config."""
+    text_cache: dict[str, Tensor] = field(default_factory=dict, repr=False, compare=False)
+    """Text tokens of the last `TEXT_CACHE_SIZE` prompts (StreamingT2V asks for them every chunk)."""
 
     @property
     def denoiser(self) -> nn.Module:
@@ -75,7 +79,13 @@ class Pipeline:
     def text_context(self, prompt: str) -> Tensor | None:
         """Text tokens (1, 77, D) of `prompt`, or None when the pipeline has no text encoder."""
         encoder = self.networks.get("text_encoder")
-        return None if encoder is None else encoder.encode_prompts([prompt])
+        if encoder is None:
+            return None
+        if prompt not in self.text_cache:
+            if len(self.text_cache) >= TEXT_CACHE_SIZE:
+                del self.text_cache[next(iter(self.text_cache))]  # the oldest
+            self.text_cache[prompt] = encoder.encode_prompts([prompt])
+        return self.text_cache[prompt]
 
 
 def vae_factors(vae: nn.Module) -> tuple[int, int, int]:

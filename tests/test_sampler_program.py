@@ -227,3 +227,19 @@ def test_decode_blocks_partition_the_pieces_by_frames():
     shared = [decode_block([7] * 14, position, 2, first_share=0.8) for position in range(2)]
     assert shared == [range(0, 6), range(6, 14)]
     assert [decode_block([7] * 14, position, 2, first_share=1.0) for position in range(2)] == [range(0, 7), range(7, 14)]
+
+
+def test_text_tokens_are_encoded_once_per_prompt(pipelines):
+    from sampler.pipeline import TEXT_CACHE_SIZE, load_pipeline
+
+    pipeline = load_pipeline(pipelines["streaming"])
+    encoder = pipeline.networks["text_encoder"]
+    calls = []
+    encoder.register_forward_hook(lambda module, args, out: calls.append(1))
+    first = pipeline.text_context("a red bicycle")
+    again = pipeline.text_context("a red bicycle")
+    assert len(calls) == 1 and torch.equal(first, again)
+    assert torch.equal(first, encoder.encode_prompts(["a red bicycle"]))
+    for index in range(TEXT_CACHE_SIZE):  # the oldest prompt leaves the cache, the newest stay
+        pipeline.text_context(f"prompt {index}")
+    assert len(pipeline.text_cache) == TEXT_CACHE_SIZE and "a red bicycle" not in pipeline.text_cache
