@@ -12,7 +12,8 @@ issue 6). The cost: a process keeps up to `trim_threshold` of freed memory at it
 blocks below `mmap_threshold` that it freed stay in its heap for reuse.
 
 The `lvd train` and `lvd sample` ranks call it first thing; `LVD_KEEP_FREED_MEMORY=0` turns it
-off. glibc reads the same settings from `GLIBC_TUNABLES` at start-up; this does it at run time so
+off. The settings are per process: data-loader workers (started by a forkserver) keep glibc's
+defaults, so a node's many workers do not each hold on to freed memory. glibc reads the same settings from `GLIBC_TUNABLES` at start-up; this does it at run time so
 that srun, torchrun and `lvd.launch` ranks need no environment.
 """
 
