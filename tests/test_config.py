@@ -67,6 +67,7 @@ def test_string_override_keeps_text_verbatim():
         (["data.p_uncond=2"], "data.p_uncond"),
         (["train.act_ckpt=maybe"], "train.act_ckpt"),
         (["train.compile=true", "train.zero_stage=3"], "train.compile"),
+        (["train.warmup_steps=-1"], "train.warmup_steps"),
         (["train.steps.x=1"], "train.steps"),
     ],
 )

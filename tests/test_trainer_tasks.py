@@ -52,7 +52,9 @@ def test_every_tiny_task_trains_on_real_shards(name, tmp_path, video_shards):
 def test_diffusion_loss_falls_over_50_steps(tmp_path, video_shards):
     cfg = _config("unet3d.yaml", tmp_path, video_shards, "train.steps=50", "train.checkpoint_every=0", "train.lr=2e-3", "data.p_uncond=0")
     assert train(cfg) == 0
-    losses = [r["loss"] for _, r in sorted(read_metrics(tmp_path).items())]
+    records = read_metrics(tmp_path)
+    assert records[1]["lr"] == pytest.approx(2e-3)  # the first update already moves (warm-up of 1 step)
+    losses = [r["loss"] for _, r in sorted(records.items())]
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.8 * first, (first, last)
 
@@ -157,6 +159,26 @@ def test_compiled_blocks_train_like_eager(tmp_path, video_shards):
         keys[name] = sorted(model_zoo_state(exported / "denoiser"))
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4)
     assert keys["compiled"] == keys["eager"]
+
+
+def test_act_ckpt_skips_networks_without_blocks_and_a_one_step_run_has_no_warmup(tmp_path, video_shards):
+    """The autoencoder task trains a VAE (blocks) and a patch discriminator (none) together; a
+    1-step run (DeepSpeed refuses 0 warm-up steps) trains at the full rate."""
+    cfg = _config("autoencoder.yaml", tmp_path, video_shards, "train.steps=1", "train.checkpoint_every=0", "train.act_ckpt=true")
+    assert train(cfg) == 0
+    record = read_metrics(tmp_path)[1]
+    assert math.isfinite(record["loss"]) and record["lr"] == pytest.approx(cfg.train.lr)
+
+
+def test_warmup_steps_zero_starts_at_the_full_rate():
+    from trainer.config import TrainConfig
+    from trainer.engine import deepspeed_config
+
+    for train_cfg in (TrainConfig(warmup_steps=0), TrainConfig(steps=1)):
+        params = deepspeed_config(train_cfg, world_size=1, on_cuda=False)["scheduler"]["params"]
+        assert params["warmup_num_steps"] == 1 and params["warmup_min_ratio"] == 1.0
+    params = deepspeed_config(TrainConfig(steps=100, warmup_steps=10), world_size=1, on_cuda=False)["scheduler"]["params"]
+    assert params["warmup_num_steps"] == 10 and params["warmup_min_ratio"] == pytest.approx(0.1)
 
 
 def model_zoo_state(folder: Path) -> dict[str, torch.Tensor]:

@@ -94,6 +94,8 @@ class TrainConfig:
             raise ValueError(f"keep_last: must be >= 1, got {self.keep_last}")
         if self.micro_batch_size < 1 or self.grad_accum < 1:
             raise ValueError("micro_batch_size: micro_batch_size and grad_accum must be >= 1")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
         if self.lr <= 0:
             raise ValueError(f"lr: must be > 0, got {self.lr}")
         if not 0.0 <= self.ema_decay < 1.0:

@@ -98,6 +98,7 @@ def _free_port() -> int:
 
 def deepspeed_config(train: TrainConfig, *, world_size: int, on_cuda: bool) -> dict[str, Any]:
     """The DeepSpeed JSON config, derived from `TrainConfig` alone."""
+    warmup = min(train.warmup_steps, train.steps - 1)  # the last step is never a warm-up step
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum,
@@ -121,9 +122,11 @@ def deepspeed_config(train: TrainConfig, *, world_size: int, on_cuda: bool) -> d
             "type": "WarmupCosineLR",
             "params": {
                 "total_num_steps": train.steps,
-                "warmup_num_steps": min(train.warmup_steps, max(train.steps - 1, 0)),
+                # DeepSpeed wants >= 1 warm-up step; none (warmup_steps=0 or a 1-step run) is
+                # written as 1 step that already starts at the full rate.
+                "warmup_num_steps": max(warmup, 1),
                 # The first step already moves: warm-up runs from lr/warmup_steps to lr.
-                "warmup_min_ratio": 1.0 / max(train.warmup_steps, 1),
+                "warmup_min_ratio": 1.0 / train.warmup_steps if warmup > 0 else 1.0,
                 "cos_min_ratio": train.min_lr_ratio,
                 "warmup_type": "linear",
             },
@@ -149,6 +152,10 @@ def build_engine(model: nn.Module, train: TrainConfig, dist_info: DistInfo) -> A
         raise ValueError(f"{type(model).__name__}: no trainable parameters")
     config = deepspeed_config(train, world_size=dist_info.world_size, on_cuda=dist_info.device.type == "cuda")
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)
+    # WarmupCosineLR starts at iteration -1, whose rate is 0, and DeepSpeed steps it after each
+    # optimizer step: the first update would not move the weights. Start it at iteration 0
+    # (lr/warmup_steps); a resumed run loads the saved schedule over this.
+    engine.lr_scheduler.step()
     return engine
 
 

@@ -92,12 +92,14 @@ def _train(cfg: TrainJobConfig, info: DistInfo, run_dir: Path, ckpt_dir: Path, m
     task = build_task(cfg, info.device)
     if info.is_main:
         _save_frozen(task, run_dir / "frozen")
-    for module in task.trained.values():
-        for block in module.checkpoint_modules():
-            if cfg.train.act_ckpt:
-                checkpoint_wrapper(block)
-            if cfg.train.compile:
-                block.compile()  # in place: compiles the call (and the checkpointing) of this block
+    if cfg.train.act_ckpt or cfg.train.compile:
+        # Networks without blocks (the autoencoder task's small patch discriminator) are left as they are.
+        for module in task.trained.values():
+            for block in getattr(module, "checkpoint_modules", list)():
+                if cfg.train.act_ckpt:
+                    checkpoint_wrapper(block)
+                if cfg.train.compile:
+                    block.compile()  # in place: compiles the call (and the checkpointing) of this block
     engines = {
         name: build_engine(module.to(info.device), cfg.train, info) for name, module in task.trained.items()
     }
