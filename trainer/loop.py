@@ -57,7 +57,11 @@ class RunState:
     skipped_total: int = 0
     """Skipped steps since the run began."""
     flops_per_step: float = 0.0
-    """FLOPs of one optimizer step on this rank (counted once)."""
+    """FLOPs of one optimizer step on this rank: counted in the first step of a run and kept in
+    its checkpoints. `FlopCounterMode` runs some ops through their decompositions, so a counted
+    step's gradients differ from an uncounted step's in the last bits: a resumed run that counted
+    again would drift an ulp from the uninterrupted run (tests/test_trainer_multirank.py compares
+    the final weights bitwise)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -267,6 +271,7 @@ def _save(
         "ema": ema.state_dict() if ema is not None else None,
         "bad_streak": state.bad_streak,
         "skipped_total": state.skipped_total,
+        "flops_per_step": state.flops_per_step,
         "world_size": info.world_size,
     }
     meta = {
@@ -335,6 +340,8 @@ def _resume(
     state.step = checkpoint.step_of(tag)
     state.bad_streak = rank_state["bad_streak"]
     state.skipped_total = rank_state["skipped_total"]
+    # Checkpoints from before it was kept count again (and resume an ulp off the first run).
+    state.flops_per_step = rank_state.get("flops_per_step", 0.0)
 
 
 def _save_frozen(task: Task, directory: Path) -> None:
