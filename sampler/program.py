@@ -5,8 +5,8 @@ One video per prompt. Video i (seed + i) is owned by rank i mod R, which writes
 - Sequential strategies (ddim, lvdm-autoregressive, vidrd, videofusion): ranks split the prompts,
   one rank per video in full rounds; the videos left over (number of prompts mod R, so the one
   video of a single prompt) run on all ranks in lockstep, see below.
-- lvdm-hierarchical: the keyframes, then every rank fills the gaps it owns (the gaps left over
-  after full rounds in lockstep).
+- lvdm-hierarchical: the keyframes, then every rank fills the gaps of its block of the video and
+  decodes them as they are filled.
 - streaming: the autoregressive CAM + APM stage, then every rank refines a contiguous block of
   blending chunks, exchanging overlap latents after every step.
 - Lockstep: a sequential stage (keyframes, CAM + APM chunks, a leftover video's chunks) runs on
@@ -36,7 +36,6 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from model_zoo.diffusion import guidance
 from sampler.config import PARALLEL_STRATEGIES, SampleConfig
 from sampler.denoisers import counted, lvdm_predict_fn, streaming_denoiser, text_denoiser
 from sampler.distributed import (
@@ -205,15 +204,27 @@ def decode_block(lengths: list[int], position: int, num_blocks: int, first_share
     return range(block[0], block[-1] + 1) if block else range(0)
 
 
-def write_pieces(job: VideoJob, piece: Callable[[int], Tensor], num_pieces: int) -> None:
-    """The final latents, given piece by piece in video order, into the mp4.
+def decoding_ranks(job: VideoJob, kept: list[int]) -> list[int]:
+    """The rank that VAE-decodes each kept piece (`write_pieces`' contiguous blocks, the owner's first)."""
+    world, ranks = job.world, [job.owner] * len(kept)
+    for position in range(world.size):
+        for index in decode_block(kept, position, world.size, OWNER_DECODE_SHARE):
+            ranks[index] = (job.owner + position) % world.size
+    return ranks
 
-    Every rank VAE-decodes one contiguous block of pieces, the owner the first (smaller) block
-    straight into the mp4 and rank owner + j the j-th block to `.parts/frames-*` (uint8, one file
-    per piece, written atomically). The owner then appends the other blocks in order, each piece
-    as soon as its file appears (so it encodes while the others still decode), and deletes them.
-    Each block's decoder starts from the last latent frames of the piece before it, exactly as one
-    decoder running over all pieces would, so the video does not depend on the number of ranks.
+
+def write_pieces(job: VideoJob, piece: Callable[[int], Tensor], lengths: list[int]) -> None:
+    """The final latents, given piece by piece in video order (piece i has `lengths[i]` latent
+    frames), into the mp4.
+
+    Every rank VAE-decodes one contiguous block of pieces (`decoding_ranks`), the owner the first
+    (smaller) block straight into the mp4 and rank owner + j the j-th block to `.parts/frames-*`
+    (uint8, one file per piece, written atomically). The owner then appends the other blocks in
+    order, each piece as soon as its file appears (so it encodes while the others still decode),
+    and deletes them. Each block's decoder starts from the last latent frames of the piece before
+    it, exactly as one decoder running over all pieces would, so the video does not depend on the
+    number of ranks. A rank asks `piece` for the piece before its block first, then for its
+    block's pieces in order; `piece` may compute them then (lvdm-hierarchical's gaps).
     """
     vae, world = job.pipeline.vae, job.world
     if job.is_owner:  # frames of a killed earlier run: the owner must not mistake them for new ones
@@ -221,7 +232,7 @@ def write_pieces(job: VideoJob, piece: Callable[[int], Tensor], num_pieces: int)
             stale.unlink()
     world.barrier()
     time_factor = vae_factors(vae)[0]
-    kept = kept_lengths([piece(index).shape[2] for index in range(num_pieces)], job.latent_frames)
+    kept = kept_lengths(lengths, job.latent_frames)
     num_pieces = sum(1 for length in kept if length > 0)
     block = decode_block(
         kept[:num_pieces], (world.rank - job.owner) % world.size, world.size, OWNER_DECODE_SHARE
@@ -232,12 +243,13 @@ def write_pieces(job: VideoJob, piece: Callable[[int], Tensor], num_pieces: int)
         job.config.frames - time_factor * sum(kept[: block.start]),
         job.config.decode_context,
     )
-    if block.start > 0:
+    if block.start > 0 and len(block) > 0:
         decoder.previous = piece(block.start - 1)[:, :, : kept[block.start - 1]]
     writer = Mp4Writer(job.out, job.config.fps) if job.is_owner else None
     for index in block:
+        latents = piece(index)[:, :, : kept[index]]
         with job.timed("decode"):
-            frames = decoder.decode(piece(index)[:, :, : kept[index]])
+            frames = decoder.decode(latents)
         if writer is not None:
             with job.timed("encode"):
                 writer.write(frames)
@@ -445,7 +457,10 @@ def run_chunks_to_video(job: VideoJob, name: str, stepper: Stepper, num_chunks: 
         return
     run_chunks(job, name, stepper, num_chunks, lambda _: None)
     job.world.barrier()
-    write_pieces(job, lambda index: job.store.read(f"{name}-{index:05d}")["latents"], num_chunks)
+    def piece(index: int) -> Tensor:
+        return job.store.read(f"{name}-{index:05d}")["latents"]
+
+    write_pieces(job, piece, [piece(index).shape[2] for index in range(num_chunks)])
 
 
 def run_sequential(job: VideoJob) -> None:
@@ -458,8 +473,13 @@ def run_sequential(job: VideoJob) -> None:
 
 
 def run_hierarchical(job: VideoJob) -> None:
-    """Keyframes in lockstep; gaps round-robin, except the last (number of gaps mod R), which all
-    ranks fill in lockstep with the guidance branches split, so no rank idles through a last round."""
+    """Keyframes in lockstep; then each rank fills the gaps of its decoding block and decodes them
+    as they are filled, with no barrier between the two: gap and decode times even out per rank.
+
+    Gap i belongs to the rank that decodes piece i + 1, whose decoder starts from the last frame of
+    piece i: a rank fills the gap before its block first, and the rank before it waits for that
+    gap (long finished) at the end of its own block.
+    """
     assert job.pipeline2 is not None
     config = lvdm_config(job)
     plan = lvdm.HierarchicalPlan(num_frames=job.latent_frames, keyframe_stride=config.keyframe_stride)
@@ -468,19 +488,22 @@ def run_hierarchical(job: VideoJob) -> None:
     job.world.barrier()
     keyframes = read_chunks(job, "keyframes", num_chunks, plan.num_keyframes)
     interpolate = counted(lvdm_predict_fn(job.pipeline2, job.prompt), job.tick_steps())
-    num_gaps, size = len(plan.gaps), job.world.size
-    shared_from = num_gaps - num_gaps % size if size > 1 else num_gaps
-    owned = [index for index in range(shared_from) if job.world.owns(index)]
-    shared = range(shared_from, num_gaps)
-    guide = branch_parallel_guide(job.world)
-    bar = job.progress("gaps", len(owned) + len(shared))
-    for index in [*owned, *shared]:
-        lockstep = index in shared
-        done = job.store.has(f"gap-{index:05d}")
-        if lockstep:  # every rank takes part, so all follow the owner's view of the folder
-            done = job.world.broadcast(done, src=job.owner)
-        if done:
+    # Piece i < len(gaps): keyframe i and the stride - 1 frames of gap i; the last piece: the last keyframe.
+    lengths = [config.keyframe_stride] * len(plan.gaps) + [1]
+    kept = kept_lengths(lengths, job.latent_frames)
+    decoders = decoding_ranks(job, kept[: sum(1 for length in kept if length > 0)])
+    last = len(decoders) - 1  # gaps of pieces past the end of the video are never needed
+    mine = {i for i in range(min(len(plan.gaps), last + 1)) if decoders[min(i + 1, last)] == job.world.rank}
+    bar = job.progress("gaps", len(mine))
+
+    def gap(index: int) -> Tensor:
+        name = f"gap-{index:05d}"
+        if index not in mine:
+            with job.timed("wait"):
+                job.store.wait_for(name, timeout=COLLECTIVE_TIMEOUT.total_seconds())
+        elif job.store.has(name):
             job.store.reused += 1
+            bar.update()
         else:
             start, end = plan.gaps[index]
             with job.timed("gaps"):
@@ -492,23 +515,21 @@ def run_hierarchical(job: VideoJob) -> None:
                     setup=job.setup,
                     config=config,
                     seed=job.seed,
-                    guide=guide if lockstep else guidance.cfg,
                 )
-            if not lockstep or job.is_owner:
-                job.store.save(f"gap-{index:05d}", {"latents": fill})
-        bar.update()
-    bar.close()
-    job.world.barrier()
+            job.store.save(name, {"latents": fill})
+            bar.update()
+            return fill
+        return job.store.read(name)["latents"].to(keyframes.device)
 
     def piece(index: int) -> Tensor:
         """Gap `index` with its left keyframe (1, C, stride, h, w); the last piece is the last keyframe."""
         if index == len(plan.gaps):
             return keyframes[:, :, -1:]
         start = plan.gaps[index][0]
-        fill = job.store.read(f"gap-{index:05d}")["latents"].to(keyframes.device)
-        return torch.cat([keyframes[:, :, start : start + 1], fill], dim=2)
+        return torch.cat([keyframes[:, :, start : start + 1], gap(index)], dim=2)
 
-    write_pieces(job, piece, len(plan.gaps) + 1)
+    write_pieces(job, piece, lengths)
+    bar.close()
 
 
 # ---- StreamingT2V: autoregressive stage on the owner, blending refinement on every rank -----
@@ -574,7 +595,7 @@ def run_streaming(job: VideoJob) -> None:
         chunk = job.store.read(f"refined-{index:05d}")["latents"].to(job.setup.device)
         return chunk if index == 0 else chunk[:, :, config.overlap_frames :]
 
-    write_pieces(job, piece, total)
+    write_pieces(job, piece, [piece(index).shape[2] for index in range(total)])
 
 
 RUNNERS: dict[str, Callable[[VideoJob], None]] = {
