@@ -5,7 +5,10 @@
   per stage and whole; each case runs `--repeats` times (alternating 1 and 2 ranks) and the fastest
   run of each counts, all walls are in the detail, and so are the speed-ups of each 1-rank run over
   the 2-rank run right after it (a drift of the shared VM's speed cancels within a pair);
-- time per frame and peak RSS of lvdm-autoregressive at 1024 frames relative to 64 frames.
+- time per frame and peak RSS of lvdm-autoregressive at 1024 frames relative to 64 frames;
+- the machine's ceiling for any 2-rank speed-up of tiny-model work: a 1-thread loop of tiny U-Net
+  forwards alone, then two copies at once (and the same for a square GEMM loop). Two copies that
+  each run s times slower than one alone cap a perfectly split job at 2 / s.
 Goals (issue 6): speedups >= 1.8, time-per-frame ratio <= 1.1, RSS ratio <= 1.2.
 
     OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.sampler_scaling [--steps 3] [--repeats 3] [--only hierarchical]
@@ -20,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +65,57 @@ def speedup(argv: list[str], stage: str, root: Path, name: str, repeats: int) ->
     }
 
 
+PROBE_ROUNDS = 5
+
+
+def probe(kind: str) -> float:
+    """Best of `PROBE_ROUNDS` timings of 10 tiny U-Net forwards (`kind="model"`) or 20 1024^2 GEMMs."""
+    import torch
+
+    torch.set_num_threads(1)
+    if kind == "gemm":
+        a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+
+        def work() -> None:
+            for _ in range(20):
+                torch.mm(a, b)
+    else:
+        from model_zoo import build_model
+
+        torch.manual_seed(0)
+        model = build_model("unet3d", "tiny").eval()
+        x = torch.randn(2, model.config.in_channels, 8, 8, 8)
+        kwargs = model.example_inputs(x)
+
+        def work() -> None:
+            with torch.no_grad():
+                for _ in range(10):
+                    model(x, **kwargs)
+
+    work()
+    best = float("inf")
+    for _ in range(PROBE_ROUNDS):
+        start = time.perf_counter()
+        work()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def contention() -> dict[str, Any]:
+    """Each probe alone, then two copies at once (fresh processes): the slowdown of a copy."""
+    cmd = [sys.executable, "-m", "benchmarks.sampler_scaling", "--probe"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result: dict[str, Any] = {}
+    for kind in ("model", "gemm"):
+        alone = float(subprocess.run([*cmd, kind], check=True, capture_output=True, text=True, env=env).stdout)
+        pair = [subprocess.Popen([*cmd, kind], stdout=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+        together = statistics.mean(float(proc.communicate()[0]) for proc in pair)
+        slowdown = together / alone
+        result[kind] = {"alone_s": round(alone, 3), "two_at_once_s": round(together, 3), "slowdown": round(slowdown, 3)}
+    result["speedup_ceiling_tiny_model"] = round(2 / result["model"]["slowdown"], 3)
+    return result
+
+
 def length_scaling(model: str, steps: int, short: int, long: int, root: Path) -> dict[str, float]:
     argv = ["--model", model, "--strategy", "lvdm-autoregressive", "--steps", str(steps)]
     runs = {
@@ -86,7 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parallel-frames", type=int, default=192)
     parser.add_argument("--repeats", type=int, default=3, help="runs of each 1-rank / 2-rank case; the fastest counts")
     parser.add_argument("--only", choices=("hierarchical", "blending", "length"), help="run one case only")
+    parser.add_argument("--probe", choices=("model", "gemm"), help=argparse.SUPPRESS)  # one contention probe
     args = parser.parse_args(argv)
+    if args.probe:
+        print(probe(args.probe))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         models = {
@@ -107,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             "8",
         ]
         streaming += ["--O", "2", "--refine-t", "999", *steps]
+        ceiling = contention() if args.only in (None, "hierarchical", "blending") else None
         if args.only in (None, "hierarchical"):
             hier = speedup(hierarchical, "gaps", root, "hier", args.repeats)
         if args.only in (None, "blending"):
@@ -116,9 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     common = {"steps": args.steps, "frames": args.parallel_frames}
     results = []
     if args.only in (None, "hierarchical"):
-        results.append({"name": "sampler_2rank_speedup_hierarchical", "value": hier["speedup"], "unit": "x", "goal": 1.8, "better": "higher", **common, "detail": hier})
+        results.append({"name": "sampler_2rank_speedup_hierarchical", "value": hier["speedup"], "unit": "x", "goal": 1.8, "better": "higher", **common, "detail": {**hier, "machine_contention": ceiling}})
     if args.only in (None, "blending"):
-        results.append({"name": "sampler_2rank_speedup_blending", "value": blend["speedup"], "unit": "x", "goal": 1.8, "better": "higher", **common, "detail": blend})
+        results.append({"name": "sampler_2rank_speedup_blending", "value": blend["speedup"], "unit": "x", "goal": 1.8, "better": "higher", **common, "detail": {**blend, "machine_contention": ceiling}})
     if args.only in (None, "length"):
         results.append({"name": "sampler_time_per_frame_1024_vs_64", "value": length["time_per_frame_ratio"], "unit": "ratio", "goal": 1.1, "better": "lower", "detail": length})
         results.append({"name": "sampler_peak_rss_1024_vs_64", "value": length["peak_rss_ratio"], "unit": "ratio", "goal": 1.2, "better": "lower", "detail": length})
