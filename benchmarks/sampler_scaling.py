@@ -69,9 +69,13 @@ PROBE_ROUNDS = 5
 
 
 def probe(kind: str) -> float:
-    """Best of `PROBE_ROUNDS` timings of 10 tiny U-Net forwards (`kind="model"`) or 20 1024^2 GEMMs."""
+    """Best of `PROBE_ROUNDS` timings of 10 tiny U-Net forwards (`kind="model"`) or 20 1024^2 GEMMs,
+    with freed memory kept in-process as in `lvd sample` ranks."""
     import torch
 
+    from lvd.allocator import keep_freed_memory
+
+    keep_freed_memory()
     torch.set_num_threads(1)
     if kind == "gemm":
         a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)

@@ -204,13 +204,21 @@ def decode_block(lengths: list[int], position: int, num_blocks: int, first_share
     return range(block[0], block[-1] + 1) if block else range(0)
 
 
-def decoding_ranks(job: VideoJob, kept: list[int]) -> list[int]:
+def decoding_ranks(kept: list[int], size: int, owner: int) -> list[int]:
     """The rank that VAE-decodes each kept piece (`write_pieces`' contiguous blocks, the owner's first)."""
-    world, ranks = job.world, [job.owner] * len(kept)
-    for position in range(world.size):
-        for index in decode_block(kept, position, world.size, OWNER_DECODE_SHARE):
-            ranks[index] = (job.owner + position) % world.size
+    ranks = [owner] * len(kept)
+    for position in range(size):
+        for index in decode_block(kept, position, size, OWNER_DECODE_SHARE):
+            ranks[index] = (owner + position) % size
     return ranks
+
+
+def gap_ranks(decoders: list[int], num_gaps: int) -> list[int]:
+    """The rank that fills each hierarchical gap: gap i is in piece i, and the decoder of piece i + 1
+    starts from piece i's last frame, so the rank decoding piece i + 1 fills it (the last decoded
+    piece's gap: its own decoder)."""
+    last = len(decoders) - 1
+    return [decoders[min(index + 1, last)] for index in range(num_gaps)]
 
 
 def write_pieces(job: VideoJob, piece: Callable[[int], Tensor], lengths: list[int]) -> None:
@@ -491,9 +499,10 @@ def run_hierarchical(job: VideoJob) -> None:
     # Piece i < len(gaps): keyframe i and the stride - 1 frames of gap i; the last piece: the last keyframe.
     lengths = [config.keyframe_stride] * len(plan.gaps) + [1]
     kept = kept_lengths(lengths, job.latent_frames)
-    decoders = decoding_ranks(job, kept[: sum(1 for length in kept if length > 0)])
-    last = len(decoders) - 1  # gaps of pieces past the end of the video are never needed
-    mine = {i for i in range(min(len(plan.gaps), last + 1)) if decoders[min(i + 1, last)] == job.world.rank}
+    decoders = decoding_ranks(kept[: sum(1 for length in kept if length > 0)], job.world.size, job.owner)
+    # Gaps of pieces past the end of the video (none with the plan's keyframe count) are not needed.
+    owners = gap_ranks(decoders, min(len(plan.gaps), len(decoders)))
+    mine = {index for index, rank in enumerate(owners) if rank == job.world.rank}
     bar = job.progress("gaps", len(mine))
 
     def gap(index: int) -> Tensor:

@@ -213,6 +213,26 @@ def test_cli_paper_aliases():
     assert (config.cond_frames, config.overlap, config.lam, config.blend_frames) == (2, 3, 0.3, 16)
 
 
+def test_each_hierarchical_gap_is_filled_by_one_rank_that_decodes_next_to_it():
+    from sampler.program import decode_block, decoding_ranks, gap_ranks, kept_lengths
+
+    for num_gaps, size, owner in [(13, 2, 0), (13, 2, 1), (7, 3, 2), (2, 4, 0), (1, 2, 0)]:
+        kept = kept_lengths([4] * num_gaps + [1], 4 * num_gaps)  # the last keyframe is cut
+        kept = kept[: sum(1 for length in kept if length > 0)]
+        decoders = decoding_ranks(kept, size, owner)
+        owners = gap_ranks(decoders, num_gaps)
+        assert len(owners) == num_gaps and set(owners) <= set(range(size))
+        for position in range(size):
+            block = decode_block(kept, position, size, 0.95)
+            rank = (owner + position) % size
+            assert all(decoders[index] == rank for index in block)
+            if len(block) and block.start > 0:
+                # the piece before a block is this rank's decoder context: it fills that gap itself
+                assert owners[block.start - 1] == rank
+            # every other gap of its block but the last is its own as well
+            assert all(owners[index] == rank for index in block if index + 1 in block and index < num_gaps)
+
+
 def test_decode_blocks_partition_the_pieces_by_frames():
     from sampler.program import decode_block, kept_lengths
 
