@@ -181,6 +181,12 @@ def kept_lengths(lengths: list[int], latent_frames: int) -> list[int]:
     return kept
 
 
+def decoded_lengths(lengths: list[int], latent_frames: int) -> list[int]:
+    """`kept_lengths` without the pieces wholly past the end of the video: the pieces that are decoded."""
+    kept = kept_lengths(lengths, latent_frames)
+    return kept[: sum(1 for length in kept if length > 0)]
+
+
 OWNER_DECODE_SHARE = 0.95
 """The owner's decode block, relative to another rank's: it also encodes every frame of the video
 (3-8% of the VAE decoding time in `benchmarks/sampler_scaling.py`), the other blocks' pieces as
@@ -240,18 +246,17 @@ def write_pieces(job: VideoJob, piece: Callable[[int], Tensor], lengths: list[in
             stale.unlink()
     world.barrier()
     time_factor = vae_factors(vae)[0]
-    kept = kept_lengths(lengths, job.latent_frames)
-    num_pieces = sum(1 for length in kept if length > 0)
-    block = decode_block(
-        kept[:num_pieces], (world.rank - job.owner) % world.size, world.size, OWNER_DECODE_SHARE
-    )
+    kept = decoded_lengths(lengths, job.latent_frames)
+    num_pieces = len(kept)
+    mine = [index for index, rank in enumerate(decoding_ranks(kept, world.size, job.owner)) if rank == world.rank]
+    block = range(mine[0], mine[-1] + 1) if mine else range(0)
     decoder = ChunkDecoder(
         vae,
         time_factor,
         job.config.frames - time_factor * sum(kept[: block.start]),
         job.config.decode_context,
     )
-    if block.start > 0 and len(block) > 0:
+    if block.start > 0:
         decoder.previous = piece(block.start - 1)[:, :, : kept[block.start - 1]]
     writer = Mp4Writer(job.out, job.config.fps) if job.is_owner else None
     for index in block:
@@ -498,8 +503,7 @@ def run_hierarchical(job: VideoJob) -> None:
     interpolate = counted(lvdm_predict_fn(job.pipeline2, job.prompt), job.tick_steps())
     # Piece i < len(gaps): keyframe i and the stride - 1 frames of gap i; the last piece: the last keyframe.
     lengths = [config.keyframe_stride] * len(plan.gaps) + [1]
-    kept = kept_lengths(lengths, job.latent_frames)
-    decoders = decoding_ranks(kept[: sum(1 for length in kept if length > 0)], job.world.size, job.owner)
+    decoders = decoding_ranks(decoded_lengths(lengths, job.latent_frames), job.world.size, job.owner)
     # Gaps of pieces past the end of the video (none with the plan's keyframe count) are not needed.
     owners = gap_ranks(decoders, min(len(plan.gaps), len(decoders)))
     mine = {index for index, rank in enumerate(owners) if rank == job.world.rank}

@@ -214,11 +214,11 @@ def test_cli_paper_aliases():
 
 
 def test_each_hierarchical_gap_is_filled_by_one_rank_that_decodes_next_to_it():
-    from sampler.program import decode_block, decoding_ranks, gap_ranks, kept_lengths
+    from sampler.program import decode_block, decoded_lengths, decoding_ranks, gap_ranks
 
     for num_gaps, size, owner in [(13, 2, 0), (13, 2, 1), (7, 3, 2), (2, 4, 0), (1, 2, 0)]:
-        kept = kept_lengths([4] * num_gaps + [1], 4 * num_gaps)  # the last keyframe is cut
-        kept = kept[: sum(1 for length in kept if length > 0)]
+        kept = decoded_lengths([4] * num_gaps + [1], 4 * num_gaps)  # the last keyframe is cut
+        assert len(kept) == num_gaps
         decoders = decoding_ranks(kept, size, owner)
         owners = gap_ranks(decoders, num_gaps)
         assert len(owners) == num_gaps and set(owners) <= set(range(size))
