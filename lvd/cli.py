@@ -19,11 +19,11 @@ from lvd.config import ConfigError
 SUBCOMMANDS: dict[str, tuple[str, str | None]] = {
     "shard": ("turn videos, images or clips into WebDataset shards (videos | images | latents)", "lvd.shard_cmd:main"),
     "train": ("train a model with DeepSpeed ZeRO from a YAML config and dotted overrides", "trainer.cli:main"),
-    "export": ("consolidate a run's checkpoint into a diffusers-style pipeline folder", "trainer.export:main"),
+    "export": ("consolidate a run's checkpoint into a diffusers-style pipeline folder", "trainer.export_cli:main"),
     "sample": ("generate long videos with a distributed long-video strategy", "sampler.cli:main"),
     "eval": ("compute video metrics (SCuts, MAWE, FID/KID, Frechet video proxy) as JSON", "sampler.eval_cli:main"),
     "submit": ("submit shard/train/sample to Slurm through submitit", "lvd.submit:main"),
-    "plan": ("estimate memory, throughput and days for a config on a GPU cluster", "trainer.plan:main"),
+    "plan": ("estimate memory, throughput and days for a config on a GPU cluster", "trainer.plan_cli:main"),
     "demo": ("run the whole chain on the bundled real media: shard, train, export, sample, eval", "lvd.demo:main"),
 }
 

@@ -28,6 +28,24 @@ def test_every_subcommand_has_help(name):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("name", ["train", "export", "plan", "submit"])
+def test_help_of_cluster_side_commands_does_not_import_torch(name):
+    """On a login node `--help` must answer at once: torch (3 s) and deepspeed or open_clip (10 s
+    more here) load only when the command runs."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\nfrom lvd.cli import main\n"
+        f"try:\n    main([{name!r}, '--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'deepspeed', 'open_clip') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "usage" in result.stdout.lower()
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_unknown_subcommand_is_usage_error():
     result = run_lvd("frobnicate")
     assert result.returncode == 2

@@ -9,10 +9,8 @@ Every network folder loads with `model_zoo.from_pretrained(OUT/<component>)`, wi
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,26 +26,6 @@ from trainer.tasks import TASKS
 
 BETA_SCHEDULES = {"linear": "linear", "sqrt_linear": "scaled_linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lvd export", description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, required=True, help="the run folder (run.dir of the training config)")
-    parser.add_argument("--step", type=int, help="checkpoint step (default: latest)")
-    parser.add_argument("--ema", action="store_true", help="export the EMA weights of the trained network")
-    parser.add_argument("--out", type=Path, required=True, help="pipeline folder to write")
-    return parser
-
-
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        out = export(args.run, args.out, step=args.step, ema=args.ema)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"lvd export: {err}", file=sys.stderr)
-        return 1
-    print(f"lvd export: wrote {out}")
-    return 0
 
 
 def export(run_dir: Path, out: Path, *, step: int | None = None, ema: bool = False) -> Path:

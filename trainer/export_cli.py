@@ -1,0 +1,35 @@
+"""`lvd export` command line: flags -> `trainer.export.export`.
+
+Only argparse at import time, so `lvd export --help` answers at once; the export itself needs
+torch, model_zoo and the engine's checkpoint reader (deepspeed), imported when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DESCRIPTION = "A run's checkpoint (any ZeRO stage) -> a pipeline folder laid out like diffusers'."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lvd export", description=DESCRIPTION)
+    parser.add_argument("--run", type=Path, required=True, help="the run folder (run.dir of the training config)")
+    parser.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    parser.add_argument("--ema", action="store_true", help="export the EMA weights of the trained network")
+    parser.add_argument("--out", type=Path, required=True, help="pipeline folder to write")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    from trainer.export import export
+
+    try:
+        out = export(args.run, args.out, step=args.step, ema=args.ema)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"lvd export: {err}", file=sys.stderr)
+        return 1
+    print(f"lvd export: wrote {out}")
+    return 0
