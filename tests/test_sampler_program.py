@@ -214,7 +214,7 @@ def test_cli_paper_aliases():
 
 
 def test_each_hierarchical_gap_is_filled_by_one_rank_that_decodes_next_to_it():
-    from sampler.program import decode_block, decoded_lengths, decoding_ranks, gap_ranks
+    from sampler.program import OWNER_DECODE_SHARE, decode_block, decoded_lengths, decoding_ranks, gap_ranks
 
     for num_gaps, size, owner in [(13, 2, 0), (13, 2, 1), (7, 3, 2), (2, 4, 0), (1, 2, 0)]:
         kept = decoded_lengths([4] * num_gaps + [1], 4 * num_gaps)  # the last keyframe is cut
@@ -223,7 +223,7 @@ def test_each_hierarchical_gap_is_filled_by_one_rank_that_decodes_next_to_it():
         owners = gap_ranks(decoders, num_gaps)
         assert len(owners) == num_gaps and set(owners) <= set(range(size))
         for position in range(size):
-            block = decode_block(kept, position, size, 0.95)
+            block = decode_block(kept, position, size, OWNER_DECODE_SHARE)
             rank = (owner + position) % size
             assert all(decoders[index] == rank for index in block)
             if len(block) and block.start > 0:
