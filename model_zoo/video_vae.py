@@ -18,7 +18,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from model_zoo.layers.gaussian_posterior import DiagonalGaussian, LatentScalingMixin
-from model_zoo.layers.time_padded_conv import TimePaddedConv3d
+from model_zoo.layers.time_padded_conv import Conv3d, TimePaddedConv3d
 from model_zoo.pretrained import PretrainedMixin
 from model_zoo.registry import register_family
 
@@ -249,9 +249,7 @@ DISCRIMINATOR_FLAVORS = {
 
 def _disc_layer(in_ch: int, out_ch: int, stride: int, groups: int | None) -> list[nn.Module]:
     # Kernel 3 in time (clips are short) and 4 in space, as in the 2D PatchGAN.
-    conv = nn.Conv3d(
-        in_ch, out_ch, (3, 4, 4), stride=(stride, stride, stride), padding=1, bias=groups is None
-    )
+    conv = Conv3d(in_ch, out_ch, (3, 4, 4), stride=(stride, stride, stride), padding=1, bias=groups is None)
     norm = [nn.GroupNorm(groups, out_ch)] if groups is not None else []
     return [conv, *norm, nn.LeakyReLU(0.2)]
 
@@ -268,7 +266,7 @@ class VideoDiscriminator(PretrainedMixin, nn.Module):
         for i in range(1, config.num_layers):
             layers += _disc_layer(widths[i - 1], widths[i], 2, config.norm_groups)
         layers += _disc_layer(widths[config.num_layers - 1], widths[config.num_layers], 1, config.norm_groups)
-        layers.append(nn.Conv3d(widths[config.num_layers], 1, (3, 4, 4), padding=1))
+        layers.append(Conv3d(widths[config.num_layers], 1, (3, 4, 4), padding=1))
         self.layers = nn.Sequential(*layers)
 
     def forward(self, video: Tensor) -> Tensor:

@@ -17,6 +17,7 @@ from model_zoo.cmd import (
     pack_motion,
     unpack_motion,
 )
+from model_zoo.layers.time_padded_conv import Conv3d
 from model_zoo.temporal_decoder_vae import TemporalDecoderVAE
 from model_zoo.videofusion import DecomposedNoise
 
@@ -45,6 +46,36 @@ def test_video_vae_encoder_is_temporally_shift_equivariant_away_from_borders() -
     # Not trivially constant in time, and the borders do see the padding.
     assert (base[:, :, 1:] - base[:, :, :-1]).abs().amax() > 1e-2
     assert not torch.allclose(shifted[:, :, -1], base[:, :, -1], atol=1e-3)
+
+
+@pytest.mark.parametrize("stride", [(1, 1, 1), (2, 2, 2)])
+def test_onednn_conv3d_matches_pytorch_conv3d_and_runs_on_onednn_at_batch_one(
+    stride: tuple[int, int, int],
+) -> None:
+    """`Conv3d` takes oneDNN where PyTorch's heuristic would run slow_conv3d (batch 1, small),
+    with nn.Conv3d's values and gradients to float32 rounding."""
+    torch.manual_seed(0)
+    ours = Conv3d(8, 6, 3, stride=stride, padding=1)
+    plain = torch.nn.Conv3d(8, 6, 3, stride=stride, padding=1)
+    plain.load_state_dict(ours.state_dict())
+    x = torch.randn(1, 8, 6, 10, 10, requires_grad=True)
+    with torch.profiler.profile() as prof:
+        y = ours(x)
+    ops = {event.key for event in prof.key_averages()}
+    assert "aten::mkldnn_convolution" in ops and "aten::slow_conv3d_forward" not in ops
+    x_plain = x.detach().clone().requires_grad_(True)
+    y_plain = plain(x_plain)
+    torch.testing.assert_close(y, y_plain, rtol=1e-5, atol=1e-5)
+    y.square().sum().backward()
+    y_plain.square().sum().backward()
+    torch.testing.assert_close(x.grad, x_plain.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.weight.grad, plain.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.bias.grad, plain.bias.grad, rtol=1e-4, atol=1e-4)
+    assert torch.equal(ours(x), y)  # deterministic
+    with torch.device("meta"):  # other devices keep nn.Conv3d's path
+        assert ours.to("meta")(torch.empty(1, 8, 6, 10, 10)).shape == y.shape
+    with pytest.raises(ValueError, match="groups=1"):
+        Conv3d(8, 8, 3, groups=2)
 
 
 def test_video_vae_latent_shapes_scaling_and_kl() -> None:

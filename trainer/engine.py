@@ -141,6 +141,23 @@ def deepspeed_config(train: TrainConfig, *, world_size: int, on_cuda: bool) -> d
     return config
 
 
+def restore_torch_linear() -> None:
+    """Put torch's own `torch.nn.functional.linear` back after ZeRO-3.
+
+    A ZeRO-3 engine replaces it process-wide with DeepSpeed's `zero3_linear_wrap` ("this will
+    persist unless manually reset", DeepSpeed's log says), which computes matmul + bias and so
+    rounds differently from torch's fused addmm. Sampling or evaluation later in the same process
+    then gave other bits than a fresh process (seen as an R=2 vs R=1 sampler mismatch when the
+    sampler ran after the ZeRO-3 tests in one pytest process). Only call it once no ZeRO-3 engine
+    trains any more.
+    """
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
+
+    original = getattr(InsertPostInitMethodToModuleSubClasses, "linear_bk", None)
+    if original is not None:
+        torch.nn.functional.linear = original
+
+
 def build_engine(model: nn.Module, train: TrainConfig, dist_info: DistInfo) -> Any:
     """A DeepSpeed engine over `model`; only parameters with requires_grad reach the optimizer."""
     for param in model.parameters():
@@ -165,7 +182,9 @@ def save_engine(engine: Any, directory: Path, tag: str) -> None:
 
 
 def load_engine(engine: Any, directory: Path, tag: str) -> None:
-    path, _ = engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    path, _ = engine.load_checkpoint(
+        str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
     if path is None:
         raise FileNotFoundError(f"{directory / tag}: DeepSpeed found no checkpoint to load")
 
@@ -186,7 +205,11 @@ def _module_file_state(tag_dir: Path) -> dict[str, torch.Tensor]:
     if not files:
         raise FileNotFoundError(f"{tag_dir}: no model states file (is this a DeepSpeed checkpoint?)")
     state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
-    return {k: v.float() if v.is_floating_point() else v for k, v in (state or {}).items() if v is not None and v.numel() > 0}
+    return {
+        k: v.float() if v.is_floating_point() else v
+        for k, v in (state or {}).items()
+        if v is not None and v.numel() > 0
+    }
 
 
 def local_shard(param: torch.Tensor) -> torch.Tensor:

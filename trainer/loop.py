@@ -37,6 +37,7 @@ from trainer.engine import (
     init_distributed,
     load_engine,
     local_shard,
+    restore_torch_linear,
     save_engine,
 )
 from trainer.monitor import Monitor, measured_peak_flops, peak_memory_bytes, stderr
@@ -90,6 +91,7 @@ def train(cfg: TrainJobConfig) -> int:
         return 1
     finally:
         monitor.close()
+        restore_torch_linear()  # ZeRO-3's process-wide replacement ends with the run
 
 
 def _train(cfg: TrainJobConfig, info: DistInfo, run_dir: Path, ckpt_dir: Path, monitor: Monitor) -> int:
