@@ -188,9 +188,15 @@ def decoded_lengths(lengths: list[int], latent_frames: int) -> list[int]:
 
 
 OWNER_DECODE_SHARE = 0.95
-"""The owner's decode block, relative to another rank's: it also encodes every frame of the video
-(3-8% of the VAE decoding time in `benchmarks/sampler_scaling.py`), the other blocks' pieces as
-they appear. (0.9 moved one piece too many to rank 1 there: the owner then waited for it.)"""
+"""The owner's block, relative to another rank's: it also encodes every frame of the video, the
+other blocks' pieces as they appear (with one swscale thread, ~4% of the VAE decoding time in
+`benchmarks/sampler_scaling.py`; 3-8% before, 0.9 then moved one piece too many to rank 1)."""
+
+DENOISER_CALL_FRAME_COST = 0.5
+"""A denoiser call on one latent frame, in VAE decodings of one latent frame: 0.045 s per call of
+the tiny LVDM U-Net on an 8-frame clip against 0.08 s to decode 7 frames with the tiny VAE
+(`benchmarks/sampler_scaling.py`'s pipelines). It only sets how hierarchical gaps weigh against
+decoding when ranks split the pieces; at tens of steps the gaps outweigh decoding either way."""
 
 
 def decode_block(lengths: list[int], position: int, num_blocks: int, first_share: float = 1.0) -> range:
@@ -210,13 +216,23 @@ def decode_block(lengths: list[int], position: int, num_blocks: int, first_share
     return range(block[0], block[-1] + 1) if block else range(0)
 
 
-def decoding_ranks(kept: list[int], size: int, owner: int) -> list[int]:
-    """The rank that VAE-decodes each kept piece (`write_pieces`' contiguous blocks, the owner's first)."""
-    ranks = [owner] * len(kept)
+def decoding_ranks(weights: list[float], size: int, owner: int) -> list[int]:
+    """The rank that VAE-decodes each kept piece (`write_pieces`' contiguous blocks, the owner's
+    first), the blocks balanced by `weights`: the kept latent frames, or `hierarchical_weights`."""
+    ranks = [owner] * len(weights)
     for position in range(size):
-        for index in decode_block(kept, position, size, OWNER_DECODE_SHARE):
+        for index in decode_block(weights, position, size, OWNER_DECODE_SHARE):
             ranks[index] = (owner + position) % size
     return ranks
+
+
+def hierarchical_weights(kept: list[int], num_gaps: int, gap_weight: float) -> list[float]:
+    """Work of each decoded lvdm-hierarchical piece for its decoding rank, in decoded latent frames:
+    its frames, plus `gap_weight` for each gap that rank fills with it (`gap_ranks`: the gap
+    before it, and for the last piece its own gap too)."""
+    last = len(kept) - 1
+    carried = [sum(1 for gap in range(num_gaps) if min(gap + 1, last) == index) for index in range(len(kept))]
+    return [length + gap_weight * gaps for length, gaps in zip(kept, carried, strict=True)]
 
 
 def gap_ranks(decoders: list[int], num_gaps: int) -> list[int]:
@@ -227,11 +243,14 @@ def gap_ranks(decoders: list[int], num_gaps: int) -> list[int]:
     return [decoders[min(index + 1, last)] for index in range(num_gaps)]
 
 
-def write_pieces(job: VideoJob, piece: Callable[[int], Tensor], lengths: list[int]) -> None:
+def write_pieces(
+    job: VideoJob, piece: Callable[[int], Tensor], lengths: list[int], weights: list[float] | None = None
+) -> None:
     """The final latents, given piece by piece in video order (piece i has `lengths[i]` latent
     frames), into the mp4.
 
-    Every rank VAE-decodes one contiguous block of pieces (`decoding_ranks`), the owner the first
+    Every rank VAE-decodes one contiguous block of pieces (`decoding_ranks`, balanced by `weights`
+    of the decoded pieces, by default their latent frames), the owner the first
     (smaller) block straight into the mp4 and rank owner + j the j-th block to `.parts/frames-*`
     (uint8, one file per piece, written atomically). The owner then appends the other blocks in
     order, each piece as soon as its file appears (so it encodes while the others still decode),
@@ -248,7 +267,8 @@ def write_pieces(job: VideoJob, piece: Callable[[int], Tensor], lengths: list[in
     time_factor = vae_factors(vae)[0]
     kept = decoded_lengths(lengths, job.latent_frames)
     num_pieces = len(kept)
-    mine = [index for index, rank in enumerate(decoding_ranks(kept, world.size, job.owner)) if rank == world.rank]
+    decoders = decoding_ranks(kept if weights is None else weights, world.size, job.owner)
+    mine = [index for index, rank in enumerate(decoders) if rank == world.rank]
     block = range(mine[0], mine[-1] + 1) if mine else range(0)
     decoder = ChunkDecoder(
         vae,
@@ -470,6 +490,7 @@ def run_chunks_to_video(job: VideoJob, name: str, stepper: Stepper, num_chunks: 
         return
     run_chunks(job, name, stepper, num_chunks, lambda _: None)
     job.world.barrier()
+
     def piece(index: int) -> Tensor:
         return job.store.read(f"{name}-{index:05d}")["latents"]
 
@@ -503,9 +524,14 @@ def run_hierarchical(job: VideoJob) -> None:
     interpolate = counted(lvdm_predict_fn(job.pipeline2, job.prompt), job.tick_steps())
     # Piece i < len(gaps): keyframe i and the stride - 1 frames of gap i; the last piece: the last keyframe.
     lengths = [config.keyframe_stride] * len(plan.gaps) + [1]
-    decoders = decoding_ranks(decoded_lengths(lengths, job.latent_frames), job.world.size, job.owner)
+    kept = decoded_lengths(lengths, job.latent_frames)
     # Gaps of pieces past the end of the video (none with the plan's keyframe count) are not needed.
-    owners = gap_ranks(decoders, min(len(plan.gaps), len(decoders)))
+    num_gaps = min(len(plan.gaps), len(kept))
+    calls = 2 if config.guidance_weight else 1  # unconditional guidance: two branches per step
+    gap_weight = DENOISER_CALL_FRAME_COST * calls * job.setup.num_steps * config.interp_clip_frames
+    weights = hierarchical_weights(kept, num_gaps, gap_weight)
+    decoders = decoding_ranks(weights, job.world.size, job.owner)
+    owners = gap_ranks(decoders, num_gaps)
     mine = {index for index, rank in enumerate(owners) if rank == job.world.rank}
     bar = job.progress("gaps", len(mine))
 
@@ -541,7 +567,7 @@ def run_hierarchical(job: VideoJob) -> None:
         start = plan.gaps[index][0]
         return torch.cat([keyframes[:, :, start : start + 1], gap(index)], dim=2)
 
-    write_pieces(job, piece, lengths)
+    write_pieces(job, piece, lengths, weights)
     bar.close()
 
 

@@ -233,6 +233,29 @@ def test_each_hierarchical_gap_is_filled_by_one_rank_that_decodes_next_to_it():
             assert all(owners[index] == rank for index in block if index + 1 in block and index < num_gaps)
 
 
+def test_hierarchical_blocks_balance_gap_filling_and_decoding_per_rank():
+    """Gaps cost more than decoding (steps x guided calls): weighted blocks give every rank the same
+    number of gaps to within one, where frame-balanced blocks gave rank 1 two more (6 vs 8 of 14)."""
+    from sampler.program import decoded_lengths, decoding_ranks, gap_ranks, hierarchical_weights
+
+    kept = decoded_lengths([7] * 14 + [1], 96)  # benchmarks/sampler_scaling.py: 192 frames, stride 7
+    assert hierarchical_weights(kept, 14, 0.0) == kept
+    weights = hierarchical_weights(kept, 14, 24.0)
+    assert sum(weights) == sum(kept) + 24.0 * 14
+    assert (
+        weights[0] == kept[0] and weights[-1] == kept[-1] + 2 * 24.0
+    )  # the last piece: its gap and the one before
+
+    def gaps_per_rank(decoders: list[int], size: int) -> list[int]:
+        owners = gap_ranks(decoders, 14)
+        return [owners.count(rank) for rank in range(size)]
+
+    assert gaps_per_rank(decoding_ranks(kept, 2, 0), 2) == [6, 8]  # by frames alone
+    for size, owner in [(2, 0), (2, 1), (3, 0), (4, 2)]:
+        counts = gaps_per_rank(decoding_ranks(weights, size, owner), size)
+        assert sum(counts) == 14 and max(counts) - min(counts) <= 1, (size, owner, counts)
+
+
 def test_decode_blocks_partition_the_pieces_by_frames():
     from sampler.program import decode_block, kept_lengths
 
@@ -246,7 +269,10 @@ def test_decode_blocks_partition_the_pieces_by_frames():
     # The owner (block 0) also encodes: with first_share < 1 its block holds fewer frames.
     shared = [decode_block([7] * 14, position, 2, first_share=0.8) for position in range(2)]
     assert shared == [range(0, 6), range(6, 14)]
-    assert [decode_block([7] * 14, position, 2, first_share=1.0) for position in range(2)] == [range(0, 7), range(7, 14)]
+    assert [decode_block([7] * 14, position, 2, first_share=1.0) for position in range(2)] == [
+        range(0, 7),
+        range(7, 14),
+    ]
 
 
 def test_text_tokens_are_encoded_once_per_prompt(pipelines):
