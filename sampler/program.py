@@ -187,10 +187,12 @@ def decoded_lengths(lengths: list[int], latent_frames: int) -> list[int]:
     return kept[: sum(1 for length in kept if length > 0)]
 
 
-OWNER_DECODE_SHARE = 0.95
+OWNER_DECODE_SHARE = 0.98
 """The owner's block, relative to another rank's: it also encodes every frame of the video, the
-other blocks' pieces as they appear (with one swscale thread, ~4% of the VAE decoding time in
-`benchmarks/sampler_scaling.py`; 3-8% before, 0.9 then moved one piece too many to rank 1)."""
+other blocks' pieces as they appear. With one swscale thread that is ~4% of the VAE decoding time
+in `benchmarks/sampler_scaling.py` (0.04 s of ~1.1 s), and the owner encodes the other blocks
+while they are still decoding. (0.95, set when encoding cost 3-8%, gave the owner 7 of the 16
+blending pieces, 44 of 96 latent frames: it then waited 0.23 s for rank 1.)"""
 
 DENOISER_CALL_FRAME_COST = 0.5
 """A denoiser call on one latent frame, in VAE decodings of one latent frame: 0.045 s per call of
