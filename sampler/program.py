@@ -232,9 +232,8 @@ def hierarchical_weights(kept: list[int], num_gaps: int, gap_weight: float) -> l
     """Work of each decoded lvdm-hierarchical piece for its decoding rank, in decoded latent frames:
     its frames, plus `gap_weight` for each gap that rank fills with it (`gap_ranks`: the gap
     before it, and for the last piece its own gap too)."""
-    last = len(kept) - 1
-    carried = [sum(1 for gap in range(num_gaps) if min(gap + 1, last) == index) for index in range(len(kept))]
-    return [length + gap_weight * gaps for length, gaps in zip(kept, carried, strict=True)]
+    carriers = gap_ranks(list(range(len(kept))), num_gaps)  # the piece whose decoder fills each gap
+    return [length + gap_weight * carriers.count(index) for index, length in enumerate(kept)]
 
 
 def gap_ranks(decoders: list[int], num_gaps: int) -> list[int]:

@@ -45,25 +45,16 @@ def media_dir() -> Path:
     """Real media installed by scripts/install_media.py (videos/ and images/ with captions)."""
     root = Path(os.environ.get("LVD_MEDIA", REPO / ".cache" / "media"))
     if not (root / "videos" / "bikes.mp4").is_file():
-        subprocess.run(
-            [sys.executable, str(REPO / "scripts" / "install_media.py"), "--out", str(root)], check=True
-        )
+        subprocess.run([sys.executable, str(REPO / "scripts" / "install_media.py"), "--out", str(root)], check=True)
     return root
 
 
-def run_lvd(
-    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 600
-) -> subprocess.CompletedProcess[str]:
+def run_lvd(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     """Run the real `lvd` console entry point in a subprocess."""
     full_env = dict(os.environ)
     full_env.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "lvd", *args],
-        cwd=cwd or REPO,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+        [sys.executable, "-m", "lvd", *args], cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -71,16 +62,7 @@ def run_lvd(
 def video_shards(media_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     """Real clips from the bundled videos, 8 frames at 32 px, in several small shards (brace URL)."""
     out = tmp_path_factory.mktemp("video_shards")
-    cmd = [
-        sys.executable,
-        "-m",
-        "data_pipeline.shard_cli",
-        "videos",
-        "--input",
-        str(media_dir / "videos"),
-        "--out",
-        str(out),
-    ]
+    cmd = [sys.executable, "-m", "data_pipeline.shard_cli", "videos", "--input", str(media_dir / "videos"), "--out", str(out)]
     cmd += ["--clip-frames", "8", "--size", "32", "--shard-size-mb", "0.03"]
     subprocess.run(cmd, check=True, capture_output=True)
     shards = sorted(out.glob("*.tar"))

@@ -16,21 +16,11 @@ from trainer.monitor import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 TASK_CONFIGS = sorted(p.name for p in (REPO / "configs" / "tiny").glob("*.yaml"))
-SMALL = [
-    "data.height=32",
-    "data.width=32",
-    "train.micro_batch_size=2",
-    "run.log_every=1",
-    "train.warmup_steps=1",
-]
+SMALL = ["data.height=32", "data.width=32", "train.micro_batch_size=2", "run.log_every=1", "train.warmup_steps=1"]
 
 
 def _config(name: str, run_dir: Path, shards: str, *extra: str) -> TrainJobConfig:
-    return load_config(
-        TrainJobConfig,
-        REPO / "configs" / "tiny" / name,
-        [*SMALL, f"data.shards={shards}", f"run.dir={run_dir}", *extra],
-    )
+    return load_config(TrainJobConfig, REPO / "configs" / "tiny" / name, [*SMALL, f"data.shards={shards}", f"run.dir={run_dir}", *extra])
 
 
 def _random_base(directory: Path) -> Path:
@@ -59,47 +49,29 @@ def test_every_tiny_task_trains_on_real_shards(name, tmp_path, video_shards):
     assert (tmp_path / "config.yaml").is_file()
 
 
-def test_zero3_training_puts_torch_linear_back(tmp_path, video_shards):
+def test_zero3_training_puts_torch_linear_back(tmp_path, video_shards, monkeypatch):
     """A ZeRO-3 engine replaces F.linear process-wide (DeepSpeed's zero3_linear_wrap); `train`
     restores torch's, so sampling after training in one process computes what a fresh one does."""
     import torch.nn.functional as F
 
-    cfg = _config(
-        "unet3d.yaml",
-        tmp_path,
-        video_shards,
-        "train.steps=1",
-        "train.checkpoint_every=0",
-        "train.zero_stage=3",
-    )
-    seen = []
     import trainer.loop as loop
 
+    cfg = _config("unet3d.yaml", tmp_path, video_shards, "train.steps=1", "train.checkpoint_every=0", "train.zero_stage=3")
+    seen = []
     original_step = loop._train_step
 
     def spy(*args, **kwargs):
         seen.append(F.linear)
         return original_step(*args, **kwargs)
 
-    loop._train_step = spy
-    try:
-        assert train(cfg) == 0
-    finally:
-        loop._train_step = original_step
+    monkeypatch.setattr(loop, "_train_step", spy)
+    assert train(cfg) == 0
     assert seen and seen[0] is not torch._C._nn.linear  # ZeRO-3 did replace it during training
     assert F.linear is torch._C._nn.linear
 
 
 def test_diffusion_loss_falls_over_50_steps(tmp_path, video_shards):
-    cfg = _config(
-        "unet3d.yaml",
-        tmp_path,
-        video_shards,
-        "train.steps=50",
-        "train.checkpoint_every=0",
-        "train.lr=2e-3",
-        "data.p_uncond=0",
-    )
+    cfg = _config("unet3d.yaml", tmp_path, video_shards, "train.steps=50", "train.checkpoint_every=0", "train.lr=2e-3", "data.p_uncond=0")
     assert train(cfg) == 0
     records = read_metrics(tmp_path)
     assert records[1]["lr"] == pytest.approx(2e-3)  # the first update already moves (warm-up of 1 step)
@@ -117,14 +89,7 @@ def test_injected_nan_is_skipped_then_stops_after_k(tmp_path, video_shards, monk
     assert records[4]["skipped_total"] == 1.0
 
     monkeypatch.setenv(checkpoint.FAULT_ENV, "nan_loss_from:3")
-    cfg = _config(
-        "unet3d.yaml",
-        tmp_path / "streak",
-        video_shards,
-        "train.steps=10",
-        "train.checkpoint_every=2",
-        "train.max_bad_steps=3",
-    )
+    cfg = _config("unet3d.yaml", tmp_path / "streak", video_shards, "train.steps=10", "train.checkpoint_every=2", "train.max_bad_steps=3")
     assert train(cfg) == 1
     records = read_metrics(tmp_path / "streak")
     assert max(records) == 5 and [records[s]["skipped"] for s in (3, 4, 5)] == [1.0, 1.0, 1.0]
@@ -174,13 +139,7 @@ def test_export_round_trip_matches_the_engine(tmp_path, video_shards):
     # The pipeline folder: frozen helpers, scheduler loadable by diffusers, EMA export differs.
     from diffusers import DDIMScheduler
 
-    assert {p.name for p in exported.iterdir()} >= {
-        "model_index.json",
-        "denoiser",
-        "vae",
-        "text_encoder",
-        "scheduler",
-    }
+    assert {p.name for p in exported.iterdir()} >= {"model_index.json", "denoiser", "vae", "text_encoder", "scheduler"}
     from sampler.cli import build_parser, config_from_args
 
     sample_args = build_parser().parse_args(["--model", str(exported), "--prompt", "x", "--out", "v.mp4"])
@@ -197,15 +156,7 @@ def test_export_round_trip_matches_the_engine(tmp_path, video_shards):
 
 @pytest.mark.parametrize("config", ["unet3d.yaml", "dit.yaml"])
 def test_bf16_training_runs(config, tmp_path, video_shards):
-    cfg = _config(
-        config,
-        tmp_path,
-        video_shards,
-        "train.steps=2",
-        "train.checkpoint_every=0",
-        "train.precision=bf16",
-        "train.zero_stage=2",
-    )
+    cfg = _config(config, tmp_path, video_shards, "train.steps=2", "train.checkpoint_every=0", "train.precision=bf16", "train.zero_stage=2")
     assert train(cfg) == 0
     records = read_metrics(tmp_path)
     assert sorted(records) == [1, 2] and all(math.isfinite(r["loss"]) for r in records.values())
@@ -221,9 +172,7 @@ def test_compiled_blocks_train_like_eager(tmp_path, video_shards):
     losses, keys = {}, {}
     for name, extra in {"eager": [], "compiled": ["train.compile=true", "train.act_ckpt=true"]}.items():
         counters.clear()
-        cfg = _config(
-            "dit.yaml", tmp_path / name, video_shards, "train.steps=2", "train.checkpoint_every=0", *extra
-        )
+        cfg = _config("dit.yaml", tmp_path / name, video_shards, "train.steps=2", "train.checkpoint_every=0", *extra)
         assert train(cfg) == 0
         graphs = counters["stats"]["unique_graphs"]
         assert graphs > 0 if name == "compiled" else graphs == 0
@@ -237,14 +186,7 @@ def test_compiled_blocks_train_like_eager(tmp_path, video_shards):
 def test_act_ckpt_skips_networks_without_blocks_and_a_one_step_run_has_no_warmup(tmp_path, video_shards):
     """The autoencoder task trains a VAE (blocks) and a patch discriminator (none) together; a
     1-step run (DeepSpeed refuses 0 warm-up steps) trains at the full rate."""
-    cfg = _config(
-        "autoencoder.yaml",
-        tmp_path,
-        video_shards,
-        "train.steps=1",
-        "train.checkpoint_every=0",
-        "train.act_ckpt=true",
-    )
+    cfg = _config("autoencoder.yaml", tmp_path, video_shards, "train.steps=1", "train.checkpoint_every=0", "train.act_ckpt=true")
     assert train(cfg) == 0
     record = read_metrics(tmp_path)[1]
     assert math.isfinite(record["loss"]) and record["lr"] == pytest.approx(cfg.train.lr)
@@ -257,9 +199,7 @@ def test_warmup_steps_zero_starts_at_the_full_rate():
     for train_cfg in (TrainConfig(warmup_steps=0), TrainConfig(steps=1)):
         params = deepspeed_config(train_cfg, world_size=1, on_cuda=False)["scheduler"]["params"]
         assert params["warmup_num_steps"] == 1 and params["warmup_min_ratio"] == 1.0
-    params = deepspeed_config(TrainConfig(steps=100, warmup_steps=10), world_size=1, on_cuda=False)[
-        "scheduler"
-    ]["params"]
+    params = deepspeed_config(TrainConfig(steps=100, warmup_steps=10), world_size=1, on_cuda=False)["scheduler"]["params"]
     assert params["warmup_num_steps"] == 10 and params["warmup_min_ratio"] == pytest.approx(0.1)
 
 
@@ -280,37 +220,12 @@ def test_latent_cache_trains_with_only_the_shard_path_and_a_flag(tmp_path, video
     for name, family in (("vae", "video_vae"), ("text_encoder", "text_encoder")):
         torch.manual_seed(0)
         model_zoo.save_pretrained(model_zoo.build_model(family, "tiny"), pipeline / name)
-    (pipeline / "model_index.json").write_text(
-        json.dumps({"vae": ["model_zoo", "video_vae"], "text_encoder": ["model_zoo", "text_encoder"]})
-    )
+    (pipeline / "model_index.json").write_text(json.dumps({"vae": ["model_zoo", "video_vae"], "text_encoder": ["model_zoo", "text_encoder"]}))
     shards = video_shards.split("/{")[0]
-    code = shard_main(
-        [
-            "latents",
-            "--input",
-            shards,
-            "--vae",
-            str(pipeline),
-            "--out",
-            str(tmp_path / "latents"),
-            "--frames",
-            "8",
-            "--height",
-            "32",
-            "--width",
-            "32",
-        ]
-    )
+    code = shard_main(["latents", "--input", shards, "--vae", str(pipeline), "--out", str(tmp_path / "latents"), "--frames", "8", "--height", "32", "--width", "32"])
     assert code == 0
     manifest = json.loads((tmp_path / "latents" / "manifest.json").read_text())
     assert manifest["samples"] > 0
-    cfg = _config(
-        "unet3d.yaml",
-        tmp_path / "run",
-        str(tmp_path / "latents"),
-        "data.latent=true",
-        "train.steps=2",
-        "train.checkpoint_every=0",
-    )
+    cfg = _config("unet3d.yaml", tmp_path / "run", str(tmp_path / "latents"), "data.latent=true", "train.steps=2", "train.checkpoint_every=0")
     assert train(cfg) == 0
     assert sorted(read_metrics(tmp_path / "run")) == [1, 2]

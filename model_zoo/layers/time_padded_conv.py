@@ -5,7 +5,7 @@ frames and the encoder is temporally shift-equivariant away from the borders (SP
 
 On CPU the convolution always runs on oneDNN (`Conv3d`): PyTorch's own choice sends batch-1
 inputs with N·C·T·H ≤ 20480 (every tiny config, and the sampler's one-video VAE decoding at small
-sizes) to its im2col kernel: 2-5x slower per convolution here, 3.7x for a tiny VAE decoding
+sizes) to its im2col kernel: 2-6x slower per convolution here, 3.7-5.1x for a tiny VAE decoding
 (`benchmarks/conv3d_cpu.py`).
 """
 
