@@ -5,11 +5,11 @@ One video per prompt. Video i (seed + i) is owned by rank i mod R, which writes
 - Sequential strategies (ddim, lvdm-autoregressive, vidrd, videofusion): ranks split the prompts,
   one rank per video in full rounds; the videos left over (number of prompts mod R, so the one
   video of a single prompt) run on all ranks in lockstep, see below.
-- lvdm-hierarchical: the keyframes, then every rank fills the gaps of its block of the video and
-  decodes them as they are filled.
+- lvdm-hierarchical: the keyframes on the owner; meanwhile and after, every rank claims the next
+  gap whose keyframes are saved, or the next piece to VAE-decode (`run_hierarchical`).
 - streaming: the autoregressive CAM + APM stage, then every rank refines a contiguous block of
   blending chunks, exchanging overlap latents after every step.
-- Lockstep: a sequential stage (keyframes, CAM + APM chunks, a leftover video's chunks) runs on
+- Lockstep: a sequential stage (CAM + APM chunks, a leftover video's chunks) runs on
   all ranks with the two guidance branches on ranks 0 and 1 (`distributed.branch_parallel_guide`),
   and the final VAE decoding is split into one block of pieces per rank (`write_pieces`).
 Every unit of work (chunk, keyframe clip, gap, refined chunk) is saved to `.parts/` when it
@@ -194,12 +194,6 @@ in `benchmarks/sampler_scaling.py` (0.04 s of ~1.1 s), and the owner encodes the
 while they are still decoding. (0.95, set when encoding cost 3-8%, gave the owner 7 of the 16
 blending pieces, 44 of 96 latent frames: it then waited 0.23 s for rank 1.)"""
 
-DENOISER_CALL_FRAME_COST = 0.5
-"""A denoiser call on one latent frame, in VAE decodings of one latent frame: 0.045 s per call of
-the tiny LVDM U-Net on an 8-frame clip against 0.08 s to decode 7 frames with the tiny VAE
-(`benchmarks/sampler_scaling.py`'s pipelines). It only sets how hierarchical gaps weigh against
-decoding when ranks split the pieces; at tens of steps the gaps outweigh decoding either way."""
-
 
 def decode_block(lengths: list[int], position: int, num_blocks: int, first_share: float = 1.0) -> range:
     """Pieces of the `position`-th of `num_blocks` contiguous blocks of latent frames: block 0 gets
@@ -218,40 +212,21 @@ def decode_block(lengths: list[int], position: int, num_blocks: int, first_share
     return range(block[0], block[-1] + 1) if block else range(0)
 
 
-def decoding_ranks(weights: list[float], size: int, owner: int) -> list[int]:
+def decoding_ranks(lengths: list[int], size: int, owner: int) -> list[int]:
     """The rank that VAE-decodes each kept piece (`write_pieces`' contiguous blocks, the owner's
-    first), the blocks balanced by `weights`: the kept latent frames, or `hierarchical_weights`."""
-    ranks = [owner] * len(weights)
+    first and a little smaller), by the pieces' kept latent frames."""
+    ranks = [owner] * len(lengths)
     for position in range(size):
-        for index in decode_block(weights, position, size, OWNER_DECODE_SHARE):
+        for index in decode_block(lengths, position, size, OWNER_DECODE_SHARE):
             ranks[index] = (owner + position) % size
     return ranks
 
 
-def hierarchical_weights(kept: list[int], num_gaps: int, gap_weight: float) -> list[float]:
-    """Work of each decoded lvdm-hierarchical piece for its decoding rank, in decoded latent frames:
-    its frames, plus `gap_weight` for each gap that rank fills with it (`gap_ranks`: the gap
-    before it, and for the last piece its own gap too)."""
-    carriers = gap_ranks(list(range(len(kept))), num_gaps)  # the piece whose decoder fills each gap
-    return [length + gap_weight * carriers.count(index) for index, length in enumerate(kept)]
-
-
-def gap_ranks(decoders: list[int], num_gaps: int) -> list[int]:
-    """The rank that fills each hierarchical gap: gap i is in piece i, and the decoder of piece i + 1
-    starts from piece i's last frame, so the rank decoding piece i + 1 fills it (the last decoded
-    piece's gap: its own decoder)."""
-    last = len(decoders) - 1
-    return [decoders[min(index + 1, last)] for index in range(num_gaps)]
-
-
-def write_pieces(
-    job: VideoJob, piece: Callable[[int], Tensor], lengths: list[int], weights: list[float] | None = None
-) -> None:
+def write_pieces(job: VideoJob, piece: Callable[[int], Tensor], lengths: list[int]) -> None:
     """The final latents, given piece by piece in video order (piece i has `lengths[i]` latent
     frames), into the mp4.
 
-    Every rank VAE-decodes one contiguous block of pieces (`decoding_ranks`, balanced by `weights`
-    of the decoded pieces, by default their latent frames), the owner the first
+    Every rank VAE-decodes one contiguous block of pieces (`decoding_ranks`), the owner the first
     (smaller) block straight into the mp4 and rank owner + j the j-th block to `.parts/frames-*`
     (uint8, one file per piece, written atomically). The owner then appends the other blocks in
     order, each piece as soon as its file appears (so it encodes while the others still decode),
@@ -268,7 +243,7 @@ def write_pieces(
     time_factor = vae_factors(vae)[0]
     kept = decoded_lengths(lengths, job.latent_frames)
     num_pieces = len(kept)
-    decoders = decoding_ranks(kept if weights is None else weights, world.size, job.owner)
+    decoders = decoding_ranks(kept, world.size, job.owner)
     mine = [index for index, rank in enumerate(decoders) if rank == world.rank]
     block = range(mine[0], mine[-1] + 1) if mine else range(0)
     decoder = ChunkDecoder(
@@ -390,8 +365,13 @@ def lvdm_stepper(job: VideoJob, num_frames: int) -> tuple[Stepper, int]:
         new_frames = clip if context is None else clip[:, :, config.cond_frames :]
         return new_frames, {"context": clip[:, :, -config.cond_frames :]}
 
+    return step, lvdm_num_clips(config, num_frames)
+
+
+def lvdm_num_clips(config: lvdm.LVDMConfig, num_frames: int) -> int:
+    """Clips of LVDM autoregressive prediction for `num_frames` latent frames: l, then l - k per clip."""
     new_per_clip = config.clip_frames - config.cond_frames
-    return step, 1 + math.ceil(max(0, num_frames - config.clip_frames) / new_per_clip)
+    return 1 + math.ceil(max(0, num_frames - config.clip_frames) / new_per_clip)
 
 
 def vidrd_stepper(job: VideoJob) -> tuple[Stepper, int]:
@@ -504,72 +484,182 @@ def run_sequential(job: VideoJob) -> None:
     run_chunks_to_video(job, "chunk", stepper, num_chunks)
 
 
-# ---- LVDM hierarchical: keyframes on the owner, gaps on every rank --------------------------
+# ---- LVDM hierarchical: keyframes on the owner, gaps and decoding claimed by every rank -----
+
+
+def hierarchical_tasks(num_gaps: int, num_pieces: int, num_ranks: int) -> list[tuple[str, int]]:
+    """The order in which ranks claim lvdm-hierarchical work: ("gap", i) at position i, and
+    ("decode", i), the VAE decoding of piece i (keyframe i + gap i, which also needs gap i - 1 as
+    its decoder's context), `num_ranks` gaps later, so that the gaps it needs are usually finished
+    when it is claimed and the owner's mp4 can take the pieces in order."""
+    keyed = [((index, 0), ("gap", index)) for index in range(num_gaps)]
+    keyed += [((index + num_ranks, 1), ("decode", index)) for index in range(num_pieces)]
+    return [task for _, task in sorted(keyed)]
+
+
+class KeyframeReader:
+    """Keyframes from the keyframe stage's chunk files, read as the owner saves them."""
+
+    def __init__(self, job: VideoJob, num_chunks: int, timeout: float) -> None:
+        self.job, self.num_chunks, self.timeout = job, num_chunks, timeout
+        self.frames: list[Tensor] = []
+        self.chunks_read = 0
+
+    def frame(self, index: int) -> Tensor:
+        """Keyframe `index` (1, C, 1, h, w), waiting for the chunk that holds it."""
+        while len(self.frames) <= index:
+            if self.chunks_read == self.num_chunks:
+                raise IndexError(f"keyframe {index} is past the {self.num_chunks} keyframe chunks")
+            name = f"keyframes-{self.chunks_read:05d}"
+            with self.job.timed("wait"):
+                self.job.store.wait_for(name, timeout=self.timeout)
+            latents = self.job.store.read(name)["latents"].to(self.job.setup.device)
+            self.frames += list(latents.split(1, dim=2))
+            self.chunks_read += 1
+        return self.frames[index]
+
+
+UNIT_TIMEOUT = COLLECTIVE_TIMEOUT.total_seconds()
+"""Seconds a rank waits for a unit (keyframe chunk, gap, decoded piece) another rank is to save."""
 
 
 def run_hierarchical(job: VideoJob) -> None:
-    """Keyframes in lockstep; then each rank fills the gaps of its decoding block and decodes them
-    as they are filled, with no barrier between the two: gap and decode times even out per rank.
+    """The keyframes on the owner alone; meanwhile, and after, every rank claims the next unit of
+    work in `hierarchical_tasks` order (`PartsStore.claim`): a gap, as soon as its two keyframes
+    are saved, or the VAE decoding of a piece, as soon as its gaps are. The owner encodes the
+    decoded pieces in video order as they appear.
 
-    Gap i belongs to the rank that decodes piece i + 1, whose decoder starts from the last frame of
-    piece i: a rank fills the gap before its block first, and the rank before it waits for that
-    gap (long finished) at the end of its own block.
+    No rank waits for a keyframe stage it cannot help with beyond the first keyframe clip, and no
+    static split of the gaps decides who finishes last: a rank that runs slower simply claims
+    fewer units. Gaps depend only on their keyframes and (seed, gap index), and each piece's
+    decoder starts from the last latent frames of the piece before it, exactly as one decoder
+    running through the video, so the video does not depend on the ranks or on who claimed what.
     """
     assert job.pipeline2 is not None
+    timeout = UNIT_TIMEOUT
     config = lvdm_config(job)
     plan = lvdm.HierarchicalPlan(num_frames=job.latent_frames, keyframe_stride=config.keyframe_stride)
-    stepper, num_chunks = lvdm_stepper(job, plan.num_keyframes)
-    run_chunks(job, "keyframes", stepper, num_chunks, lambda _: None)
+    alone = replace(job, world=World())  # the keyframe stage: the owner, both guidance branches
+    num_chunks = lvdm_num_clips(config, plan.num_keyframes)
+    if job.is_owner:  # claims and frames of a killed earlier run
+        job.store.clear("*.claim")
+        job.store.clear("frames-*.safetensors")
     job.world.barrier()
-    keyframes = read_chunks(job, "keyframes", num_chunks, plan.num_keyframes)
+    if job.is_owner:
+        stepper, _ = lvdm_stepper(alone, plan.num_keyframes)
+        run_chunks(alone, "keyframes", stepper, num_chunks, lambda _: None)
+    keyframes = KeyframeReader(job, num_chunks, timeout)
     interpolate = counted(lvdm_predict_fn(job.pipeline2, job.prompt), job.tick_steps())
+    vae = job.pipeline.vae
+    time_factor = vae_factors(vae)[0]
     # Piece i < len(gaps): keyframe i and the stride - 1 frames of gap i; the last piece: the last keyframe.
-    lengths = [config.keyframe_stride] * len(plan.gaps) + [1]
-    kept = decoded_lengths(lengths, job.latent_frames)
-    # Gaps of pieces past the end of the video (none with the plan's keyframe count) are not needed.
-    num_gaps = min(len(plan.gaps), len(kept))
-    calls = 2 if config.guidance_weight else 1  # unconditional guidance: two branches per step
-    gap_weight = DENOISER_CALL_FRAME_COST * calls * job.setup.num_steps * config.interp_clip_frames
-    weights = hierarchical_weights(kept, num_gaps, gap_weight)
-    decoders = decoding_ranks(weights, job.world.size, job.owner)
-    owners = gap_ranks(decoders, num_gaps)
-    mine = {index for index, rank in enumerate(owners) if rank == job.world.rank}
-    bar = job.progress("gaps", len(mine))
+    kept = decoded_lengths([config.keyframe_stride] * len(plan.gaps) + [1], job.latent_frames)
+    num_gaps = min(len(plan.gaps), len(kept))  # gaps of pieces past the end of the video are not needed
+    gaps: dict[int, Tensor] = {}
 
     def gap(index: int) -> Tensor:
-        name = f"gap-{index:05d}"
-        if index not in mine:
+        if index not in gaps:
+            name = f"gap-{index:05d}"
             with job.timed("wait"):
-                job.store.wait_for(name, timeout=COLLECTIVE_TIMEOUT.total_seconds())
-        elif job.store.has(name):
-            job.store.reused += 1
-            bar.update()
-        else:
-            start, end = plan.gaps[index]
-            with job.timed("gaps"):
-                fill = lvdm.fill_gap(
-                    interpolate,
-                    keyframes[:, :, start : start + 1],
-                    keyframes[:, :, end : end + 1],
-                    gap_index=index,
-                    setup=job.setup,
-                    config=config,
-                    seed=job.seed,
-                )
-            job.store.save(name, {"latents": fill})
-            bar.update()
-            return fill
-        return job.store.read(name)["latents"].to(keyframes.device)
+                job.store.wait_for(name, timeout=timeout)
+            gaps[index] = job.store.read(name)["latents"].to(job.setup.device)
+        return gaps[index]
 
     def piece(index: int) -> Tensor:
-        """Gap `index` with its left keyframe (1, C, stride, h, w); the last piece is the last keyframe."""
+        """Keyframe `index` and its gap, cut to the kept frames (the last piece: the last keyframe)."""
         if index == len(plan.gaps):
-            return keyframes[:, :, -1:]
-        start = plan.gaps[index][0]
-        return torch.cat([keyframes[:, :, start : start + 1], gap(index)], dim=2)
+            return keyframes.frame(index)[:, :, : kept[index]]
+        return torch.cat([keyframes.frame(plan.gaps[index][0]), gap(index)], dim=2)[:, :, : kept[index]]
 
-    write_pieces(job, piece, lengths, weights)
-    bar.close()
+    def fill(index: int) -> None:
+        start, end = plan.gaps[index]
+        key_start, key_end = keyframes.frame(start), keyframes.frame(end)
+        with job.timed("gaps"):
+            latents = lvdm.fill_gap(
+                interpolate,
+                key_start,
+                key_end,
+                gap_index=index,
+                setup=job.setup,
+                config=config,
+                seed=job.seed,
+            )
+        job.store.save(f"gap-{index:05d}", {"latents": latents})
+        gaps[index] = latents
+
+    encoder = OrderedEncoder(job, len(kept), timeout) if job.is_owner else None
+
+    def decode(index: int) -> None:
+        decoder = ChunkDecoder(
+            vae, time_factor, job.config.frames - time_factor * sum(kept[:index]), job.config.decode_context
+        )
+        if index > 0:
+            decoder.previous = piece(index - 1)
+        latents = piece(index)
+        with job.timed("decode"):
+            frames = decoder.decode(latents)
+        if encoder is not None:
+            encoder.add(index, frames)
+        else:
+            job.store.save(f"frames-{index:05d}", {"frames": torch.from_numpy(frames)}, unit=False)
+
+    for kind, index in hierarchical_tasks(num_gaps, len(kept), job.world.size):
+        name = f"{kind}-{index:05d}"
+        if not job.store.claim(name):
+            continue
+        if kind == "gap" and job.store.has(name):
+            job.store.reused += 1  # filled by an earlier run of the command
+        elif kind == "gap":
+            fill(index)
+        else:
+            decode(index)
+        if encoder is not None:
+            encoder.flush(wait=False)
+    if encoder is not None:
+        encoder.flush(wait=True)
+        encoder.close()
+    job.world.barrier()  # every unit is done (or a rank failed: the collective says so)
+    if job.is_owner:
+        job.store.clear("*.claim")
+
+
+class OrderedEncoder:
+    """The owner's mp4 of `num_pieces` decoded pieces that arrive in any order: its own, handed
+    over in memory, and other ranks', as `.parts/frames-*` files (deleted once encoded)."""
+
+    def __init__(self, job: VideoJob, num_pieces: int, timeout: float) -> None:
+        self.job, self.num_pieces, self.timeout = job, num_pieces, timeout
+        self.writer = Mp4Writer(job.out, job.config.fps)
+        self.mine: dict[int, Any] = {}
+        self.next = 0
+        self.bar = job.progress("pieces", num_pieces)
+
+    def add(self, index: int, frames: Any) -> None:
+        self.mine[index] = frames
+
+    def flush(self, *, wait: bool) -> None:
+        """Encode the pieces that are next in video order and available; with `wait`, all of them."""
+        store = self.job.store
+        while self.next < self.num_pieces:
+            name = f"frames-{self.next:05d}"
+            if self.next in self.mine:
+                frames = self.mine.pop(self.next)
+            elif store.has(name) or wait:
+                with self.job.timed("wait"):
+                    store.wait_for(name, timeout=self.timeout)
+                frames = store.read(name)["frames"].numpy()
+                store.path(name).unlink()
+            else:
+                return
+            with self.job.timed("encode"):
+                self.writer.write(frames)
+            self.next += 1
+            self.bar.update()
+
+    def close(self) -> None:
+        with self.job.timed("encode"):
+            self.writer.close()
+        self.bar.close()
 
 
 # ---- StreamingT2V: autoregressive stage on the owner, blending refinement on every rank -----

@@ -72,6 +72,22 @@ class PartsStore:
                 raise TimeoutError(f"{self.path(name)} did not appear within {timeout:.0f} s")
             time.sleep(poll)
 
+    def claim(self, name: str) -> bool:
+        """True for the one process that claims `name` first: it creates `<name>.claim` with
+        O_CREAT | O_EXCL, which is atomic on a local disk and on the shared file systems of a
+        cluster (NFSv3+, Lustre, GPFS), so ranks on any node can hand out work this way."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            os.close(os.open(self.folder / f"{name}.claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return False
+        return True
+
+    def clear(self, pattern: str) -> None:
+        """Delete the files matching `pattern` (claims, intermediate frames of a killed run)."""
+        for path in self.folder.glob(pattern):
+            path.unlink(missing_ok=True)
+
     def read(self, name: str) -> dict[str, Tensor]:
         """A unit another rank or stage finished (not counted as reuse)."""
         return load_file(str(self.path(name)))

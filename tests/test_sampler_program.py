@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from sampler.cli import build_parser, config_from_args, main
 from sampler.config import SampleConfig
+from sampler.distributed import World
 from sampler.program import generate
 from sampler.state import ParamsMismatch
 from sampler.tiny import tiny_pipeline
@@ -213,47 +214,118 @@ def test_cli_paper_aliases():
     assert (config.cond_frames, config.overlap, config.lam, config.blend_frames) == (2, 3, 0.3, 16)
 
 
-def test_each_hierarchical_gap_is_filled_by_one_rank_that_decodes_next_to_it():
-    from sampler.program import OWNER_DECODE_SHARE, decode_block, decoded_lengths, decoding_ranks, gap_ranks
+def test_hierarchical_tasks_list_every_unit_once_after_the_gaps_it_needs():
+    from sampler.program import hierarchical_tasks
 
-    for num_gaps, size, owner in [(13, 2, 0), (13, 2, 1), (7, 3, 2), (2, 4, 0), (1, 2, 0)]:
-        kept = decoded_lengths([4] * num_gaps + [1], 4 * num_gaps)  # the last keyframe is cut
-        assert len(kept) == num_gaps
-        decoders = decoding_ranks(kept, size, owner)
-        owners = gap_ranks(decoders, num_gaps)
-        assert len(owners) == num_gaps and set(owners) <= set(range(size))
-        for position in range(size):
-            block = decode_block(kept, position, size, OWNER_DECODE_SHARE)
-            rank = (owner + position) % size
-            assert all(decoders[index] == rank for index in block)
-            if len(block) and block.start > 0:
-                # the piece before a block is this rank's decoder context: it fills that gap itself
-                assert owners[block.start - 1] == rank
-            # every other gap of its block but the last is its own as well
-            assert all(owners[index] == rank for index in block if index + 1 in block and index < num_gaps)
+    assert hierarchical_tasks(3, 4, 1) == [
+        ("gap", 0),
+        ("gap", 1),
+        ("decode", 0),
+        ("gap", 2),
+        ("decode", 1),
+        ("decode", 2),
+        ("decode", 3),
+    ]
+    for num_gaps, num_pieces, ranks in [(14, 15, 2), (14, 14, 3), (1, 2, 4), (146, 147, 8)]:
+        tasks = hierarchical_tasks(num_gaps, num_pieces, ranks)
+        assert sorted(tasks) == sorted(
+            [("gap", i) for i in range(num_gaps)] + [("decode", i) for i in range(num_pieces)]
+        )
+        for position, (kind, index) in enumerate(tasks):
+            if kind == "decode":  # its gaps (i - 1 as context, and i) come at least `ranks` units before
+                needed = [gap for gap in (index - 1, index) if 0 <= gap < num_gaps]
+                assert all(tasks.index(("gap", gap)) < position for gap in needed)
+                assert sum(kind == "gap" for kind, _ in tasks[:position]) >= min(index + ranks, num_gaps)
 
 
-def test_hierarchical_blocks_balance_gap_filling_and_decoding_per_rank():
-    """Gaps cost more than decoding (steps x guided calls): weighted blocks give every rank the same
-    number of gaps to within one, where frame-balanced blocks gave rank 1 two more (6 vs 8 of 14)."""
-    from sampler.program import decoded_lengths, decoding_ranks, gap_ranks, hierarchical_weights
+class OneAtATime(World):
+    """Two ranks' worth of `World` run one after the other in this process: the collectives are
+    no-ops, so each rank's part of `run_hierarchical` can be run and inspected alone."""
 
-    kept = decoded_lengths([7] * 14 + [1], 96)  # benchmarks/sampler_scaling.py: 192 frames, stride 7
-    assert hierarchical_weights(kept, 14, 0.0) == kept
-    weights = hierarchical_weights(kept, 14, 24.0)
-    assert sum(weights) == sum(kept) + 24.0 * 14
-    assert (
-        weights[0] == kept[0] and weights[-1] == kept[-1] + 2 * 24.0
-    )  # the last piece: its gap and the one before
+    def barrier(self) -> None:
+        pass
 
-    def gaps_per_rank(decoders: list[int], size: int) -> list[int]:
-        owners = gap_ranks(decoders, 14)
-        return [owners.count(rank) for rank in range(size)]
+    def all_gather(self, value):
+        return [value] * self.size
 
-    assert gaps_per_rank(decoding_ranks(kept, 2, 0), 2) == [6, 8]  # by frames alone
-    for size, owner in [(2, 0), (2, 1), (3, 0), (4, 2)]:
-        counts = gaps_per_rank(decoding_ranks(weights, size, owner), size)
-        assert sum(counts) == 14 and max(counts) - min(counts) <= 1, (size, owner, counts)
+
+def test_hierarchical_ranks_fill_gaps_as_keyframes_appear_and_claim_each_unit_once(
+    pipelines, tmp_path, monkeypatch
+):
+    import shutil
+
+    import sampler.program as program
+
+    fields = dict(
+        model=pipelines["lvdm_prediction"],
+        model2=pipelines["lvdm_interpolation"],
+        strategy="lvdm-hierarchical",
+        frames=30,  # 15 latent frames, stride 3: keyframes 0, 3, ..., 15 in 2 clips (4, then 2)
+        keyframe_stride=3,
+    )
+    reference = base_config(pipelines, tmp_path / "one", **fields)
+    run(reference)
+    ref_parts = Path(reference.out).with_suffix(".parts")
+    assert part(Path(reference.out), "keyframes-00000")["latents"].shape[2] == 4
+
+    config = base_config(pipelines, tmp_path / "two", **fields)
+    parts = Path(config.out).with_suffix(".parts")
+    parts.mkdir(parents=True)
+    for name in ("params.json", "keyframes-00000.safetensors"):  # the owner is still on the second clip
+        shutil.copy(ref_parts / name, parts / name)
+    monkeypatch.setattr(program, "UNIT_TIMEOUT", 1.0)
+    monkeypatch.setattr(program, "init_world", lambda device: OneAtATime(rank=1, size=2))
+    with pytest.raises(TimeoutError, match="keyframes-00001"):
+        generate(config)
+    # Rank 1 filled the gaps between the first clip's keyframes and decoded the first piece, while
+    # the second keyframe clip did not exist yet; it then waited for that clip for gap 3.
+    assert sorted(path.name for path in parts.glob("gap-*.safetensors")) == [
+        f"gap-0000{i}.safetensors" for i in range(3)
+    ]
+    for index in range(3):
+        name = f"gap-{index:05d}"
+        assert part(Path(config.out), name)["latents"].equal(part(Path(reference.out), name)["latents"])
+    assert [path.name for path in parts.glob("frames-*")] == ["frames-00000.safetensors"]
+    claims = {path.name for path in parts.glob("*.claim")}
+    assert claims == {f"gap-0000{i}.claim" for i in range(4)} | {"decode-00000.claim"}
+
+    # The owner finishes the keyframe stage and everything left; its video is the one-rank video.
+    shutil.copy(ref_parts / "keyframes-00001.safetensors", parts / "keyframes-00001.safetensors")
+    monkeypatch.setattr(program, "init_world", lambda device: OneAtATime(rank=0, size=2))
+    generate(config)
+    assert Path(config.out).read_bytes() == Path(reference.out).read_bytes()
+    report = json.loads(Path(config.out).with_suffix(".json").read_text())
+    assert report["ranks"][0]["reused"] == 2 + 3  # both keyframe clips, the three gaps rank 1 saved
+    assert report["ranks"][0]["computed"] == 2  # gaps 3 and 4
+    assert not list(parts.glob("*.claim")) and not list(parts.glob("frames-*"))
+
+
+def _claim_all(folder: str, names: list[str], queue) -> None:
+    from sampler.state import PartsStore
+
+    store = PartsStore(Path(folder))
+    queue.put([name for name in names if store.claim(name)])
+
+
+def test_claims_hand_each_unit_to_exactly_one_of_racing_processes(tmp_path):
+    import multiprocessing
+
+    from sampler.state import PartsStore
+
+    names = [f"gap-{index:05d}" for index in range(300)]
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    procs = [context.Process(target=_claim_all, args=(str(tmp_path), names, queue)) for _ in range(3)]
+    for proc in procs:
+        proc.start()
+    won = [queue.get(timeout=120) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=60)
+    assert sorted(name for claims in won for name in claims) == names  # none twice, none lost
+    store = PartsStore(tmp_path)
+    assert not store.claim(names[0])
+    store.clear("*.claim")
+    assert store.claim(names[0]) and not list(tmp_path.glob("*.tmp*"))
 
 
 def test_decode_blocks_partition_the_pieces_by_frames():
