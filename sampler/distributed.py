@@ -1,15 +1,16 @@
 """The ranks of a sampling run: torchrun / srun / `lvd.launch` environment, gloo on CPU, NCCL on CUDA.
 
-A one-rank run needs no process group. Objects (latents on the CPU) move with
-`all_gather_object`, which is enough for the small overlaps and unit results the sampler exchanges;
-the per-step model outputs of branch-parallel guidance move as tensors (`broadcast_tensor`).
+A one-rank run needs no process group. Small objects (unit counts, timings) move with
+`all_gather_object`; the per-step model outputs of branch-parallel guidance move as tensors
+(`broadcast_tensor`), and the blending overlaps by point-to-point sends between neighbouring
+ranks (`NeighbourExchange`).
 """
 
 from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -97,18 +98,49 @@ def close_world(world: World) -> None:
         dist.destroy_process_group()
 
 
-def gather_overlaps(
-    world: World, tails: Mapping[int, Tensor], heads: Mapping[int, Tensor]
-) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
-    """`blending.OverlapExchange` over ranks: every rank receives every chunk's tail and head."""
-    local = ({i: x.cpu() for i, x in tails.items()}, {i: x.cpu() for i, x in heads.items()})
-    all_tails: dict[int, Tensor] = {}
-    all_heads: dict[int, Tensor] = {}
-    for rank_tails, rank_heads in world.all_gather(local):
-        all_tails.update(rank_tails)
-        all_heads.update(rank_heads)
-    device = next(iter(tails.values())).device if tails else torch.device("cpu")
-    return {i: x.to(device) for i, x in all_tails.items()}, {i: x.to(device) for i, x in all_heads.items()}
+@dataclass(frozen=True)
+class NeighbourExchange:
+    """`blending.OverlapExchange` between ranks that own contiguous blocks of chunks
+    (`chunk_owners`): each boundary chunk's tail goes to the owner of the next chunk and its head
+    to the owner of the previous one, by non-blocking point-to-point sends (gloo on CPU, NCCL on
+    GPU); the receives are posted at once, so they complete while the interior chunks step."""
+
+    world: World
+    """The ranks."""
+    owners: tuple[int, ...]
+    """The rank that owns each chunk."""
+
+    def __call__(self, tails: Mapping[int, Tensor], heads: Mapping[int, Tensor]) -> Callable[[], Any]:
+        owners, rank = self.owners, self.world.rank
+        requests: list[Any] = []
+        far_tails: dict[int, Tensor] = {}
+        far_heads: dict[int, Tensor] = {}
+        for index, tail in tails.items():
+            if index + 1 < len(owners) and owners[index + 1] != rank:
+                requests.append(dist.isend(tail.contiguous(), dst=owners[index + 1]))
+                far_heads[index + 1] = torch.empty_like(tail)
+                requests.append(dist.irecv(far_heads[index + 1], src=owners[index + 1]))
+        for index, head in heads.items():
+            if index > 0 and owners[index - 1] != rank:
+                requests.append(dist.isend(head.contiguous(), dst=owners[index - 1]))
+                far_tails[index - 1] = torch.empty_like(head)
+                requests.append(dist.irecv(far_tails[index - 1], src=owners[index - 1]))
+
+        def finish() -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+            for request in requests:
+                request.wait()
+            return far_tails, far_heads
+
+        return finish
+
+
+def chunk_owners(world: World, num_chunks: int) -> tuple[int, ...]:
+    """The rank of each chunk when every rank owns its `World.block` of them."""
+    owners = [0] * num_chunks
+    for rank in range(world.size):
+        for index in World(rank=rank, size=world.size).block(num_chunks):
+            owners[index] = rank
+    return tuple(owners)
 
 
 def branch_parallel_guide(world: World) -> Guide:

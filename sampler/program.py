@@ -28,7 +28,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +39,11 @@ from sampler.config import PARALLEL_STRATEGIES, SampleConfig
 from sampler.denoisers import counted, lvdm_predict_fn, streaming_denoiser, text_denoiser
 from sampler.distributed import (
     COLLECTIVE_TIMEOUT,
+    NeighbourExchange,
     World,
     branch_parallel_guide,
+    chunk_owners,
     close_world,
-    gather_overlaps,
     init_world,
 )
 from sampler.pipeline import Pipeline, anchor_embedding, load_pipeline, vae_factors
@@ -688,6 +688,11 @@ def refine(job: VideoJob, latents: Tensor, anchor: Tensor) -> tuple[int, blendin
     pieces = blending.split_chunks(latents, config)
     chunks = {i: blending.noised_chunk(pieces[i], i, setup, config, job.seed) for i in job.world.block(total)}
     denoise = counted(refiner_denoiser(job, anchor), job.tick_steps())
+    exchange = (
+        NeighbourExchange(job.world, chunk_owners(job.world, total))
+        if job.world.size > 1
+        else blending.local_exchange
+    )
     bar = job.progress("refine steps", setup.num_steps)
     with job.timed("refine"):
         for step_index in range(setup.num_steps):
@@ -699,7 +704,7 @@ def refine(job: VideoJob, latents: Tensor, anchor: Tensor) -> tuple[int, blendin
                 setup=setup,
                 config=config,
                 seed=job.seed,
-                exchange=partial(gather_overlaps, job.world),
+                exchange=exchange,
             )
             bar.update()
     bar.close()

@@ -90,6 +90,28 @@ def test_two_ranks_equal_one_rank(strategy, pipelines, tmp_path):
 
 
 @pytest.mark.multirank
+def test_three_ranks_refine_blending_chunks_like_one_rank(pipelines, tmp_path):
+    """4 blending chunks on 3 ranks: rank 1 owns chunk 1 alone and trades overlaps with both
+    neighbours every step (point-to-point, `NeighbourExchange`)."""
+    argv = [
+        *strategy_argv("streaming", pipelines),
+        "--strategy",
+        "streaming",
+        "--prompt",
+        "a red bicycle",
+        *COMMON,
+    ]
+    assert main([*argv, "--out", str(tmp_path / "one" / "v.mp4")]) == 0
+    proc = cli_subprocess([*argv, "--out", str(tmp_path / "three" / "v.mp4"), "--nproc", "3"])
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    assert_same_outputs(tmp_path / "one" / "v.mp4", tmp_path / "three" / "v.mp4")
+    report = json.loads((tmp_path / "three" / "v.json").read_text())
+    assert len(list((tmp_path / "one" / "v.parts").glob("refined-*"))) == 4
+    assert [rank["timings"]["refine"] > 0 for rank in report["ranks"]] == [True, True, True]
+
+
+@pytest.mark.multirank
 def test_one_prompt_on_two_ranks_splits_the_guidance_branches(pipelines, tmp_path):
     """A sequential strategy with a single prompt: both ranks work on it in lockstep, same bytes."""
     argv = ["--model", pipelines["lvdm_prediction"], "--strategy", "lvdm-autoregressive", "--frames", "24"]

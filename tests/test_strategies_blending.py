@@ -11,6 +11,7 @@ from model_zoo.diffusion.schedules import alphas_cumprod, ddim_timesteps, make_b
 from sampler.strategies.blending import (
     BlendingConfig,
     blend_overlap,
+    boundary_chunks,
     local_exchange,
     merge_chunks,
     noised_chunk,
@@ -65,32 +66,81 @@ def test_blend_overlap_takes_f_thr_frames_from_the_left_chunk():
         assert blend_overlap(left, right, f_thr).flatten().tolist() == [1.0] * f_thr + [0.0] * (8 - f_thr)
 
 
+class Mailbox:
+    """Ranks simulated by threads, one block of chunks each: `exchange(rank)` posts the rank's
+    boundary overlaps, and its `finish()` waits for every rank's and hands over the neighbours'.
+    `posted[step]` keeps every rank's pre-blend overlaps of each step."""
+
+    def __init__(self, owned: dict[int, list[int]], total_chunks: int) -> None:
+        self.owned, self.total = owned, total_chunks
+        self.barrier = threading.Barrier(len(owned))
+        self.current: dict[int, tuple[dict, dict]] = {}
+        self.posted: list[tuple[dict, dict]] = []
+
+    def exchange(self, rank: int):
+        mine = set(self.owned[rank])
+
+        def start(tails, heads):
+            self.current[rank] = (dict(tails), dict(heads))
+
+            def finish():
+                self.barrier.wait()
+                all_tails = {i: x for tails, _ in self.current.values() for i, x in tails.items()}
+                all_heads = {i: x for _, heads in self.current.values() for i, x in heads.items()}
+                if rank == 0:
+                    self.posted.append((all_tails, all_heads))
+                self.barrier.wait()
+                far_tails = {i - 1: all_tails[i - 1] for i in mine if i > 0 and i - 1 not in mine}
+                far_heads = {
+                    i + 1: all_heads[i + 1] for i in mine if i + 1 < self.total and i + 1 not in mine
+                }
+                return far_tails, far_heads
+
+            return finish
+
+        return start
+
+
+def run_ranks(owned: dict[int, list[int]], latents, setup, seed: int, total: int):
+    """Each rank's chunks after every step ({rank: [chunks after step 0, ...]}), and the mailbox."""
+    mailbox = Mailbox(owned, total)
+    pieces = split_chunks(latents, CONFIG)
+    history: dict[int, list[dict]] = {rank: [] for rank in owned}
+    draws: list[int] = []
+
+    def run_rank(rank: int) -> None:
+        chunks = {i: noised_chunk(pieces[i], i, setup, CONFIG, seed) for i in owned[rank]}
+        for step in range(setup.num_steps):
+            chunks, f_thr = refine_step(
+                rolling_denoiser,
+                chunks,
+                step,
+                total_chunks=total,
+                setup=setup,
+                config=CONFIG,
+                seed=seed,
+                exchange=mailbox.exchange(rank),
+            )
+            history[rank].append(chunks)
+            if rank == 0:
+                draws.append(f_thr)
+
+    threads = [threading.Thread(target=run_rank, args=(rank,)) for rank in owned]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return history, mailbox, draws
+
+
 def test_f_thr_is_drawn_per_step_and_overlaps_are_blended():
     setup = make_setup(num_steps=12)
-    seen: list[tuple[dict, dict]] = []
-
-    def recording_exchange(tails, heads):
-        seen.append((dict(tails), dict(heads)))
-        return local_exchange(tails, heads)
-
-    chunks = {
-        i: noised_chunk(c, i, setup, CONFIG, 2)
-        for i, c in enumerate(split_chunks(low_res_latents(56), CONFIG))
-    }
-    draws = []
-    for step in range(12):
-        chunks, f_thr = refine_step(
-            rolling_denoiser,
-            chunks,
-            step,
-            total_chunks=3,
-            setup=setup,
-            config=CONFIG,
-            seed=2,
-            exchange=recording_exchange,
-        )
-        draws.append(f_thr)
-        tails, heads = seen[-1]
+    # One chunk per simulated rank: every chunk is a boundary chunk, so every overlap is posted.
+    history, mailbox, draws = run_ranks({0: [0], 1: [1], 2: [2]}, low_res_latents(56), setup, 2, 3)
+    assert len(mailbox.posted) == 12
+    for step, f_thr in enumerate(draws):
+        tails, heads = mailbox.posted[step]
+        chunks = {i: history[i][step][i] for i in range(3)}
         for i in (1, 2):
             # before blending the chunks disagree; after, both hold the blend
             assert not torch.allclose(tails[i - 1], heads[i])
@@ -120,50 +170,27 @@ def test_f_thr_is_drawn_per_step_and_overlaps_are_blended():
     assert other != draws
 
 
+def test_boundary_chunks_are_the_ones_with_a_neighbour_elsewhere():
+    assert boundary_chunks([0, 1, 2, 3], 8) == [3]
+    assert boundary_chunks([4, 5, 6, 7], 8) == [4]
+    assert boundary_chunks([2, 3, 4], 8) == [2, 4]
+    assert boundary_chunks([5], 8) == [5]
+    assert boundary_chunks(list(range(8)), 8) == []
+    with pytest.raises(ValueError, match="neighbour elsewhere"):
+        local_exchange({3: torch.zeros(1)}, {})
+
+
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_two_simulated_ranks_equal_one_process(eta):
-    """Rank 0 owns chunks {0, 1}, rank 1 owns {2}; threads exchange overlaps through a barrier."""
+    """Rank 0 owns chunks {0, 1}, rank 1 owns {2}; threads exchange boundary overlaps."""
     setup, num_frames, seed = make_setup(num_steps=6, eta=eta), 50, 4
     latents = low_res_latents(num_frames)
     reference = randomized_blending(rolling_denoiser, latents, setup=setup, config=CONFIG, seed=seed)
-
-    pieces = split_chunks(latents, CONFIG)
-    mailbox: dict[int, tuple[dict, dict]] = {}
-    barrier = threading.Barrier(2)
-    results: dict[int, dict] = {}
-
-    def run_rank(rank: int, owned: list[int]):
-        def exchange(tails, heads):
-            mailbox[rank] = (dict(tails), dict(heads))
-            barrier.wait()
-            all_tails = {**mailbox[0][0], **mailbox[1][0]}
-            all_heads = {**mailbox[0][1], **mailbox[1][1]}
-            barrier.wait()
-            return all_tails, all_heads
-
-        chunks = {i: noised_chunk(pieces[i], i, setup, CONFIG, seed) for i in owned}
-        for step in range(setup.num_steps):
-            chunks, _ = refine_step(
-                rolling_denoiser,
-                chunks,
-                step,
-                total_chunks=3,
-                setup=setup,
-                config=CONFIG,
-                seed=seed,
-                exchange=exchange,
-            )
-        results[rank] = chunks
-
-    threads = [
-        threading.Thread(target=run_rank, args=(0, [0, 1])),
-        threading.Thread(target=run_rank, args=(1, [2])),
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    merged = merge_chunks([{**results[0], **results[1]}[i] for i in range(3)], num_frames, CONFIG)
+    history, mailbox, _ = run_ranks({0: [0, 1], 1: [2]}, latents, setup, seed, 3)
+    # only the boundary chunks' overlaps travel: chunk 1 (rank 0) and chunk 2 (rank 1)
+    assert all(set(tails) == {1, 2} and set(heads) == {1, 2} for tails, heads in mailbox.posted)
+    final = {**history[0][-1], **history[1][-1]}
+    merged = merge_chunks([final[i] for i in range(3)], num_frames, CONFIG)
     assert torch.equal(merged, reference)
     assert reference.shape == (1, 2, 50, 2, 2)
 

@@ -24,12 +24,15 @@ from model_zoo.diffusion.samplers import DenoiseFn
 from sampler.strategies.common import SamplingSetup, denoise_step
 from sampler.strategies.seeding import unit_generator
 
-OverlapExchange = Callable[
-    [Mapping[int, Tensor], Mapping[int, Tensor]], tuple[dict[int, Tensor], dict[int, Tensor]]
-]
-"""`exchange(tails, heads) -> (tails, heads)`: given the last-O (tails) and first-O (heads) frames
-of the chunks this rank owns, keyed by chunk index, return them together with the neighbours'
-(tail of chunk i-1 and head of chunk i+1 for every owned chunk i)."""
+Overlaps = tuple[dict[int, Tensor], dict[int, Tensor]]
+OverlapExchange = Callable[[Mapping[int, Tensor], Mapping[int, Tensor]], Callable[[], Overlaps]]
+"""`exchange(tails, heads)` is called as soon as this rank's boundary chunks (those with a
+neighbour on another rank) have taken the step, with their last-O (tails) and first-O (heads)
+frames keyed by chunk index; it starts sending them and returns `finish()`, which the rank calls
+after stepping its interior chunks and which returns the neighbours' overlaps it needs: the tail
+of chunk i - 1 and the head of chunk i + 1 for every owned chunk i whose neighbour is elsewhere.
+So the transfer overlaps the interior chunks' denoising, and a rank only waits if a neighbour is
+more than its interior work behind."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,11 +109,24 @@ def blend_overlap(left_tail: Tensor, right_head: Tensor, f_thr: int) -> Tensor:
     return torch.cat([left_tail[:, :, :f_thr], right_head[:, :, f_thr:]], dim=2)
 
 
-def local_exchange(
-    tails: Mapping[int, Tensor], heads: Mapping[int, Tensor]
-) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
-    """The exchange of a single process that owns every chunk: nothing to receive."""
-    return dict(tails), dict(heads)
+def local_exchange(tails: Mapping[int, Tensor], heads: Mapping[int, Tensor]) -> Callable[[], Overlaps]:
+    """The exchange of a single process that owns every chunk: it has no boundary chunks and
+    nothing to receive."""
+    if tails or heads:
+        raise ValueError(
+            f"one process owns every chunk, yet chunks {sorted({*tails, *heads})} have a neighbour elsewhere"
+        )
+    return lambda: ({}, {})
+
+
+def boundary_chunks(owned: Sequence[int], total_chunks: int) -> list[int]:
+    """The owned chunks with a neighbour (i - 1 or i + 1, within the video) that is not owned."""
+    mine = set(owned)
+    return [
+        index
+        for index in owned
+        if (index > 0 and index - 1 not in mine) or (index < total_chunks - 1 and index + 1 not in mine)
+    ]
 
 
 def refine_step(
@@ -130,19 +146,25 @@ def refine_step(
     generator, so the result does not depend on which rank owns which chunk.
     """
     overlap = config.overlap_frames
-    stepped = {
-        index: denoise_step(
-            denoise_fn, chunk, step_index, setup, unit_generator(seed, f"blend-step-{step_index}", index)
-        )
-        for index, chunk in chunks.items()
-    }
-    tails, heads = exchange(
+
+    def step(index: int) -> Tensor:
+        generator = unit_generator(seed, f"blend-step-{step_index}", index)
+        return denoise_step(denoise_fn, chunks[index], step_index, setup, generator)
+
+    boundary = boundary_chunks(list(chunks), total_chunks)
+    stepped = {index: step(index) for index in boundary}  # first: the neighbours wait for these
+    finish = exchange(
         {i: x[:, :, -overlap:] for i, x in stepped.items()},
         {i: x[:, :, :overlap] for i, x in stepped.items()},
     )
+    stepped.update({index: step(index) for index in chunks if index not in stepped})
+    far_tails, far_heads = finish()
+    tails = {**{i: x[:, :, -overlap:] for i, x in stepped.items()}, **far_tails}
+    heads = {**{i: x[:, :, :overlap] for i, x in stepped.items()}, **far_heads}
     f_thr = draw_f_thr(seed, step_index, config)
     blended = {}
-    for index, chunk in stepped.items():
+    for index in chunks:  # in the caller's order
+        chunk = stepped[index]
         head = blend_overlap(tails[index - 1], heads[index], f_thr) if index > 0 else chunk[:, :, :overlap]
         tail = (
             blend_overlap(tails[index], heads[index + 1], f_thr)
