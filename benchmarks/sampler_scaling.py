@@ -11,6 +11,8 @@
   1-rank job, each with a core of its own, have no communication and no imbalance, so
   2 x (1-rank wall) / (mean wall of the copies) is what a perfect split of the job could reach on
   this machine at that moment. `efficiency` is the speed-up over that ceiling (median over rounds).
+  `busy_fraction_2`, the 2-rank run's CPU seconds over 2 x its wall, is the share of the cores it
+  kept busy: its own waits and imbalance, free of the VM's drift between runs.
 - Time per frame and peak RSS of lvdm-autoregressive at 1024 frames relative to 64 frames.
 Goals (issue 6): speedups >= 1.8, time-per-frame ratio <= 1.1, RSS ratio <= 1.2; and (ours) an
 efficiency >= 0.95 of the ceiling.
@@ -82,6 +84,9 @@ def speedup(argv: list[str], stage: str, root: Path, name: str, repeats: int) ->
         rounds.append((one, two, copies))
     speedups = [wall(one) / wall(two) for one, two, _ in rounds]
     ceilings = [2 * wall(one) / statistics.mean(map(wall, copies)) for one, _, copies in rounds]
+    # The share of the two cores the 2-rank run kept busy (its ranks' CPU seconds over 2 x wall):
+    # idle time in waits and imbalance, measured inside one run, so the VM's drift does not enter.
+    busy = [sum(rank["cpu_seconds"] for rank in two["ranks"]) / (2 * wall(two)) for _, two, _ in rounds]
     fastest_one = min((one for one, _, _ in rounds), key=wall)
     fastest_two = min((two for _, two, _ in rounds), key=wall)
     stage_two = max(rank["timings"].get(stage, 0.0) for rank in fastest_two["ranks"])
@@ -91,6 +96,8 @@ def speedup(argv: list[str], stage: str, root: Path, name: str, repeats: int) ->
         "ceiling": round(statistics.median(ceilings), 3),
         "ceilings_per_round": [round(value, 3) for value in ceilings],
         "efficiency": round(statistics.median(a / b for a, b in zip(speedups, ceilings)), 3),
+        "busy_fraction_2": round(statistics.median(busy), 3),
+        "busy_fractions_per_round": [round(value, 3) for value in busy],
         "fastest_run_speedup": round(wall(fastest_one) / wall(fastest_two), 3),
         f"{stage}_speedup_fastest_runs": round(fastest_one["timings"][stage] / stage_two, 3),
         "walls_1": [round(wall(one), 2) for one, _, _ in rounds],
