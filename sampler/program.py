@@ -11,7 +11,7 @@ One video per prompt. Video i (seed + i) is owned by rank i mod R, which writes
   blending chunks, exchanging overlap latents after every step.
 - Lockstep: a sequential stage (CAM + APM chunks, a leftover video's chunks) runs on
   all ranks with the two guidance branches on ranks 0 and 1 (`distributed.branch_parallel_guide`),
-  and the final VAE decoding is split into one block of pieces per rank (`write_pieces`).
+  and the final VAE decoding is claimed piece by piece by every rank (`write_pieces`).
 Every unit of work (chunk, keyframe clip, gap, refined chunk) is saved to `.parts/` when it
 finishes and reused by a rerun of the same command, and all randomness is keyed by unit
 (`strategies.seeding`), so R ranks, one rank and a resumed run give the same video.
@@ -187,96 +187,113 @@ def decoded_lengths(lengths: list[int], latent_frames: int) -> list[int]:
     return kept[: sum(1 for length in kept if length > 0)]
 
 
-OWNER_DECODE_SHARE = 0.98
-"""The owner's block, relative to another rank's: it also encodes every frame of the video, the
-other blocks' pieces as they appear. With one swscale thread that is ~4% of the VAE decoding time
-in `benchmarks/sampler_scaling.py` (0.04 s of ~1.1 s), and the owner encodes the other blocks
-while they are still decoding. (0.95, set when encoding cost 3-8%, gave the owner 7 of the 16
-blending pieces, 44 of 96 latent frames: it then waited 0.23 s for rank 1.)"""
+UNIT_TIMEOUT = COLLECTIVE_TIMEOUT.total_seconds()
+"""Seconds a rank waits for a unit (keyframe chunk, gap, decoded piece) another rank is to save."""
 
 
-def decode_block(lengths: list[int], position: int, num_blocks: int, first_share: float = 1.0) -> range:
-    """Pieces of the `position`-th of `num_blocks` contiguous blocks of latent frames: block 0 gets
-    `first_share` times the frames of each other block; piece i goes to the block its middle frame
-    falls in."""
-    bounds = [0.0]
-    for index in range(num_blocks):
-        bounds.append(bounds[-1] + (first_share if index == 0 else 1.0))
-    total, start, block = sum(lengths), 0, []
-    for index, length in enumerate(lengths):
-        middle = (start + length / 2) / total * bounds[-1]
-        owner = next(j for j in range(num_blocks) if middle < bounds[j + 1] or j == num_blocks - 1)
-        if owner == position:
-            block.append(index)
-        start += length
-    return range(block[0], block[-1] + 1) if block else range(0)
+class OrderedEncoder:
+    """The owner's mp4 of `num_pieces` decoded pieces that arrive in any order: its own, handed
+    over in memory, and other ranks', as `.parts/frames-*` files (deleted once encoded)."""
+
+    def __init__(self, job: VideoJob, num_pieces: int, timeout: float) -> None:
+        self.job, self.num_pieces, self.timeout = job, num_pieces, timeout
+        self.writer = Mp4Writer(job.out, job.config.fps)
+        self.mine: dict[int, Any] = {}
+        self.next = 0
+        self.bar = job.progress("pieces", num_pieces)
+
+    def add(self, index: int, frames: Any) -> None:
+        self.mine[index] = frames
+
+    def flush(self, *, wait: bool) -> None:
+        """Encode the pieces that are next in video order and available; with `wait`, all of them."""
+        store = self.job.store
+        while self.next < self.num_pieces:
+            name = f"frames-{self.next:05d}"
+            if self.next in self.mine:
+                frames = self.mine.pop(self.next)
+            elif store.has(name) or wait:
+                with self.job.timed("wait"):
+                    store.wait_for(name, timeout=self.timeout)
+                frames = store.read(name)["frames"].numpy()
+                store.path(name).unlink()
+            else:
+                return
+            with self.job.timed("encode"):
+                self.writer.write(frames)
+            self.next += 1
+            self.bar.update()
+
+    def close(self) -> None:
+        with self.job.timed("encode"):
+            self.writer.close()
+        self.bar.close()
 
 
-def decoding_ranks(lengths: list[int], size: int, owner: int) -> list[int]:
-    """The rank that VAE-decodes each kept piece (`write_pieces`' contiguous blocks, the owner's
-    first and a little smaller), by the pieces' kept latent frames."""
-    ranks = [owner] * len(lengths)
-    for position in range(size):
-        for index in decode_block(lengths, position, size, OWNER_DECODE_SHARE):
-            ranks[index] = (owner + position) % size
-    return ranks
-
-
-def write_pieces(job: VideoJob, piece: Callable[[int], Tensor], lengths: list[int]) -> None:
-    """The final latents, given piece by piece in video order (piece i has `lengths[i]` latent
-    frames), into the mp4.
-
-    Every rank VAE-decodes one contiguous block of pieces (`decoding_ranks`), the owner the first
-    (smaller) block straight into the mp4 and rank owner + j the j-th block to `.parts/frames-*`
-    (uint8, one file per piece, written atomically). The owner then appends the other blocks in
-    order, each piece as soon as its file appears (so it encodes while the others still decode),
-    and deletes them. Each block's decoder starts from the last latent frames of the piece before
-    it, exactly as one decoder running over all pieces would, so the video does not depend on the
-    number of ranks. A rank asks `piece` for the piece before its block first, then for its
-    block's pieces in order; `piece` may compute them then (lvdm-hierarchical's gaps).
-    """
-    vae, world = job.pipeline.vae, job.world
-    if job.is_owner:  # frames of a killed earlier run: the owner must not mistake them for new ones
-        for stale in job.store.folder.glob("frames-*.safetensors"):
-            stale.unlink()
-    world.barrier()
+def decode_piece(
+    job: VideoJob,
+    index: int,
+    latents: Tensor,
+    context: Tensor | None,
+    kept: list[int],
+    encoder: OrderedEncoder | None,
+) -> None:
+    """VAE-decode piece `index` (its kept latent frames) with `context`, the last latent frames of
+    the piece before it, exactly as one `ChunkDecoder` running through the video would; hand the
+    frames to the owner's `encoder`, or (other ranks) save them as `.parts/frames-<index>`."""
+    vae = job.pipeline.vae
     time_factor = vae_factors(vae)[0]
-    kept = decoded_lengths(lengths, job.latent_frames)
-    num_pieces = len(kept)
-    decoders = decoding_ranks(kept, world.size, job.owner)
-    mine = [index for index, rank in enumerate(decoders) if rank == world.rank]
-    block = range(mine[0], mine[-1] + 1) if mine else range(0)
     decoder = ChunkDecoder(
-        vae,
-        time_factor,
-        job.config.frames - time_factor * sum(kept[: block.start]),
-        job.config.decode_context,
+        vae, time_factor, job.config.frames - time_factor * sum(kept[:index]), job.config.decode_context
     )
-    if block.start > 0:
-        decoder.previous = piece(block.start - 1)[:, :, : kept[block.start - 1]]
-    writer = Mp4Writer(job.out, job.config.fps) if job.is_owner else None
-    for index in block:
-        latents = piece(index)[:, :, : kept[index]]
-        with job.timed("decode"):
-            frames = decoder.decode(latents)
-        if writer is not None:
-            with job.timed("encode"):
-                writer.write(frames)
-        else:
-            job.store.save(f"frames-{index:05d}", {"frames": torch.from_numpy(frames)}, unit=False)
-    if writer is not None:
-        for index in range(block.stop, num_pieces):
-            with job.timed("wait"):
-                job.store.wait_for(f"frames-{index:05d}", timeout=COLLECTIVE_TIMEOUT.total_seconds())
-            with job.timed("encode"):
-                writer.write(job.store.read(f"frames-{index:05d}")["frames"].numpy())
-    world.barrier()  # every block is written (or a rank failed: the collective says so)
-    if writer is None:
-        return
-    with job.timed("encode"):
-        writer.close()
-    for index in range(block.stop, num_pieces):
-        job.store.path(f"frames-{index:05d}").unlink()
+    decoder.previous = context
+    with job.timed("decode"):
+        frames = decoder.decode(latents[:, :, : kept[index]])
+    if encoder is not None:
+        encoder.add(index, frames)
+    else:
+        job.store.save(f"frames-{index:05d}", {"frames": torch.from_numpy(frames)}, unit=False)
+
+
+def clear_claims(job: VideoJob) -> None:
+    """The owner's clean-up of claims and decoded frames a killed earlier run left (before the
+    ranks start claiming, and after they are done)."""
+    if job.is_owner:
+        job.store.clear("*.claim")
+        job.store.clear("frames-*.safetensors")
+
+
+def write_pieces(
+    job: VideoJob,
+    piece: Callable[[int], Tensor],
+    lengths: list[int],
+    *,
+    context: Callable[[int], Tensor] | None = None,
+    first: int = 0,
+) -> None:
+    """The final latents, given piece by piece (piece i has `lengths[i]` latent frames), into the mp4.
+
+    Every rank claims pieces to VAE-decode (`PartsStore.claim`), starting at piece `first` (its
+    own part of the video, whose latents it holds) and going round the whole video, so a rank
+    that is done with its own part takes on the pieces of slower ones. The owner encodes the
+    pieces in order as they appear (`OrderedEncoder`). `context(i)` gives the last latent frames
+    of piece i - 1 (by default from `piece(i - 1)`): the decoder of piece i starts from them.
+    """
+    kept = decoded_lengths(lengths, job.latent_frames)
+    context = context or (lambda index: piece(index - 1)[:, :, : kept[index - 1]])
+    encoder = OrderedEncoder(job, len(kept), UNIT_TIMEOUT) if job.is_owner else None
+    first = min(first, len(kept))
+    for index in [*range(first, len(kept)), *range(first)]:
+        if not job.store.claim(f"decode-{index:05d}"):
+            continue
+        decode_piece(job, index, piece(index), context(index) if index > 0 else None, kept, encoder)
+        if encoder is not None:
+            encoder.flush(wait=False)
+    if encoder is not None:
+        encoder.flush(wait=True)
+        encoder.close()
+    job.world.barrier()  # every piece is in the mp4 (or a rank failed: the collective says so)
+    clear_claims(job)
 
 
 # ---- sequential chunk loop: resumable, one chunk at a time ----------------------------------
@@ -475,7 +492,8 @@ def run_chunks_to_video(job: VideoJob, name: str, stepper: Stepper, num_chunks: 
     def piece(index: int) -> Tensor:
         return job.store.read(f"{name}-{index:05d}")["latents"]
 
-    write_pieces(job, piece, [piece(index).shape[2] for index in range(num_chunks)])
+    lengths = [piece(index).shape[2] for index in range(num_chunks)]
+    write_pieces(job, piece, lengths, first=job.world.block(num_chunks).start)
 
 
 def run_sequential(job: VideoJob) -> None:
@@ -519,10 +537,6 @@ class KeyframeReader:
         return self.frames[index]
 
 
-UNIT_TIMEOUT = COLLECTIVE_TIMEOUT.total_seconds()
-"""Seconds a rank waits for a unit (keyframe chunk, gap, decoded piece) another rank is to save."""
-
-
 def run_hierarchical(job: VideoJob) -> None:
     """The keyframes on the owner alone; meanwhile, and after, every rank claims the next unit of
     work in `hierarchical_tasks` order (`PartsStore.claim`): a gap, as soon as its two keyframes
@@ -541,17 +555,11 @@ def run_hierarchical(job: VideoJob) -> None:
     plan = lvdm.HierarchicalPlan(num_frames=job.latent_frames, keyframe_stride=config.keyframe_stride)
     alone = replace(job, world=World())  # the keyframe stage: the owner, both guidance branches
     num_chunks = lvdm_num_clips(config, plan.num_keyframes)
-    if job.is_owner:  # claims and frames of a killed earlier run
-        job.store.clear("*.claim")
-        job.store.clear("frames-*.safetensors")
-    job.world.barrier()
     if job.is_owner:
         stepper, _ = lvdm_stepper(alone, plan.num_keyframes)
         run_chunks(alone, "keyframes", stepper, num_chunks, lambda _: None)
     keyframes = KeyframeReader(job, num_chunks, timeout)
     interpolate = counted(lvdm_predict_fn(job.pipeline2, job.prompt), job.tick_steps())
-    vae = job.pipeline.vae
-    time_factor = vae_factors(vae)[0]
     # Piece i < len(gaps): keyframe i and the stride - 1 frames of gap i; the last piece: the last keyframe.
     kept = decoded_lengths([config.keyframe_stride] * len(plan.gaps) + [1], job.latent_frames)
     num_gaps = min(len(plan.gaps), len(kept))  # gaps of pieces past the end of the video are not needed
@@ -588,21 +596,6 @@ def run_hierarchical(job: VideoJob) -> None:
         gaps[index] = latents
 
     encoder = OrderedEncoder(job, len(kept), timeout) if job.is_owner else None
-
-    def decode(index: int) -> None:
-        decoder = ChunkDecoder(
-            vae, time_factor, job.config.frames - time_factor * sum(kept[:index]), job.config.decode_context
-        )
-        if index > 0:
-            decoder.previous = piece(index - 1)
-        latents = piece(index)
-        with job.timed("decode"):
-            frames = decoder.decode(latents)
-        if encoder is not None:
-            encoder.add(index, frames)
-        else:
-            job.store.save(f"frames-{index:05d}", {"frames": torch.from_numpy(frames)}, unit=False)
-
     for kind, index in hierarchical_tasks(num_gaps, len(kept), job.world.size):
         name = f"{kind}-{index:05d}"
         if not job.store.claim(name):
@@ -612,54 +605,14 @@ def run_hierarchical(job: VideoJob) -> None:
         elif kind == "gap":
             fill(index)
         else:
-            decode(index)
+            decode_piece(job, index, piece(index), piece(index - 1) if index > 0 else None, kept, encoder)
         if encoder is not None:
             encoder.flush(wait=False)
     if encoder is not None:
         encoder.flush(wait=True)
         encoder.close()
     job.world.barrier()  # every unit is done (or a rank failed: the collective says so)
-    if job.is_owner:
-        job.store.clear("*.claim")
-
-
-class OrderedEncoder:
-    """The owner's mp4 of `num_pieces` decoded pieces that arrive in any order: its own, handed
-    over in memory, and other ranks', as `.parts/frames-*` files (deleted once encoded)."""
-
-    def __init__(self, job: VideoJob, num_pieces: int, timeout: float) -> None:
-        self.job, self.num_pieces, self.timeout = job, num_pieces, timeout
-        self.writer = Mp4Writer(job.out, job.config.fps)
-        self.mine: dict[int, Any] = {}
-        self.next = 0
-        self.bar = job.progress("pieces", num_pieces)
-
-    def add(self, index: int, frames: Any) -> None:
-        self.mine[index] = frames
-
-    def flush(self, *, wait: bool) -> None:
-        """Encode the pieces that are next in video order and available; with `wait`, all of them."""
-        store = self.job.store
-        while self.next < self.num_pieces:
-            name = f"frames-{self.next:05d}"
-            if self.next in self.mine:
-                frames = self.mine.pop(self.next)
-            elif store.has(name) or wait:
-                with self.job.timed("wait"):
-                    store.wait_for(name, timeout=self.timeout)
-                frames = store.read(name)["frames"].numpy()
-                store.path(name).unlink()
-            else:
-                return
-            with self.job.timed("encode"):
-                self.writer.write(frames)
-            self.next += 1
-            self.bar.update()
-
-    def close(self) -> None:
-        with self.job.timed("encode"):
-            self.writer.close()
-        self.bar.close()
+    clear_claims(job)
 
 
 # ---- StreamingT2V: autoregressive stage on the owner, blending refinement on every rank -----
@@ -723,14 +676,30 @@ def run_streaming(job: VideoJob) -> None:
     latents = read_chunks(job, "stream", num_chunks, job.latent_frames)
     anchor = job.store.read(f"stream-{num_chunks - 1:05d}")["anchor"].to(job.setup.device)
     total, config = refine(job, latents, anchor)
-    job.world.barrier()
+    overlap = config.overlap_frames
+
+    def chunk(index: int) -> Tensor:
+        """Refined chunk `index`; a rank that goes on to another rank's chunks may wait for the file."""
+        name = f"refined-{index:05d}"
+        if not job.store.has(name):
+            with job.timed("wait"):
+                job.store.wait_for(name, timeout=UNIT_TIMEOUT)
+        return job.store.read(name)["latents"].to(job.setup.device)
 
     def piece(index: int) -> Tensor:
         """Refined chunk `index` without the overlap it shares with the chunk before."""
-        chunk = job.store.read(f"refined-{index:05d}")["latents"].to(job.setup.device)
-        return chunk if index == 0 else chunk[:, :, config.overlap_frames :]
+        return chunk(index) if index == 0 else chunk(index)[:, :, overlap:]
 
-    write_pieces(job, piece, [piece(index).shape[2] for index in range(total)])
+    def context(index: int) -> Tensor:
+        """The end of piece index - 1, which is the blended overlap chunk `index` begins with: a
+        rank starts decoding its own chunks without waiting for its neighbour's file."""
+        if job.config.decode_context > overlap:
+            return piece(index - 1)[:, :, : kept[index - 1]]
+        return chunk(index)[:, :, :overlap]
+
+    lengths = [config.chunk_frames] + [config.chunk_stride] * (total - 1)
+    kept = decoded_lengths(lengths, job.latent_frames)
+    write_pieces(job, piece, lengths, context=context, first=job.world.block(total).start)
 
 
 RUNNERS: dict[str, Callable[[VideoJob], None]] = {
@@ -840,6 +809,7 @@ def run_video(job: VideoJob, world: World) -> list[Path]:
     """One video on this rank; returns the files this rank wrote."""
     start, cpu_start = time.perf_counter(), time.process_time()
     job.store.check_params(video_params(job.config, job.index), write=job.is_owner)
+    clear_claims(job)  # what a killed earlier run left, before any rank claims
     job.world.barrier()
     with torch.no_grad():
         RUNNERS[job.config.strategy](job)

@@ -328,23 +328,12 @@ def test_claims_hand_each_unit_to_exactly_one_of_racing_processes(tmp_path):
     assert store.claim(names[0]) and not list(tmp_path.glob("*.tmp*"))
 
 
-def test_decode_blocks_partition_the_pieces_by_frames():
-    from sampler.program import decode_block, kept_lengths
+def test_kept_lengths_cut_the_pieces_to_the_video():
+    from sampler.program import decoded_lengths, kept_lengths
 
     assert kept_lengths([7, 7, 7, 1], 16) == [7, 7, 2, 0]
-    lengths = [7] * 8 + [1]
-    blocks = [decode_block(lengths, position, 2) for position in range(2)]
-    assert blocks == [range(0, 4), range(4, 9)]  # 28 and 29 latent frames
-    blocks = [decode_block([8, 6, 6, 6], position, 3) for position in range(3)]
-    assert [index for block in blocks for index in block] == [0, 1, 2, 3]
-    assert sorted(len(decode_block([5], position, 2)) for position in range(2)) == [0, 1]  # one rank idles
-    # The owner (block 0) also encodes: with first_share < 1 its block holds fewer frames.
-    shared = [decode_block([7] * 14, position, 2, first_share=0.8) for position in range(2)]
-    assert shared == [range(0, 6), range(6, 14)]
-    assert [decode_block([7] * 14, position, 2, first_share=1.0) for position in range(2)] == [
-        range(0, 7),
-        range(7, 14),
-    ]
+    assert decoded_lengths([7, 7, 7, 1], 16) == [7, 7, 2]
+    assert decoded_lengths([7] * 14 + [1], 96) == [7] * 13 + [5]
 
 
 def test_text_tokens_are_encoded_once_per_prompt(pipelines):
