@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -283,16 +284,31 @@ def write_pieces(
     context = context or (lambda index: piece(index - 1)[:, :, : kept[index - 1]])
     encoder = OrderedEncoder(job, len(kept), UNIT_TIMEOUT) if job.is_owner else None
     first = min(first, len(kept))
-    for index in [*range(first, len(kept)), *range(first)]:
-        if not job.store.claim(f"decode-{index:05d}"):
-            continue
+
+    def decode(index: int) -> None:
         decode_piece(job, index, piece(index), context(index) if index > 0 else None, kept, encoder)
-        if encoder is not None:
-            encoder.flush(wait=False)
+
+    units = [
+        (f"decode-{index:05d}", partial(decode, index)) for index in [*range(first, len(kept)), *range(first)]
+    ]
+    claim_and_run(job, units, encoder)
+
+
+def claim_and_run(
+    job: VideoJob, units: list[tuple[str, Callable[[], None]]], encoder: OrderedEncoder | None
+) -> None:
+    """Run each unit of `units` (name, work) that this rank claims first (`PartsStore.claim`), in
+    order; the owner's `encoder` takes the decoded pieces between units and all of them at the end.
+    Returns when every rank is done (or a rank failed: the barrier says so)."""
+    for name, work in units:
+        if job.store.claim(name):
+            work()
+            if encoder is not None:
+                encoder.flush(wait=False)
     if encoder is not None:
         encoder.flush(wait=True)
         encoder.close()
-    job.world.barrier()  # every piece is in the mp4 (or a rank failed: the collective says so)
+    job.world.barrier()
     clear_claims(job)
 
 
@@ -596,23 +612,21 @@ def run_hierarchical(job: VideoJob) -> None:
         gaps[index] = latents
 
     encoder = OrderedEncoder(job, len(kept), timeout) if job.is_owner else None
-    for kind, index in hierarchical_tasks(num_gaps, len(kept), job.world.size):
-        name = f"{kind}-{index:05d}"
-        if not job.store.claim(name):
-            continue
-        if kind == "gap" and job.store.has(name):
+
+    def gap_unit(index: int) -> None:
+        if job.store.has(f"gap-{index:05d}"):
             job.store.reused += 1  # filled by an earlier run of the command
-        elif kind == "gap":
-            fill(index)
         else:
-            decode_piece(job, index, piece(index), piece(index - 1) if index > 0 else None, kept, encoder)
-        if encoder is not None:
-            encoder.flush(wait=False)
-    if encoder is not None:
-        encoder.flush(wait=True)
-        encoder.close()
-    job.world.barrier()  # every unit is done (or a rank failed: the collective says so)
-    clear_claims(job)
+            fill(index)
+
+    def decode_unit(index: int) -> None:
+        decode_piece(job, index, piece(index), piece(index - 1) if index > 0 else None, kept, encoder)
+
+    work = {"gap": gap_unit, "decode": decode_unit}
+    tasks = hierarchical_tasks(num_gaps, len(kept), job.world.size)
+    claim_and_run(
+        job, [(f"{kind}-{index:05d}", partial(work[kind], index)) for kind, index in tasks], encoder
+    )
 
 
 # ---- StreamingT2V: autoregressive stage on the owner, blending refinement on every rank -----

@@ -55,6 +55,17 @@ def assert_same_outputs(one: Path, two: Path) -> None:
             assert value.equal(parts_two[name][key]), (name, key)
 
 
+def one_rank_then_many(argv: list[str], tmp_path: Path, nproc: int) -> dict:
+    """`argv` for one prompt, in-process on 1 rank into `one/`, then on `nproc` ranks into
+    `many/`: asserts the two give the same mp4 and parts, returns the `nproc`-rank report."""
+    assert main([*argv, "--out", str(tmp_path / "one" / "v.mp4")]) == 0
+    proc = cli_subprocess([*argv, "--out", str(tmp_path / "many" / "v.mp4"), "--nproc", str(nproc)])
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    assert_same_outputs(tmp_path / "one" / "v.mp4", tmp_path / "many" / "v.mp4")
+    return json.loads((tmp_path / "many" / "v.json").read_text())
+
+
 def strategy_argv(strategy: str, pipelines: dict[str, str]) -> list[str]:
     if strategy == "lvdm-hierarchical":
         model = ["--model", pipelines["lvdm_prediction"], "--model2", pipelines["lvdm_interpolation"]]
@@ -101,12 +112,7 @@ def test_three_ranks_refine_blending_chunks_like_one_rank(pipelines, tmp_path):
         "a red bicycle",
         *COMMON,
     ]
-    assert main([*argv, "--out", str(tmp_path / "one" / "v.mp4")]) == 0
-    proc = cli_subprocess([*argv, "--out", str(tmp_path / "three" / "v.mp4"), "--nproc", "3"])
-    output, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, output
-    assert_same_outputs(tmp_path / "one" / "v.mp4", tmp_path / "three" / "v.mp4")
-    report = json.loads((tmp_path / "three" / "v.json").read_text())
+    report = one_rank_then_many(argv, tmp_path, 3)
     assert len(list((tmp_path / "one" / "v.parts").glob("refined-*"))) == 4
     assert [rank["timings"]["refine"] > 0 for rank in report["ranks"]] == [True, True, True]
 
@@ -116,12 +122,7 @@ def test_one_prompt_on_two_ranks_splits_the_guidance_branches(pipelines, tmp_pat
     """A sequential strategy with a single prompt: both ranks work on it in lockstep, same bytes."""
     argv = ["--model", pipelines["lvdm_prediction"], "--strategy", "lvdm-autoregressive", "--frames", "24"]
     argv += ["--prompt", "a red bicycle", *COMMON]
-    assert main([*argv, "--out", str(tmp_path / "one" / "v.mp4")]) == 0
-    proc = cli_subprocess([*argv, "--out", str(tmp_path / "two" / "v.mp4"), "--nproc", "2"])
-    output, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, output
-    assert_same_outputs(tmp_path / "one" / "v.mp4", tmp_path / "two" / "v.mp4")
-    report = json.loads((tmp_path / "two" / "v.json").read_text())
+    report = one_rank_then_many(argv, tmp_path, 2)
     assert all(rank["timings"]["chunk"] > 0 and rank["timings"]["decode"] > 0 for rank in report["ranks"])
     assert report["units_computed"] == len(list((tmp_path / "one" / "v.parts").glob("chunk-*")))
 
