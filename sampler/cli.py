@@ -59,7 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--blend-overlap", "--O", type=int, default=8, help="O: refinement overlap")
     add("--refine-t", type=int, default=600, help="T': SDEdit start timestep of the refinement")
     add("--no-refine", action="store_true", help="streaming: skip the randomised-blending refinement")
-    add("--no-progress", action="store_true", help="no tqdm bars")
+    add(
+        "--no-progress", "--quiet", dest="no_progress", action="store_true",
+        help="no progress (a tqdm bar on a terminal, plain 'lvd sample:' lines otherwise)",
+    )
     return parser
 
 

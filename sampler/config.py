@@ -92,7 +92,7 @@ class SampleConfig:
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto (cuda when available)."""
     progress: bool = True
-    """tqdm bars on the rank that writes."""
+    """Progress on the rank that writes: tqdm bars on a terminal, plain lines otherwise."""
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:

@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
+from lvd.progress import Progress, ProgressMode
 from sampler.config import PARALLEL_STRATEGIES, SampleConfig
 from sampler.denoisers import counted, lvdm_predict_fn, streaming_denoiser, text_denoiser
 from sampler.distributed import (
@@ -54,6 +54,8 @@ from sampler.strategies.common import SamplingSetup, clip_noise, run_ddim
 from sampler.strategies.seeding import unit_generator
 from sampler.video_io import ChunkDecoder, Mp4Writer
 
+PROGRESS_INTERVAL = 5.0
+"""Seconds between plain progress lines when stdout is not a terminal."""
 DEFAULT_CLIP_FRAMES = {
     "lvdm-autoregressive": 4,
     "lvdm-hierarchical": 4,
@@ -107,6 +109,8 @@ class VideoJob:
     """The video's `.parts/` folder."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds per stage."""
+    counters: list[Progress] = field(default_factory=list)
+    """The denoising-call counters of this video, closed (a last line each) when it is done."""
 
     @property
     def seed(self) -> int:
@@ -130,24 +134,20 @@ class VideoJob:
         yield
         self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
 
-    def progress(self, desc: str, total: int) -> tqdm:
-        return tqdm(
-            total=total,
-            desc=desc,
-            unit="chunk",
-            disable=not (self.config.progress and self.is_owner),
-            leave=False,
-        )
+    def progress(self, desc: str, total: int) -> Progress:
+        """Progress over `total` units of one stage, on the owner only: a tqdm bar on a terminal,
+        otherwise a plain `lvd sample: <desc> n/total | rate | ETA` line every few seconds."""
+        return Progress("lvd sample", desc, total=total, mode=self.progress_mode, interval=PROGRESS_INTERVAL)
 
     def tick_steps(self) -> Callable[[], object]:
-        """A step bar's `update`, for `denoisers.counted` (one tick per model call)."""
-        bar = tqdm(
-            desc="denoising calls",
-            unit="call",
-            disable=not (self.config.progress and self.is_owner),
-            leave=False,
-        )
-        return bar.update
+        """A counter's `update`, for `denoisers.counted` (one tick per model call)."""
+        counter = Progress("lvd sample", "denoising calls", mode=self.progress_mode, interval=PROGRESS_INTERVAL)
+        self.counters.append(counter)
+        return counter.update
+
+    @property
+    def progress_mode(self) -> ProgressMode:
+        return "auto" if self.config.progress and self.is_owner else "quiet"
 
 
 class VideoSink:
@@ -827,6 +827,8 @@ def run_video(job: VideoJob, world: World) -> list[Path]:
     job.world.barrier()
     with torch.no_grad():
         RUNNERS[job.config.strategy](job)
+    for counter in job.counters:
+        counter.close()
     stats = {
         "rank": world.rank,
         "computed": job.store.computed,

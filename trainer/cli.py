@@ -22,13 +22,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--nproc", type=int, default=1, help="local ranks to launch (torchrun/srun set RANK/WORLD_SIZE themselves)"
     )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or lines (run.progress=quiet)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted overrides")
     return parser
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    config = load_config(TrainJobConfig, args.config, args.overrides)
+    overrides = [*args.overrides, "run.progress=quiet"] if args.quiet else args.overrides
+    config = load_config(TrainJobConfig, args.config, overrides)
     if args.print_config:
         sys.stdout.write(dump_yaml(config))
         return 0

@@ -31,6 +31,9 @@ class RunConfig:
     """Steps between a plain-text log line on stdout and TensorBoard scalars."""
     video_every: int = 0
     """Steps between sampled preview videos in TensorBoard (0: never)."""
+    progress: Literal["auto", "bar", "lines", "quiet"] = "auto"
+    """Console progress on rank 0: a tqdm bar on a terminal and a line every `log_every` steps
+    otherwise (auto), always one of them, or none (quiet; `lvd train --quiet`)."""
 
     def __post_init__(self) -> None:
         if not self.dir:

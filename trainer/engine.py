@@ -86,6 +86,9 @@ def leave_distributed(*, succeeded: bool = True) -> None:
     if succeeded and dist.get_world_size() > 1:
         dist.barrier()
     dist.destroy_process_group()
+    # DeepSpeed caches its clone of the world group; a later run in this process (`lvd train`
+    # called twice from Python) would broadcast over the destroyed group.
+    deepspeed.utils.groups._WORLD_GROUP = None
 
 
 def _free_port() -> int:

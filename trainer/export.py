@@ -9,6 +9,7 @@ Every network folder loads with `model_zoo.from_pretrained(OUT/<component>)`, wi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -22,13 +23,21 @@ from trainer import checkpoint
 from trainer.config import ObjectiveConfig, TrainJobConfig
 from trainer.ema import assemble
 from trainer.engine import consolidated_state_dict
+from trainer.export_cli import LATENT_SCALE_CLIPS
 from trainer.tasks import TASKS
 
 BETA_SCHEDULES = {"linear": "linear", "sqrt_linear": "scaled_linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 
 
-def export(run_dir: Path, out: Path, *, step: int | None = None, ema: bool = False) -> Path:
+AUTOENCODER_TASKS = ("autoencoder", "temporal_decoder")
+
+
+def export(
+    run_dir: Path, out: Path, *, step: int | None = None, ema: bool = False, latent_scale_clips: int = LATENT_SCALE_CLIPS
+) -> Path:
+    """Write the pipeline folder of a run's checkpoint. The `autoencoder` task's latent scale and
+    shift are fitted on `latent_scale_clips` of its training clips (0: keep the configured ones)."""
     ckpt_dir = run_dir / "checkpoints"
     tag = checkpoint.tag_for(step) if step is not None else checkpoint.latest_tag(ckpt_dir)
     if tag is None or not checkpoint.is_complete(ckpt_dir, tag):
@@ -47,11 +56,15 @@ def export(run_dir: Path, out: Path, *, step: int | None = None, ema: bool = Fal
         if ema and engine_name == "model":
             state = {**state, **_ema_weights(ckpt_dir, tag, meta["world_size"])}
         name = components.get(engine_name, engine_name)
-        index[name] = ["model_zoo", _write_component(run_dir, cfg, engine_name, state, tmp / name)]
+        stats = latent_scale_clips if cfg.train.task == "autoencoder" and engine_name == "model" else 0
+        family, latent_stats = _write_component(run_dir, cfg, engine_name, state, tmp / name, stats)
+        index[name] = ["model_zoo", family]
+        if latent_stats is not None:
+            index["latent_stats"] = latent_stats
     for frozen in sorted((run_dir / "frozen").glob("*/config.json")):
         shutil.copytree(frozen.parent, tmp / frozen.parent.name)
         index[frozen.parent.name] = ["model_zoo", json.loads(frozen.read_text())["_family"]]
-    if cfg.train.task not in ("autoencoder", "temporal_decoder"):
+    if cfg.train.task not in AUTOENCODER_TASKS:
         _write_scheduler(cfg.objective, tmp / "scheduler")
         index["scheduler"] = ["diffusers", "DDIMScheduler"]
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -61,8 +74,11 @@ def export(run_dir: Path, out: Path, *, step: int | None = None, ema: bool = Fal
     return out
 
 
-def _write_component(run_dir: Path, cfg: TrainJobConfig, engine_name: str, state: dict[str, torch.Tensor], out: Path) -> str:
-    """Rebuild the trained module from the config the run recorded and save it with its weights."""
+def _write_component(
+    run_dir: Path, cfg: TrainJobConfig, engine_name: str, state: dict[str, torch.Tensor], out: Path, scale_clips: int
+) -> tuple[str, dict[str, float] | None]:
+    """Rebuild the trained module from the config the run recorded and save it with its weights
+    (a VAE with its latent scale and shift fitted on `scale_clips` training clips, when > 0)."""
     structure = run_dir / "trained" / engine_name
     if structure.is_dir():
         module = model_zoo.build_from_config(model_zoo.load_config(structure))
@@ -73,8 +89,37 @@ def _write_component(run_dir: Path, cfg: TrainJobConfig, engine_name: str, state
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{run_dir}: checkpoint of {engine_name!r} does not match the model: missing={missing[:5]} unexpected={unexpected[:5]}")
+    latent_stats = None
+    if scale_clips > 0:
+        latent_stats = fit_latent_scale(module, cfg, scale_clips)
+        module.config = dataclasses.replace(
+            module.config, scale_factor=latent_stats["scale_factor"], shift_factor=latent_stats["shift_factor"]
+        )
     model_zoo.save_pretrained(module, out)
-    return module.family
+    return module.family, latent_stats
+
+
+@torch.no_grad()
+def fit_latent_scale(vae: torch.nn.Module, cfg: TrainJobConfig, num_clips: int) -> dict[str, float]:
+    """Shift and scale that give the VAE's posterior samples of `num_clips` training clips zero
+    mean and unit variance, so that the diffusion latents match the N(0, I) the samplers start
+    from (the scale-by-std rule of latent diffusion, with a shift as in later VAEs)."""
+    from data_pipeline.loader import build_loader
+
+    data = dataclasses.replace(cfg.data, workers=0)  # a few batches: no worker processes
+    loader = build_loader(data, rank=0, world_size=1, batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed, tokenizer=None)
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    vae.eval()
+    latents, seen = [], 0
+    while seen < num_clips:
+        video = next(loader)["video"]
+        latents.append(vae.encode(video).sample(generator).flatten())
+        seen += video.shape[0]
+    values = torch.cat(latents).double()
+    std = float(values.std())
+    if not std > 0:
+        raise ValueError(f"latent scale: the VAE's latents of {seen} clips have std {std}; is the VAE trained?")
+    return {"scale_factor": 1.0 / std, "shift_factor": float(values.mean()), "clips": seen}
 
 
 def _ema_weights(ckpt_dir: Path, tag: str, world_size: int) -> dict[str, torch.Tensor]:

@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+LATENT_SCALE_CLIPS = 32
+"""Training clips an autoencoder export encodes to fit the latent scale and shift."""
 DESCRIPTION = "A run's checkpoint (any ZeRO stage) -> a pipeline folder laid out like diffusers'."
 
 
@@ -19,6 +21,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     parser.add_argument("--ema", action="store_true", help="export the EMA weights of the trained network")
     parser.add_argument("--out", type=Path, required=True, help="pipeline folder to write")
+    parser.add_argument(
+        "--latent-scale-clips",
+        type=int,
+        default=LATENT_SCALE_CLIPS,
+        help="autoencoder runs: training clips encoded to fit the latent scale/shift to unit variance (0: keep the configured ones)",
+    )
     return parser
 
 
@@ -27,7 +35,7 @@ def main(argv: list[str]) -> int:
     from trainer.export import export
 
     try:
-        out = export(args.run, args.out, step=args.step, ema=args.ema)
+        out = export(args.run, args.out, step=args.step, ema=args.ema, latent_scale_clips=args.latent_scale_clips)
     except (FileNotFoundError, ValueError) as err:
         print(f"lvd export: {err}", file=sys.stderr)
         return 1

@@ -82,7 +82,7 @@ def train(cfg: TrainJobConfig) -> int:
     if info.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     _barrier()
-    monitor = Monitor(run_dir, enabled=info.is_main, log_every=cfg.run.log_every)
+    monitor = Monitor(run_dir, enabled=info.is_main, log_every=cfg.run.log_every, progress=cfg.run.progress)
     monitor.write_config(cfg)
     try:
         return _train(cfg, info, run_dir, ckpt_dir, monitor)
@@ -125,6 +125,7 @@ def _train(cfg: TrainJobConfig, info: DistInfo, run_dir: Path, ckpt_dir: Path, m
         _resume(ckpt_dir, tag, info, engines, loader, generator, ema, state)
         monitor.message(f"lvd train: resumed from {ckpt_dir / tag} at step {state.step}")
     peak_flops = measured_peak_flops(info.device)
+    monitor.start(state.step, cfg.train.steps)
     flag = PreemptionFlag().install()
     try:
         while state.step < cfg.train.steps:

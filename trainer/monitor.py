@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from lvd.config import dump_yaml
+from lvd.progress import Progress, ProgressMode
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -45,11 +46,17 @@ def measured_peak_flops(device: torch.device) -> float:
     return 2 * 512**3 * reps / (time.perf_counter() - start)
 
 
+CONSOLE_HIDDEN = frozenset({"skipped", "skipped_total", "step_time", "samples_per_sec", "data_wait_frac", "peak_mem_gb"})
+"""Scalars left out of the console line (TensorBoard and metrics.jsonl have every one)."""
+
+
 class Monitor:
-    def __init__(self, run_dir: Path, *, enabled: bool, log_every: int):
+    def __init__(self, run_dir: Path, *, enabled: bool, log_every: int, progress: ProgressMode = "auto"):
         self.enabled = enabled
         self.log_every = log_every
         self.run_dir = run_dir
+        self.progress_mode: ProgressMode = progress
+        self.progress: Progress | None = None
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
@@ -57,16 +64,31 @@ class Monitor:
             self.writer = SummaryWriter(str(run_dir / "tb"))
             self.metrics_file = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
 
+    def start(self, step: int, total: int) -> None:
+        """Begin the console progress at `step` (after a resume) of `total` steps."""
+        if self.enabled:
+            self.progress = Progress("lvd train", "step", total=total, start=step, mode=self.progress_mode, every=self.log_every)
+
     def step(self, step: int, metrics: dict[str, float]) -> None:
+        """One finished step: metrics.jsonl, TensorBoard scalars, and the console progress (the
+        line every `log_every` steps shows the step's own scalars, loss first)."""
         if not self.enabled:
             return
         self.metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
         self.metrics_file.flush()
         for key, value in metrics.items():
             self.writer.add_scalar(key if "/" in key else f"train/{key}", value, step)
-        if step % self.log_every == 0:
-            shown = " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items() if "/" not in k)
-            print(f"step {step} {shown}", flush=True)
+        if self.progress is None:
+            self.start(step - 1, step)
+        shown = {k: v for k, v in metrics.items() if "/" not in k and k not in CONSOLE_HIDDEN}
+        if metrics.get("skipped_total"):
+            shown["skipped"] = int(metrics["skipped_total"])
+        self.progress.update(step - self.progress.count, **shown)
+
+    def message(self, text: str) -> None:
+        """A line that is always printed (resumes, stops, the end of the run), even when quiet."""
+        if self.enabled:
+            print(text, flush=True)
 
     def video(self, step: int, video: torch.Tensor, tag: str = "preview") -> None:
         """A (1, 3, T, H, W) video in [-1, 1] as an animated GIF image summary (add_video needs moviepy)."""
@@ -79,15 +101,13 @@ class Monitor:
         image = Summary.Image(height=frames.shape[1], width=frames.shape[2], colorspace=3, encoded_image_string=gif)
         self.writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
-    def message(self, text: str) -> None:
-        if self.enabled:
-            print(text, flush=True)
-
     def write_config(self, config: Any) -> None:
         if self.enabled:
             (self.run_dir / "config.yaml").write_text(dump_yaml(config))
 
     def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
         if self.enabled:
             self.writer.flush()
             self.writer.close()
@@ -111,10 +131,6 @@ def read_metrics(run_dir: Path) -> dict[int, dict[str, float]]:
                 record = json.loads(line)
                 records[int(record.pop("step"))] = record
     return records
-
-
-def _fmt(value: float) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def stderr(text: str) -> None:
