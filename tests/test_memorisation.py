@@ -215,13 +215,13 @@ def test_vidrd_long_video_stays_on_the_memorised_clip(chain: Chain, unet3d_eps: 
     assert min(nearest) >= LONG_DB, f"frames far from the clip (dB per frame): {[round(x, 1) for x in nearest]}"
 
 
-def run_task(run_dir: Path):
+def run_task(run_dir: Path, *overrides: str):
     """The trainer's task rebuilt from a run's recorded config (frozen helpers loaded as in training)."""
     from lvd.config import load_config
     from trainer.config import TrainJobConfig
     from trainer.tasks import build_task
 
-    cfg = load_config(TrainJobConfig, run_dir / "config.yaml", [])
+    cfg = load_config(TrainJobConfig, run_dir / "config.yaml", list(overrides))
     return cfg, build_task(cfg, torch.device("cpu"))
 
 
@@ -261,18 +261,30 @@ def test_x0_estimate_at_fixed_noise_levels_through_the_sampler(chain: Chain, une
     assert max(errors.values()) < 0.2, f"relative x0 error per t: {errors}"
 
 
-def test_trainer_latents_decode_through_the_sampler_to_the_vae_reconstruction(chain: Chain, unet3d_eps: Path) -> None:
-    """What the trainer diffuses (scaled, shifted posterior samples) is what the sampler's decoder
-    un-scales: decoding the trainer's latents of the clip gives the VAE's reconstruction."""
+def test_trainer_latents_decode_through_the_sampler_to_the_vae_decoding(chain: Chain, unet3d_eps: Path, tmp_path: Path) -> None:
+    """What the trainer diffuses (the shifted, scaled posterior sample) is what the sampler's
+    decoder un-scales. The VAE's scale and shift are set far from identity (3.0, 0.5) in a copy
+    of the pipeline, so that dropping or inverting either on one side shows: the trainer's
+    latents of the clip, decoded the sampler's way, equal the VAE's decoding of the same
+    posterior sample."""
+    import model_zoo
     from sampler.pipeline import load_pipeline, vae_factors
-    from sampler.video_io import ChunkDecoder
+    from sampler.video_io import ChunkDecoder, to_uint8_frames
 
-    _, task = run_task(chain.root / "unet3d_run")
-    tokens = task.tokenizer()([CAPTION])
-    latents, _ = task.encode({"video": chain.videos[CAPTION], "tokens": tokens}, torch.Generator().manual_seed(0))
-    pipeline = load_pipeline(unet3d_eps)
-    frames = ChunkDecoder(pipeline.vae, vae_factors(pipeline.vae)[0], FRAMES).decode(latents)
-    assert psnr(frames, chain.recon[CAPTION]) >= 28.0
+    pipeline_dir = tmp_path / "pipeline"
+    shutil.copytree(unet3d_eps, pipeline_dir)
+    config_path = pipeline_dir / "vae" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "scale_factor": 3.0, "shift_factor": 0.5}))
+    _, task = run_task(chain.root / "unet3d_run", f"model.vae={pipeline_dir / 'vae'}")
+    video = chain.videos[CAPTION]
+    latents, _ = task.encode({"video": video, "tokens": task.tokenizer()([CAPTION])}, torch.Generator().manual_seed(0))
+    vae = model_zoo.from_pretrained(pipeline_dir / "vae").eval()
+    with torch.no_grad():
+        want = to_uint8_frames(vae.decode(vae.encode(video).sample(torch.Generator().manual_seed(0))))
+    sampler_vae = load_pipeline(pipeline_dir).vae
+    frames = ChunkDecoder(sampler_vae, vae_factors(sampler_vae)[0], FRAMES).decode(latents)
+    assert psnr(frames, want) >= 45.0, psnr(frames, want)
 
 
 def test_exported_vae_latents_have_unit_variance(chain: Chain) -> None:
