@@ -130,8 +130,16 @@ class DiffusionTask(Task):
             latents = self.frozen["vae"].to_latents(batch["video"].to(self.device), generator=generator)
         context = batch.get("text_emb")
         if context is None:
-            context = self.frozen["text_encoder"](batch["tokens"].to(self.device))
-        return latents, context.to(self.device)
+            return latents, self.frozen["text_encoder"](batch["tokens"].to(self.device))
+        # A latent cache holds each clip's own caption embedding; a caption the loader dropped
+        # (classifier-free guidance's p_uncond) must train the empty prompt's context instead,
+        # the one the sampler's unconditional branch uses.
+        context = context.to(self.device)
+        dropped = [i for i, caption in enumerate(batch.get("caption", ())) if caption == ""]
+        if dropped:
+            context = context.clone()
+            context[dropped] = self.frozen["text_encoder"](batch["tokens"][dropped].to(self.device)).to(context.dtype)
+        return latents, context
 
     def draw(self, latents: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         t = torch.randint(0, self.cfg.objective.num_timesteps, (latents.shape[0],), generator=generator).to(self.device)
