@@ -784,6 +784,28 @@ def write_report(job: VideoJob, rank_stats: list[dict[str, Any]], wall: float) -
     return path
 
 
+MODEL_TASKS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "ddim": (("diffusion",), ()),
+    "vidrd": (("diffusion",), ()),
+    "lvdm-autoregressive": (("lvdm_prediction",), ()),
+    "lvdm-hierarchical": (("lvdm_prediction",), ("lvdm_interpolation",)),
+    "videofusion": (("videofusion",), ()),
+    "streaming": (("streaming",), ("diffusion",)),
+}
+"""Per strategy: the export tasks --model may have, and those of --model2 (empty: not used)."""
+
+
+def check_tasks(strategy: str, model: Path | str, task: str, model2: Path | str | None, task2: str | None) -> None:
+    """One clear line when an export of the wrong task is given to a strategy."""
+    wanted, wanted2 = MODEL_TASKS[strategy]
+    if task not in wanted:
+        raise ValueError(f"--strategy {strategy} needs --model from a {' or '.join(wanted)} run; {model} is a {task!r} export")
+    if model2 is not None and not wanted2:
+        raise ValueError(f"--strategy {strategy} takes no --model2 (got {model2})")
+    if model2 is not None and task2 not in wanted2:
+        raise ValueError(f"--strategy {strategy} needs --model2 from a {' or '.join(wanted2)} run; {model2} is a {task2!r} export")
+
+
 def generate(config: SampleConfig) -> list[Path]:
     """Run the command on this rank (joins the process group if the environment has several ranks)."""
     device = resolve_device(config.device)
@@ -791,6 +813,7 @@ def generate(config: SampleConfig) -> list[Path]:
     try:
         pipeline = load_pipeline(config.model, device=device)
         pipeline2 = None if config.model2 is None else load_pipeline(config.model2, device=device)
+        check_tasks(config.strategy, config.model, pipeline.task, config.model2, None if pipeline2 is None else pipeline2.task)
         setup = make_setup(config, pipeline, device)
         latent_frames = math.ceil(config.frames / vae_factors(pipeline.vae)[0])
         outputs = []

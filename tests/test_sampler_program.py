@@ -350,3 +350,25 @@ def test_text_tokens_are_encoded_once_per_prompt(pipelines):
     for index in range(TEXT_CACHE_SIZE):  # the oldest prompt leaves the cache, the newest stay
         pipeline.text_context(f"prompt {index}")
     assert len(pipeline.text_cache) == TEXT_CACHE_SIZE and "a red bicycle" not in pipeline.text_cache
+
+
+@pytest.mark.parametrize(
+    "strategy, model, model2, needed",
+    [
+        ("lvdm-hierarchical", "diffusion", "lvdm_interpolation", "--model from a lvdm_prediction run"),
+        ("lvdm-hierarchical", "lvdm_prediction", "diffusion", "--model2 from a lvdm_interpolation run"),
+        ("vidrd", "lvdm_prediction", None, "--model from a diffusion run"),
+        ("streaming", "diffusion", None, "--model from a streaming run"),
+        ("ddim", "diffusion", "diffusion", "takes no --model2"),
+    ],
+)
+def test_an_export_of_the_wrong_task_is_one_clear_error(pipelines, tmp_path, capsys, strategy, model, model2, needed):
+    argv = ["--model", pipelines[model], "--strategy", strategy, "--prompt", "x", "--out", str(tmp_path / "v.mp4")]
+    argv += ["--frames", "8", "--steps", "2", "--height", "32", "--width", "32", "--device", "cpu", "--no-progress"]
+    argv += ["--model2", pipelines[model2]] if model2 else []
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--strategy {strategy}" in err[0] and needed in err[0], err
+    if "needs --model " in needed:
+        assert f"{pipelines[model]} is a '{model}' export" in err[0]
+    assert not (tmp_path / "v.mp4").exists()
