@@ -59,11 +59,26 @@ def streaming_denoiser(
     return with_text_guidance(branch, pipeline, prompt, guidance, guide)
 
 
-def lvdm_predict_fn(pipeline: Pipeline, prompt: str) -> MaskedPredictFn:
-    """LVDM's masked network `(net_input (B, C+1, l, h, w), t, level) -> ε` with the prompt bound."""
+def lvdm_predict_fn(pipeline: Pipeline, prompt: str, guidance: float = 1.0) -> MaskedPredictFn:
+    """LVDM's masked network `(net_input (B, C+1, l, h, w), t, level) -> ε` with the prompt bound,
+    and text CFG against the empty prompt on the same masked input and level unless g = 1 (then
+    it is exactly the conditional network). LVDM's unconditional guidance (all masks zero) is
+    applied around this by the strategy, so both guidances compose."""
     model = pipeline.denoiser
+
+    def branch(context: Tensor | None) -> MaskedPredictFn:
+        return lambda net_input, t, level: model(net_input, t, context=context, level=level)
+
     context = pipeline.text_context(prompt)
-    return lambda net_input, t, level: model(net_input, t, context=context, level=level)
+    if context is None or guidance == 1.0:
+        return branch(context)
+    conditional, unconditional = branch(context), branch(pipeline.text_context(""))
+
+    def guided(net_input: Tensor, t: Tensor, level: Tensor | None) -> Tensor:
+        empty = unconditional(net_input, t, level)
+        return empty + guidance * (conditional(net_input, t, level) - empty)
+
+    return guided
 
 
 def counted(fn: Callable[..., Tensor], tick: Callable[[], object]) -> Callable[..., Tensor]:

@@ -387,7 +387,7 @@ def lvdm_config(job: VideoJob) -> lvdm.LVDMConfig:
 def lvdm_stepper(job: VideoJob, num_frames: int) -> tuple[Stepper, int]:
     """LVDM autoregressive prediction: l frames, then l - k per clip; the state is the last k frames."""
     config = lvdm_config(job)
-    predict = counted(lvdm_predict_fn(job.pipeline, job.prompt), job.tick_steps())
+    predict = counted(lvdm_predict_fn(job.pipeline, job.prompt, job.config.guidance), job.tick_steps())
     guide = branch_parallel_guide(job.world)
 
     def step(index: int, state: State | None) -> tuple[Tensor, State]:
@@ -575,7 +575,7 @@ def run_hierarchical(job: VideoJob) -> None:
         stepper, _ = lvdm_stepper(alone, plan.num_keyframes)
         run_chunks(alone, "keyframes", stepper, num_chunks, lambda _: None)
     keyframes = KeyframeReader(job, num_chunks, timeout)
-    interpolate = counted(lvdm_predict_fn(job.pipeline2, job.prompt), job.tick_steps())
+    interpolate = counted(lvdm_predict_fn(job.pipeline2, job.prompt, job.config.guidance), job.tick_steps())
     # Piece i < len(gaps): keyframe i and the stride - 1 frames of gap i; the last piece: the last keyframe.
     kept = decoded_lengths([config.keyframe_stride] * len(plan.gaps) + [1], job.latent_frames)
     num_gaps = min(len(plan.gaps), len(kept))  # gaps of pieces past the end of the video are not needed

@@ -372,3 +372,29 @@ def test_an_export_of_the_wrong_task_is_one_clear_error(pipelines, tmp_path, cap
     if "needs --model " in needed:
         assert f"{pipelines[model]} is a '{model}' export" in err[0]
     assert not (tmp_path / "v.mp4").exists()
+
+
+def test_text_guidance_acts_in_the_lvdm_strategies_and_g1_is_the_conditional_network(pipelines, tmp_path):
+    """--guidance moves LVDM's keyframes and gaps; at g = 1 the masked network is the plain
+    text-conditioned one, and at g > 1 it is CFG against the empty prompt on the same input."""
+    from sampler.denoisers import lvdm_predict_fn
+    from sampler.pipeline import load_pipeline
+
+    parts = {}
+    for g in (1.0, 3.0):
+        config = base_config(
+            pipelines, tmp_path / f"g{g}", model=pipelines["lvdm_prediction"], model2=pipelines["lvdm_interpolation"],
+            strategy="lvdm-hierarchical", frames=12, keyframe_stride=3, guidance=g,
+        )
+        run(config)
+        parts[g] = {name: part(Path(config.out), name)["latents"] for name in ("keyframes-00000", "gap-00000")}
+    for name in ("keyframes-00000", "gap-00000"):
+        assert not torch.allclose(parts[1.0][name], parts[3.0][name], atol=1e-4), name
+    pipeline = load_pipeline(pipelines["lvdm_prediction"])
+    net_input = torch.randn(1, 5, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t, level = torch.tensor([500]), torch.tensor([100])
+    with torch.no_grad():
+        cond = pipeline.denoiser(net_input, t, context=pipeline.text_context("a red bicycle"), level=level)
+        empty = pipeline.denoiser(net_input, t, context=pipeline.text_context(""), level=level)
+        assert torch.equal(lvdm_predict_fn(pipeline, "a red bicycle", 1.0)(net_input, t, level), cond)
+        torch.testing.assert_close(lvdm_predict_fn(pipeline, "a red bicycle", 3.0)(net_input, t, level), empty + 3.0 * (cond - empty))
