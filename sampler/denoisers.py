@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 
 from model_zoo.diffusion.guidance import Guide, cfg
@@ -64,10 +65,15 @@ def lvdm_predict_fn(pipeline: Pipeline, prompt: str, guidance: float = 1.0) -> M
     and text CFG against the empty prompt on the same masked input and level unless g = 1 (then
     it is exactly the conditional network). LVDM's unconditional guidance (all masks zero) is
     applied around this by the strategy, so both guidances compose."""
-    model = pipeline.denoiser
+    model, no_condition = pipeline.denoiser, pipeline.uncond_level
 
     def branch(context: Tensor | None) -> MaskedPredictFn:
-        return lambda net_input, t, level: model(net_input, t, context=context, level=level)
+        def predict(net_input: Tensor, t: Tensor, level: Tensor | None) -> Tensor:
+            if level is None and no_condition is not None:  # ε_u: the class training gave no-mask samples
+                level = torch.full_like(t, no_condition)
+            return model(net_input, t, context=context, level=level)
+
+        return predict
 
     context = pipeline.text_context(prompt)
     if context is None or guidance == 1.0:

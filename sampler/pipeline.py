@@ -65,6 +65,9 @@ class Pipeline:
     """The DDIM schedule."""
     model_id: dict[str, Any]
     """What identifies the models: folder, task, source checkpoint, and a hash per component config."""
+    uncond_level: int | None = None
+    """LVDM masked networks: the perturbation-level class training used for samples without any
+    mask (the unconditional branch ε_u); None for networks without a level embedding."""
     text_cache: dict[str, Tensor] = field(default_factory=dict, repr=False, compare=False)
     """Text tokens of the last `TEXT_CACHE_SIZE` prompts (StreamingT2V asks for them every chunk)."""
 
@@ -146,9 +149,19 @@ def load_pipeline(folder: str | Path, *, device: str = "cpu") -> Pipeline:
             for name in networks
         },
     }
+    task = index.get("task", "diffusion")
+    uncond_level = index.get("uncond_level")
+    has_levels = getattr(networks["denoiser"], "level_embed", None) is not None
+    if task.startswith("lvdm_") and has_levels and uncond_level is None:
+        raise ValueError(
+            f"{index_file}: an LVDM export without 'uncond_level': it was trained before samples "
+            "without any mask had their own perturbation-level class, so its unconditional branch "
+            "would see an input training never gave it; retrain it"
+        )
     return Pipeline(
         path=path,
-        task=index.get("task", "diffusion"),
+        task=task,
+        uncond_level=uncond_level if has_levels else None,
         networks=networks,
         schedule=read_schedule(path / "scheduler"),
         model_id=model_id,
@@ -164,10 +177,13 @@ def save_pipeline(
     beta_start: float = 0.00085,
     beta_end: float = 0.012,
     prediction_type: str = "epsilon",
+    uncond_level: int | None = None,
 ) -> Path:
     """Write a pipeline folder in `lvd export`'s layout (tiny pipelines for tests and benchmarks)."""
     path = Path(folder)
     index: dict[str, Any] = {"_class_name": "LVDPipeline", "task": task}
+    if uncond_level is not None:
+        index["uncond_level"] = uncond_level
     for name, module in networks.items():
         model_zoo.save_pretrained(module, path / name)
         index[name] = ["model_zoo", module.family]

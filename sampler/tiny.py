@@ -16,8 +16,8 @@ from sampler.pipeline import save_pipeline
 
 TASK_DENOISERS = {
     "diffusion": ("unet3d", {}),
-    "lvdm_prediction": ("unet3d", {"in_channels": 5}),
-    "lvdm_interpolation": ("unet3d", {"in_channels": 5}),
+    "lvdm_prediction": ("unet3d", {"in_channels": 5, "num_levels": 252}),
+    "lvdm_interpolation": ("unet3d", {"in_channels": 5, "num_levels": 252}),
     "videofusion": ("videofusion", {}),
     "streaming": ("streaming_t2v", {}),
 }
@@ -48,4 +48,5 @@ def tiny_pipeline(folder: str | Path, task: str, *, seed: int = 0, vae: str = "v
         }
         if task == "streaming":
             networks["image_encoder"] = model_zoo.build_model("image_encoder", "tiny")
-    return save_pipeline(folder, task, networks)
+    uncond_level = 251 if task.startswith("lvdm_") else None  # s in 0..250, then "no condition"
+    return save_pipeline(folder, task, networks, uncond_level=uncond_level)

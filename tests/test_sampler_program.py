@@ -398,3 +398,18 @@ def test_text_guidance_acts_in_the_lvdm_strategies_and_g1_is_the_conditional_net
         empty = pipeline.denoiser(net_input, t, context=pipeline.text_context(""), level=level)
         assert torch.equal(lvdm_predict_fn(pipeline, "a red bicycle", 1.0)(net_input, t, level), cond)
         torch.testing.assert_close(lvdm_predict_fn(pipeline, "a red bicycle", 3.0)(net_input, t, level), empty + 3.0 * (cond - empty))
+
+
+def test_an_lvdm_export_without_its_no_condition_level_is_refused(pipelines, tmp_path, capsys):
+    import shutil
+
+    old = tmp_path / "old_pred"
+    shutil.copytree(pipelines["lvdm_prediction"], old)
+    index = json.loads((old / "model_index.json").read_text())
+    del index["uncond_level"]
+    (old / "model_index.json").write_text(json.dumps(index))
+    argv = ["--model", str(old), "--strategy", "lvdm-autoregressive", "--prompt", "x", "--out", str(tmp_path / "v.mp4")]
+    argv += ["--frames", "8", "--steps", "2", "--height", "32", "--width", "32", "--device", "cpu", "--no-progress"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert str(old / "model_index.json") in err and "'uncond_level'" in err and "retrain" in err

@@ -248,3 +248,34 @@ def test_latent_cache_trains_with_only_the_shard_path_and_a_flag(tmp_path, video
     cfg = _config("unet3d.yaml", tmp_path / "run", str(tmp_path / "latents"), "data.latent=true", "train.steps=2", "train.checkpoint_every=0")
     assert train(cfg) == 0
     assert sorted(read_metrics(tmp_path / "run")) == [1, 2]
+
+
+@pytest.mark.parametrize("name, no_mask_share", [("lvdm_prediction.yaml", 0.5), ("lvdm_interpolation.yaml", 0.1)])
+def test_lvdm_samples_without_a_mask_train_the_no_condition_level_the_sampler_uses(tmp_path, video_shards, name, no_mask_share):
+    """Both LVDM models train the unconditional branch ε_u (all masks zero) at their rate, with
+    the no-condition level class s_max + 1; the export records it, and the sampler's ε_u feeds
+    the network exactly that class."""
+    from sampler.denoisers import lvdm_predict_fn
+    from sampler.pipeline import load_pipeline
+    from trainer import export as export_mod
+    from trainer.tasks import build_task
+
+    cfg = _config(name, tmp_path, video_shards, "train.steps=1", "train.checkpoint_every=0")
+    task = build_task(cfg, torch.device("cpu"))
+    s_max = cfg.objective.s_max
+    assert task.trained["model"].config.num_levels == s_max + 2
+    mask, levels = task.draw_conditioning(torch.Generator().manual_seed(0), 4000, 4)
+    none = ~mask.bool().any(dim=1)
+    assert abs(float(none.float().mean()) - no_mask_share) < 0.025
+    assert bool((levels[none] == s_max + 1).all()) and bool((levels[~none] <= s_max).all())
+    if name == "lvdm_interpolation.yaml":
+        assert bool((mask[~none] == torch.tensor([1.0, 0.0, 0.0, 1.0])).all())  # the rest: interpolation masks only
+    assert train(cfg) == 0
+    pipeline = load_pipeline(export_mod.export(tmp_path, tmp_path / "export"))
+    assert pipeline.uncond_level == s_max + 1
+    seen = []
+    pipeline.denoiser.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["level"]), with_kwargs=True)
+    net_input = torch.randn(1, 5, 4, 8, 8)
+    with torch.no_grad():
+        lvdm_predict_fn(pipeline, "a red bicycle")(net_input, torch.tensor([500]), None)
+    assert seen[0].tolist() == [s_max + 1]

@@ -149,13 +149,18 @@ class ObjectiveConfig:
     loss_type: Literal["l2", "l1"] = "l2"
     """Distance between target and prediction (LVDM used l1)."""
     p_pred: float = 0.5
-    """LVDM: probability of a prediction mask (first `cond_frames` latent frames known)."""
+    """LVDM prediction model: probability of a prediction mask (first `cond_frames` latent frames
+    known); the other samples have no mask at all (the unconditional branch ε_u)."""
     p_interp: float = 0.9
     """LVDM interpolation model: probability of an interpolation mask (first and last known)."""
+    p_no_mask: float = 0.1
+    """LVDM interpolation model: probability of no mask at all, which trains the unconditional
+    branch ε_u that unconditional guidance uses at sampling; the rest are prediction masks."""
     cond_frames: int = 1
     """LVDM: latent frames given as condition for prediction."""
     s_max: int = 250
-    """LVDM conditional latent perturbation: s ~ U{0..s_max}, fed as a 251-class embedding."""
+    """LVDM conditional latent perturbation: s ~ U{0..s_max}, fed as a class embedding with one
+    more class, s_max + 1, for "no condition" (the samples without any mask)."""
     videofusion_lambda: float = 0.5
     """VideoFusion: share of the base noise, eps_i = sqrt(l) b + sqrt(1-l) r_i."""
     kl_weight: float = 1.0e-6
@@ -170,10 +175,12 @@ class ObjectiveConfig:
     """Autoencoder: perceptual loss weight when `perceptual` is set."""
 
     def __post_init__(self) -> None:
-        for name in ("p_pred", "p_interp", "videofusion_lambda"):
+        for name in ("p_pred", "p_interp", "p_no_mask", "videofusion_lambda"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name}: must be in [0, 1], got {value}")
+        if self.p_interp + self.p_no_mask > 1.0:
+            raise ValueError(f"p_no_mask: p_interp + p_no_mask must be <= 1, got {self.p_interp} + {self.p_no_mask}")
         if not 0 <= self.s_max < self.num_timesteps:
             raise ValueError(f"s_max: must be in [0, num_timesteps), got {self.s_max}")
         if self.beta_start <= 0 or self.beta_end <= self.beta_start:

@@ -64,6 +64,10 @@ def export(
     for frozen in sorted((run_dir / "frozen").glob("*/config.json")):
         shutil.copytree(frozen.parent, tmp / frozen.parent.name)
         index[frozen.parent.name] = ["model_zoo", json.loads(frozen.read_text())["_family"]]
+    if cfg.train.task in ("lvdm_prediction", "lvdm_interpolation"):
+        from trainer.tasks import no_condition_level
+
+        index["uncond_level"] = no_condition_level(cfg.objective)  # the ε_u encoding training used
     if cfg.train.task not in AUTOENCODER_TASKS:
         _write_scheduler(cfg.objective, tmp / "scheduler")
         index["scheduler"] = ["diffusers", "DDIMScheduler"]

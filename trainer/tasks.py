@@ -23,7 +23,7 @@ import model_zoo
 from model_zoo.diffusion import objectives
 from model_zoo.diffusion.samplers import ddim
 from model_zoo.diffusion.schedules import alphas_cumprod, ddim_timesteps, make_betas
-from trainer.config import TrainJobConfig
+from trainer.config import ObjectiveConfig, TrainJobConfig
 
 Engines = dict[str, Callable[..., Any]]
 TIMESTEP_BUCKETS = 4
@@ -186,32 +186,44 @@ class DiffusionTask(Task):
         return self.frozen["vae"].from_latents(sample).clamp(-1, 1)
 
 
+def no_condition_level(obj: ObjectiveConfig) -> int:
+    """The perturbation-level class of LVDM samples without any mask: one past s_max."""
+    return obj.s_max + 1
+
+
 class LVDMTask(DiffusionTask):
     """LVDM prediction / interpolation: mask conditioning and conditional latent perturbation (SPEC §3)."""
 
     def model_overrides(self) -> dict[str, Any]:
         base = super().model_overrides()
-        return {**base, "in_channels": base["in_channels"] + 1, "num_levels": self.cfg.objective.s_max + 1}
+        return {**base, "in_channels": base["in_channels"] + 1, "num_levels": no_condition_level(self.cfg.objective) + 1}
 
     def mask_probabilities(self) -> tuple[float, float]:
+        """(p_pred, p_interp); the remaining samples get no mask (the unconditional branch)."""
         obj = self.cfg.objective
         if self.cfg.train.task == "lvdm_interpolation":
-            return 1.0 - obj.p_interp, obj.p_interp  # the rest of the samples: prediction masks
+            return max(0.0, 1.0 - obj.p_interp - obj.p_no_mask), obj.p_interp
         return obj.p_pred, 0.0
+
+    def draw_conditioning(self, generator: torch.Generator, batch_size: int, num_frames: int) -> tuple[Tensor, Tensor]:
+        """Masks (B, T) and perturbation levels (B,): s ~ U{0..s_max} where a mask conditions,
+        the no-condition class where it is all zero (the encoding the sampler's ε_u uses)."""
+        obj = self.cfg.objective
+        p_pred, p_interp = self.mask_probabilities()
+        mask = objectives.draw_masks(generator, batch_size, num_frames, num_cond_frames=obj.cond_frames, p_pred=p_pred, p_interp=p_interp)
+        levels = objectives.draw_perturbation_levels(generator, batch_size, obj.s_max)
+        levels = torch.where(mask.any(dim=1), levels, torch.full_like(levels, no_condition_level(obj)))
+        return mask.to(self.device), levels.to(self.device)
 
     def unconditional_input(self, z_t: Tensor) -> tuple[Tensor, dict[str, Any]]:
         no_mask = torch.zeros(z_t.shape[0], z_t.shape[2], device=z_t.device)
-        return objectives.apply_mask_conditioning(z_t, torch.zeros_like(z_t), no_mask), {}
+        level = torch.full((z_t.shape[0],), no_condition_level(self.cfg.objective), dtype=torch.long, device=z_t.device)
+        return objectives.apply_mask_conditioning(z_t, torch.zeros_like(z_t), no_mask), {"level": level}
 
     def losses(self, engines: Engines, batch: dict[str, Any], generator: torch.Generator, step: int) -> StepOutput:
-        obj = self.cfg.objective
         latents, context = self.encode(batch, generator)
         t, noise = self.draw(latents, generator)
-        p_pred, p_interp = self.mask_probabilities()
-        mask = objectives.draw_masks(
-            generator, latents.shape[0], latents.shape[2], num_cond_frames=obj.cond_frames, p_pred=p_pred, p_interp=p_interp
-        ).to(self.device)  # (B, T)
-        levels = objectives.draw_perturbation_levels(generator, latents.shape[0], obj.s_max).to(self.device)
+        mask, levels = self.draw_conditioning(generator, latents.shape[0], latents.shape[2])  # (B, T), (B,)
         cond_noise = torch.randn(latents.shape, generator=generator).to(latents)
         z_cond = objectives.perturb_condition(latents, levels, cond_noise, self.alphas_cumprod)
         z_t = objectives.q_sample(latents, t, noise, self.alphas_cumprod)

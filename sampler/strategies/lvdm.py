@@ -9,7 +9,9 @@
 
 The network is called as `predict_fn(net_input, t, perturb_level)` with net_input the mask-
 conditioned input (B, C+1, l, h, w) of `objectives.apply_mask_conditioning` and perturb_level
-an int64 (B,) tensor, or None for the unconditional branch (LVDM's code passes no s there).
+an int64 (B,) tensor, or None for the unconditional branch (all masks zero). The pipeline's
+binding (`sampler.denoisers.lvdm_predict_fn`) turns None into the "no condition" level class
+that training gave every sample without a mask, so ε_u is a state the network was trained in.
 """
 
 from __future__ import annotations
