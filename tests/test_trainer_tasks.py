@@ -279,3 +279,30 @@ def test_lvdm_samples_without_a_mask_train_the_no_condition_level_the_sampler_us
     with torch.no_grad():
         lvdm_predict_fn(pipeline, "a red bicycle")(net_input, torch.tensor([500]), None)
     assert seen[0].tolist() == [s_max + 1]
+
+
+@pytest.mark.parametrize("name", ["unet3d.yaml", "videofusion.yaml", "streaming.yaml"])
+def test_init_from_starts_from_the_export_and_refuses_overrides_it_does_not_hold(tmp_path, video_shards, name):
+    """`model.init_from` loads the export's weights for every task (videofusion and streaming
+    too), and an override the checkpoint's config does not hold is an error naming it."""
+    import model_zoo
+    from trainer import export as export_mod
+    from trainer.tasks import build_task
+
+    extra = [f"model.base={_random_base(tmp_path / 'base')}"] if name == "streaming.yaml" else []
+    cfg = _config(name, tmp_path / "first", video_shards, "train.steps=1", "train.checkpoint_every=0", *extra)
+    assert train(cfg) == 0
+    export = export_mod.export(tmp_path / "first", tmp_path / "export") / "denoiser"
+    want = model_zoo.from_pretrained(export).state_dict()
+    cfg = _config(name, tmp_path / "second", video_shards, f"model.init_from={export}", *extra)
+    got = build_task(cfg, torch.device("cpu")).trained["model"].state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    # videofusion's lam comes from the objective; the others from model.overrides
+    field, value, setting = {
+        "unet3d.yaml": ("model_channels", 64, "model.overrides={model_channels: 64}"),
+        "videofusion.yaml": ("lam", 0.25, "objective.videofusion_lambda=0.25"),
+        "streaming.yaml": ("cond_frames", 4, "model.overrides={cond_frames: 4}"),
+    }[name]
+    cfg = _config(name, tmp_path / "third", video_shards, f"model.init_from={export}", setting, *extra)
+    with pytest.raises(ValueError, match=rf"model.init_from=.*{field} \(checkpoint .*, asked {value}\)"):
+        build_task(cfg, torch.device("cpu"))

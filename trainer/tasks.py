@@ -78,11 +78,51 @@ class Task:
 
 
 def _trained_model(cfg: TrainJobConfig, **forced: Any) -> nn.Module:
+    """The trained network: built from family/flavor + overrides, or loaded from `model.init_from`,
+    whose own config then gives the architecture: every override the YAML or the task sets
+    must already hold in it (no override is silently dropped)."""
     overrides = {**cfg.model.overrides, **forced}
-    if cfg.model.init_from:
-        model = model_zoo.from_pretrained(cfg.model.init_from)
-    else:
-        model = model_zoo.build_model(cfg.model.family, cfg.model.flavor, **overrides)
+    if not cfg.model.init_from:
+        return model_zoo.build_model(cfg.model.family, cfg.model.flavor, **overrides)
+    model = model_zoo.from_pretrained(cfg.model.init_from)
+    _check_init_config(cfg.model.init_from, model.config, overrides)
+    return model
+
+
+def _normalised(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _normalised(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return tuple(_normalised(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _normalised(v) for k, v in value.items()}
+    return value
+
+
+def _check_init_config(init_from: str, config: Any, wanted: dict[str, Any]) -> None:
+    """Refuse, naming each one, the settings a checkpoint's config does not have or holds otherwise."""
+    names = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(wanted) - names)
+    if unknown:
+        raise ValueError(f"model.init_from={init_from}: its {type(config).__name__} has no field(s) {unknown}")
+    differing = [
+        f"{key} (checkpoint {getattr(config, key)!r}, asked {value!r})"
+        for key, value in wanted.items()
+        if _normalised(getattr(config, key)) != _normalised(value)
+    ]
+    if differing:
+        raise ValueError(
+            f"model.init_from={init_from}: the checkpoint's architecture differs from what this run sets: "
+            + "; ".join(differing) + " (drop these overrides, or train from scratch)"
+        )
+
+
+def _init_from_or_build(cfg: TrainJobConfig, config: Any) -> nn.Module:
+    """A network of `config`, or `model.init_from`'s weights when given (its config must equal `config`)."""
+    if not cfg.model.init_from:
+        return model_zoo.build_from_config(config)
+    model = model_zoo.from_pretrained(cfg.model.init_from)
+    _check_init_config(cfg.model.init_from, model.config, {f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
     return model
 
 
@@ -311,7 +351,7 @@ class VideoFusionTask(DiffusionTask):
         c, d = self.latent_channels(), self.context_dim()
         generators = {name: dataclasses.replace(getattr(config, name), in_channels=c, out_channels=c, context_dim=d) for name in ("base", "residual")}
         config = dataclasses.replace(config, lam=obj.videofusion_lambda, **generators)
-        self.trained = {"model": model_zoo.build_from_config(config)}
+        self.trained = {"model": _init_from_or_build(cfg, config)}
 
     def losses(self, engines: Engines, batch: dict[str, Any], generator: torch.Generator, step: int) -> StepOutput:
         latents, context = self.encode(batch, generator)
@@ -342,8 +382,9 @@ class StreamingTask(DiffusionTask):
         base = build_helper(cfg.model.base, seed=cfg.train.seed + 4, device=torch.device("cpu"))
         config = model_zoo.make_config(cfg.model.family, cfg.model.flavor, **cfg.model.overrides)
         config = dataclasses.replace(config, base=base.config, image_embed_dim=int(self.frozen["image_encoder"].config.context_dim))
-        model = model_zoo.build_from_config(config)
-        model.load_base_state_dict(base.state_dict())
+        model = _init_from_or_build(cfg, config)
+        if not cfg.model.init_from:  # a fine-tuned CAM/APM checkpoint already holds its base
+            model.load_base_state_dict(base.state_dict())
         trainable = {id(p) for p in model.trainable_parameters()}
         for param in model.parameters():
             param.requires_grad_(id(param) in trainable)
