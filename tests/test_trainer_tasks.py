@@ -306,3 +306,23 @@ def test_init_from_starts_from_the_export_and_refuses_overrides_it_does_not_hold
     cfg = _config(name, tmp_path / "third", video_shards, f"model.init_from={export}", setting, *extra)
     with pytest.raises(ValueError, match=rf"model.init_from=.*{field} \(checkpoint .*, asked {value}\)"):
         build_task(cfg, torch.device("cpu"))
+
+
+def test_a_one_process_run_leaves_no_rank_variables_behind(tmp_path, video_shards):
+    """`lvd train` in this process must not leave RANK/WORLD_SIZE/MASTER_* set: a `lvd train
+    --nproc 2` or an sbatch job started from here afterwards would inherit them and run as rank
+    0 of 1 (or both tasks of a job would try to be the rendezvous server)."""
+    import os
+
+    from trainer.engine import init_distributed
+
+    before = {key: os.environ.get(key) for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    for key in before:
+        os.environ.pop(key, None)
+    try:
+        init_distributed()
+        cfg = _config("unet3d.yaml", tmp_path, video_shards, "train.steps=1", "train.checkpoint_every=0")
+        assert train(cfg) == 0
+        assert [key for key in before if key in os.environ] == []
+    finally:
+        os.environ.update({key: value for key, value in before.items() if value is not None})

@@ -65,14 +65,21 @@ def init_distributed() -> DistInfo:
     if not cuda:
         # Skip the JIT build of the shared-memory op (about 60 s on a fresh machine): gloo suffices.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    added = []
     if world == 1:
-        env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(_free_port()))
-        env.setdefault("RANK", "0")
-        env.setdefault("WORLD_SIZE", "1")
-        env.setdefault("LOCAL_RANK", "0")
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        defaults = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1"}
+        added = [key for key in defaults if key not in env]
+        env.update({key: defaults[key] for key in added})
+        env.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine reads it
+    try:
+        if not dist.is_initialized():
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    finally:
+        # A one-process run (`lvd train` called from Python, or in a test) must not leave
+        # RANK/WORLD_SIZE/MASTER_* behind: a later `lvd train --nproc 2` or sbatch job started
+        # from this process would inherit them and run as rank 0 of 1.
+        for key in added:
+            env.pop(key, None)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend)
 
 
