@@ -248,6 +248,21 @@ def test_latent_cache_trains_with_only_the_shard_path_and_a_flag(tmp_path, video
     cfg = _config("unet3d.yaml", tmp_path / "run", str(tmp_path / "latents"), "data.latent=true", "train.steps=2", "train.checkpoint_every=0")
     assert train(cfg) == 0
     assert sorted(read_metrics(tmp_path / "run")) == [1, 2]
+    # Caption dropout through the real loader, cached and raw: every dropped caption (p_uncond = 1)
+    # trains the empty prompt's context, the one the sampler's CFG uses.
+    from data_pipeline.loader import build_loader
+    from trainer.tasks import build_task
+
+    for latent, source in ((True, str(tmp_path / "latents")), (False, video_shards)):
+        cfg = _config("unet3d.yaml", tmp_path / "drop", source, f"data.latent={str(latent).lower()}", "data.p_uncond=1.0",
+                      f"model.text_encoder={pipeline / 'text_encoder'}")
+        task = build_task(cfg, torch.device("cpu"))
+        batch = next(build_loader(cfg.data, rank=0, world_size=1, batch_size=2, seed=0, tokenizer=task.tokenizer()))
+        assert batch["caption"] == ["", ""] and ("text_emb" in batch) == latent
+        _, context = task.encode(batch, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            empty = task.frozen["text_encoder"](task.tokenizer()([""]))
+        torch.testing.assert_close(context, empty.expand_as(context))
 
 
 @pytest.mark.parametrize("name, no_mask_share", [("lvdm_prediction.yaml", 0.5), ("lvdm_interpolation.yaml", 0.1)])
