@@ -341,3 +341,18 @@ def test_a_one_process_run_leaves_no_rank_variables_behind(tmp_path, video_shard
         assert [key for key in before if key in os.environ] == []
     finally:
         os.environ.update({key: value for key, value in before.items() if value is not None})
+
+
+def test_training_after_another_process_group_was_torn_down_in_this_process(tmp_path, video_shards):
+    """Code other than `lvd train` (a sampler world, a test) may destroy the process group
+    directly; DeepSpeed's cached clone of the old world group must not be reused by the next run."""
+    import torch.distributed as dist
+
+    from trainer.engine import init_distributed
+
+    first = _config("unet3d.yaml", tmp_path / "first", video_shards, "train.steps=1", "train.checkpoint_every=0")
+    assert train(first) == 0  # DeepSpeed now holds a clone of this process group
+    dist.destroy_process_group()
+    init_distributed()
+    second = _config("unet3d.yaml", tmp_path / "second", video_shards, "train.steps=1", "train.checkpoint_every=0")
+    assert train(second) == 0

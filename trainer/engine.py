@@ -73,6 +73,9 @@ def init_distributed() -> DistInfo:
         env.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine reads it
     try:
         if not dist.is_initialized():
+            # DeepSpeed caches its clone of the world group; one from an earlier process group of
+            # this process (torn down by `leave_distributed` or by other code) must not be reused.
+            deepspeed.utils.groups._WORLD_GROUP = None
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     finally:
         # A one-process run (`lvd train` called from Python, or in a test) must not leave
