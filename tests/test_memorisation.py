@@ -32,6 +32,8 @@ import numpy as np
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # ~2.5 min of training: in the default suite, not in the fast lane
+
 REPO = Path(__file__).resolve().parent.parent
 CLIPS = {"carphone_pristine": "a man talking on a phone in a car"}
 CAPTION = CLIPS["carphone_pristine"]
