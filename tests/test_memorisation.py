@@ -64,13 +64,10 @@ def lvd(*args: str) -> str:
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
-    return 10.0 * np.log10(255.0**2 / max(mse, 1e-10))
+    """PSNR (dB, peak 255) of one clip or frame against another."""
+    from lvd.demo_metrics import psnr as clip_psnr
 
-
-def read_mp4(path: Path) -> np.ndarray:
-    with av.open(str(path)) as container:
-        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+    return clip_psnr(a[None], b[None])
 
 
 @dataclass
@@ -171,17 +168,9 @@ def sample(pipeline: Path, caption: str, out: Path, *extra: str, strategy: str =
         "sample", "--model", str(pipeline), "--strategy", strategy, "--prompt", caption, "--frames", str(frames),
         "--height", str(SIZE), "--width", str(SIZE), "--steps", "50", "--guidance", "1", "--seed", "0", "--out", str(out), *extra,
     )
+    from lvd.demo_data import read_mp4
+
     return read_mp4(out), printed
-
-
-def untrained_copy(pipeline: Path, out: Path) -> Path:
-    """The pipeline with its denoiser re-initialised (same config, fresh random weights)."""
-    import model_zoo
-
-    shutil.copytree(pipeline, out)
-    torch.manual_seed(1)
-    model_zoo.save_pretrained(model_zoo.build_from_config(model_zoo.load_config(pipeline / "denoiser")), out / "denoiser")
-    return out
 
 
 def assert_memorised(chain: Chain, pipeline: Path, tmp_path: Path) -> None:
@@ -189,7 +178,10 @@ def assert_memorised(chain: Chain, pipeline: Path, tmp_path: Path) -> None:
     untrained copy of the same denoiser stays UNTRAINED_GAP_DB below."""
     frames, printed = sample(pipeline, CAPTION, tmp_path / "sample.mp4")
     trained = psnr(frames, chain.recon[CAPTION])
-    untrained_frames, _ = sample(untrained_copy(pipeline, tmp_path / "untrained"), CAPTION, tmp_path / "untrained.mp4")
+    from lvd.demo import untrained_copy
+
+    untrained_copy(pipeline, tmp_path / "untrained")
+    untrained_frames, _ = sample(tmp_path / "untrained", CAPTION, tmp_path / "untrained.mp4")
     untrained = psnr(untrained_frames, chain.recon[CAPTION])
     assert trained >= MEMORISED_DB, f"sample vs the clip's VAE reconstruction: {trained:.2f} dB < {MEMORISED_DB} (untrained: {untrained:.2f})"
     assert untrained <= trained - UNTRAINED_GAP_DB, f"untrained {untrained:.2f} dB vs trained {trained:.2f} dB: the figure does not separate"

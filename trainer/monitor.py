@@ -78,8 +78,8 @@ class Monitor:
         self.metrics_file.flush()
         for key, value in metrics.items():
             self.writer.add_scalar(key if "/" in key else f"train/{key}", value, step)
-        if self.progress is None:
-            self.start(step - 1, step)
+        if self.progress is None:  # `start` not called: metrics and TensorBoard only
+            return
         shown = {k: v for k, v in metrics.items() if "/" not in k and k not in CONSOLE_HIDDEN}
         if metrics.get("skipped_total"):
             shown["skipped"] = int(metrics["skipped_total"])
