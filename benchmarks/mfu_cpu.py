@@ -10,7 +10,7 @@ the model step has FLOPs, interleaved with the model step, keeping the best of `
 each, so both are timed over the same span under the same background load. The value uses
 CPU time (single thread: the step's own compute, robust on a shared machine); the ratio by
 wall time is in the detail. The last stdout
-line is a JSON list of results (issue 4 goals: DiT >= 0.8 and U-Net >= 0.55 of GEMM, one
+line is a JSON list of results (goals: DiT >= 0.8 and U-Net >= 0.55 of GEMM, one
 thread).
 
 The detail gives the fewest minor page faults of a round of each side: glibc maps and unmaps

@@ -2,7 +2,7 @@
 
     python -m benchmarks                # all of them (minutes: each measures side by side)
     python -m benchmarks --only data_throughput,zero_memory
-    python -m benchmarks --update-readme   # also rewrite README.md's "Performance" section
+    python -m benchmarks --update-results  # also rewrite the table in benchmarks/RESULTS.md
 
 Each script prints, as its last line, one JSON object (or a list of them) with name, value,
 unit, goal and better. This runner adds the machine and date, and whether the goal is met.
@@ -23,8 +23,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 SKIP = {"__init__.py", "__main__.py", "run_all.py"}
-README_BEGIN = "<!-- performance:begin -->"
-README_END = "<!-- performance:end -->"
+RESULTS_BEGIN = "<!-- performance:begin -->"
+RESULTS_END = "<!-- performance:end -->"
 
 
 def machine() -> str:
@@ -75,22 +75,23 @@ def _fmt(value: object) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def update_readme(entries: list[dict[str, object]], date: str) -> None:
-    readme = REPO / "README.md"
-    text = readme.read_text()
-    section = f"{README_BEGIN}\nMeasured {date} on {machine()} by `python -m benchmarks` (figures: `benchmarks/results.json`).\n\n{table(entries)}\n{README_END}"
-    if README_BEGIN in text:
-        head, rest = text.split(README_BEGIN, 1)
-        text = head + section + rest.split(README_END, 1)[1]
+def update_results(entries: list[dict[str, object]], date: str) -> None:
+    """Replace the table between the performance markers of benchmarks/RESULTS.md (append if absent)."""
+    results = HERE / "RESULTS.md"
+    text = results.read_text()
+    section = f"{RESULTS_BEGIN}\nMeasured {date} on {machine()} by `python -m benchmarks` (figures: `benchmarks/results.json`).\n\n{table(entries)}\n{RESULTS_END}"
+    if RESULTS_BEGIN in text:
+        head, rest = text.split(RESULTS_BEGIN, 1)
+        text = head + section + rest.split(RESULTS_END, 1)[1]
     else:
-        text += f"\n## Performance\n\n{section}\n"
-    readme.write_text(text)
+        text += f"\n## Benchmarks\n\n{section}\n"
+    results.write_text(text)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated script names (without .py)")
-    parser.add_argument("--update-readme", action="store_true")
+    parser.add_argument("--update-results", action="store_true", help="rewrite the table in benchmarks/RESULTS.md")
     args = parser.parse_args()
     scripts = sorted(p for p in HERE.glob("*.py") if p.name not in SKIP)
     if args.only:
@@ -108,8 +109,8 @@ def main() -> None:
         entries.sort(key=lambda e: str(e.get("script")))
     (HERE / "results.json").write_text(json.dumps({"date": date, "machine": machine(), "results": entries}, indent=2) + "\n")
     print(table(entries))
-    if args.update_readme:
-        update_readme(entries, date)
+    if args.update_results:
+        update_results(entries, date)
 
 
 if __name__ == "__main__":

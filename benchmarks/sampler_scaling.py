@@ -15,7 +15,7 @@
   kept busy: its own waits and imbalance, free of the VM's drift between runs.
 - Time per frame and peak RSS of lvdm-autoregressive at 1024 frames relative to 64 frames (the
   64-frame video runs before and after the long one; their mean counts).
-Goals (issue 6): speedups >= 1.8, time-per-frame ratio <= 1.1, RSS ratio <= 1.2; and (ours) an
+Goals: speedups >= 1.8, time-per-frame ratio <= 1.1, RSS ratio <= 1.2; and (ours) an
 efficiency >= 0.95 of the ceiling.
 
     OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.sampler_scaling [--steps 3] [--repeats 5] [--only hierarchical]

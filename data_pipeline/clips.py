@@ -1,10 +1,12 @@
-"""Cutting a video into clips: the frame arithmetic and the scene cuts (VidRD, SPEC §1).
+"""Cutting a video into clips: the frame arithmetic and the scene cuts.
 
 A clip takes `clip_frames` frames at `frame_stride`, so it spans
 ``span = (clip_frames - 1) * frame_stride + 1`` source frames. Clips in one segment (a scene, or
 the whole video) start at ``seg_start, seg_start + hop, ...`` with ``hop = clip_frames *
 frame_stride`` (the stride grid continues, no frame is used twice), and a clip must end inside
 its segment: a segment of n frames gives ``(n - span) // hop + 1`` clips when n >= span, else 0.
+
+See docs/methods.md, 'Data: clips from videos'.
 """
 
 from __future__ import annotations

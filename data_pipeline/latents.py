@@ -1,9 +1,11 @@
-"""Latent cache: pixel shards -> shards of frozen-VAE latents (+ text embeddings) (SPEC §1).
+"""Latent cache: pixel shards -> shards of frozen-VAE latents (+ text embeddings).
 
 The encoder is passed in by the caller (the CLI layer loads the exported VAE), so this package
 never imports model_zoo. A latent sample keeps its key, caption and json and adds
 `latents.npy` (c, t, h, w) and, with a text encoder, `text_emb.npy`. The loader reads them with
 `DataConfig(latent=True)`; only the shard path and that flag change in the training config.
+
+See docs/methods.md, 'Data: the latent cache'.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The training loader: infinite, equal work per rank, exactly resumable (issue 3, SPEC §1).
+"""The training loader: infinite, equal work per rank, exactly resumable.
 
 Each (rank, DataLoader worker) is a reader slot with its own `SampleStream` (see stream.py for
 the shard schedule, mixing and shuffle buffer). A worker decodes, buckets and batches, and tags
@@ -16,6 +16,8 @@ count), so `load_state_dict` then starts every slot at the start of the epoch af
 epoch this rank's saved slots had reached (logged as a warning): the rest of the interrupted
 epoch is skipped, nothing is read twice within an epoch. Exactness holds only for the same
 world size and worker count.
+
+See docs/methods.md, 'Data: the training loader and caption dropout'.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""VidRD pseudo-videos: an image becomes a clip along a smooth monotone zoom/pan path (SPEC §1).
+"""VidRD pseudo-videos: an image becomes a clip along a smooth monotone zoom/pan path.
 
 A crop window of relative scale s (fraction of the largest window of the output aspect that fits)
 and pan position p (where the window sits in the room it leaves free: 0 = left/top edge, 1 =
@@ -6,6 +6,8 @@ right/bottom edge) moves from a random start state to a random end state. Scale 
 monotonically along a smoothstep easing e(t) = 3t² − 2t³, t = frame / (frames − 1), so the
 window always stays inside the image. The path is drawn from a generator seeded with seed + a
 stable hash of the source.
+
+See docs/methods.md, 'VidRD: pseudo-videos from images'.
 """
 
 from __future__ import annotations

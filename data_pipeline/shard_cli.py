@@ -1,4 +1,4 @@
-"""`lvd shard videos|images|latents`: raw media -> WebDataset shards + manifest.json (issue 3).
+"""`lvd shard videos|images|latents`: raw media -> WebDataset shards + manifest.json.
 
 Run as `lvd shard ...` or `python -m data_pipeline.shard_cli ...`. Re-running the same command
 resumes an interrupted job (also after kill -9) and is a no-op on a finished one.

@@ -1,4 +1,7 @@
-"""One video in, its clips out: decode, optional scene split, cut, resize, re-encode (SPEC §1)."""
+"""One video in, its clips out: decode, optional scene split, cut, resize, re-encode.
+
+See docs/methods.md, 'Data: clips from videos'.
+"""
 
 from __future__ import annotations
 

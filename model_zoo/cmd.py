@@ -1,4 +1,4 @@
-"""CMD's content-motion autoencoder, and how its two latents are generated (SPEC §2.5).
+"""CMD's content-motion autoencoder, and how its two latents are generated.
 
 Yu et al., "Efficient Video Diffusion Models via Content-Frame Motion-Latent Decomposition"
 (ICLR 2024). A TimeSformer-style encoder (divided space-time attention over (p, p) patches)
@@ -14,6 +14,8 @@ without temporal layers on a 1-frame clip, `content_model_config`), the motion l
 `dit` (`motion_model_config`) that takes the packed motion (`pack_motion`: z_x and z_y
 broadcast to a (B, 2m, L, H/p, W/p) grid) and the content frame as its dense condition
 (`content_condition`: space-to-depth to (B, 3p², H/p, W/p)).
+
+See docs/methods.md, 'CMD: content frame and motion latent'.
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
-"""Video DiT: adaLN-Zero transformer over 3-D patches (CMD's motion model; video latent DiT), SPEC §2.4.
+"""Video DiT: adaLN-Zero transformer over 3-D patches (CMD's motion model; video latent DiT).
 
 x (B, C, T, H, W) is cut into (pt, ph, pw) patches -> tokens (B, N, D) with N = T/pt * H/ph *
 W/pw, plus a fixed 3-D sin-cos position table. The timestep conditions every block by
 adaLN-Zero; text tokens enter by cross-attention; a dense condition frame (CMD's content
 frame, (B, C_c, H, W)) is patch-embedded with (ph, pw) patches and added to the tokens of
 every time slice. The final layer is zero-initialised, so the initial prediction is zero.
+
+See docs/methods.md, 'Video DiT (adaLN-Zero)'.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """StreamingT2V's conditional attention module (CAM) and appearance preservation module (APM)
-attached to a frozen `unet3d` base (SPEC §2.7).
+attached to a frozen `unet3d` base.
+
+See docs/methods.md, 'StreamingT2V: conditional attention module' and 'StreamingT2V:
+appearance preservation module'.
 
 Henschel et al., "StreamingT2V: Consistent, Dynamic, and Extendable Long Video Generation
 from Text" (2024).

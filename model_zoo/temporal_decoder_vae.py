@@ -1,4 +1,4 @@
-"""VidRD's temporal-aware decoder: a frame-wise image VAE whose decoder learns time (SPEC §2.2).
+"""VidRD's temporal-aware decoder: a frame-wise image VAE whose decoder learns time.
 
 Gu et al., "Reuse and Diffuse: Iterative Denoising for Text-to-Video Generation" (2023).
 The image VAE is diffusers' `AutoencoderKL` in Stable Diffusion's layout. After every ResNet
@@ -6,6 +6,8 @@ block of its decoder a temporal convolution (kernel 3 over time, the shared `Tem
 added in a residual branch whose convolution is zero-initialised, so at initialisation `decode` equals the
 image decoder applied frame by frame, bit for bit. The image VAE is frozen; only the temporal
 branches train (`trainable_parameter_names()` lists them).
+
+See docs/methods.md, 'VidRD: temporal-aware decoder'.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Frozen OpenCLIP text and image towers (SPEC §2.8): text context tokens and APM anchor tokens.
+"""Frozen OpenCLIP text and image towers: text context tokens and APM anchor tokens.
 
 `text_encoder`: `tokenize(list[str]) -> (B, 77)` with open_clip's BPE tokenizer (offline),
 `forward(tokens) -> (B, 77, context_dim)` per-token features of the last or penultimate
@@ -10,6 +10,8 @@ Both towers are frozen (no trainable parameters, eval mode). Weights come from a
 open_clip checkpoint (`pretrained_path`: a full CLIP state dict as .safetensors, or a
 .bin/.pt read with `weights_only=True`) when given, and are random otherwise. The `tiny`
 flavours are small custom towers for tests.
+
+See docs/methods.md, 'Text and image encoders'.
 """
 
 from __future__ import annotations

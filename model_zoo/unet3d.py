@@ -1,4 +1,4 @@
-"""Spatio-temporal factorised 3-D U-Net (LVDM / VidRD / ModelScope lineage), SPEC §2.3.
+"""Spatio-temporal factorised 3-D U-Net (LVDM / VidRD / ModelScope lineage).
 
 Input latents (B, C_in, T, H, W) -> prediction (B, C_out, T, H, W). Internally the network
 runs on the frame layout (B*T, C, H, W), channels_last (see `model_zoo.layers.video`): 1x3x3
@@ -14,6 +14,8 @@ Structure exposed for the StreamingT2V modules (model_zoo/streaming.py):
   the order they were produced (the decoder consumes them from the end);
 - `decode(h, skips, emb, context) -> (B, C_out, T, H, W)`;
 - every text cross-attention is a `model_zoo.layers.CrossAttention` that receives `context`.
+
+See docs/methods.md, 'Factorised 3-D U-Net'.
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ class UNet3DConfig:
     context_dim: int | None = None
     """Width of the text tokens for cross-attention; None builds no cross-attention."""
     num_levels: int = 0
-    """Classes of the perturbation-level embedding (LVDM: 251 for s in 0..250); 0 disables it."""
+    """Classes of the perturbation-level embedding (LVDM's tasks set s_max + 2: s in 0..s_max and
+    the "no condition" class); 0 disables it."""
     temporal_conv: bool = True
     """Add a zero-initialised 3x1x1 temporal convolution branch to every ResNet block."""
     temporal_attention: bool = True
@@ -93,7 +96,7 @@ FLAVORS: dict[str, dict[str, Any]] = {
         num_levels=251,
         num_groups=8,
     ),
-    # LVDM short-video model (SPEC §2.3), unconditional.
+    # LVDM short-video model, unconditional.
     "lvdm-256": dict(
         model_channels=256, channel_mult=(1, 2, 3, 4), num_res_blocks=3, attention_resolutions=(8, 4, 2)
     ),

@@ -1,10 +1,12 @@
-"""LVDM's video autoencoder: a 3D-convolutional KL autoencoder (SPEC §2.1).
+"""LVDM's video autoencoder: a 3D-convolutional KL autoencoder.
 
 He et al., "Latent Video Diffusion Models for High-Fidelity Long Video Generation" (2022).
 Every convolution pads time by repeating border frames, and normalisation and attention work
 per frame, so an interior latent frame depends only on nearby input frames: the encoder is
 temporally shift-equivariant away from the borders (a property test checks it). The loss
-(reconstruction, LPIPS, KL, adversarial with `VideoDiscriminator`) lives in the trainer.
+(reconstruction, KL, adversarial with `VideoDiscriminator`) lives in the trainer.
+
+See docs/methods.md, 'Video VAE: architecture' and 'Video VAE: posterior and latent scaling'.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ FLAVORS = {
     "tiny": dict(
         base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, downsample=(2, 4, 4), norm_groups=8
     ),
-    # LVDM's sky-timelapse autoencoder: 16x256x256 -> 4x4x32x32; scale/shift as given in SPEC §2.1.
+    # LVDM's sky-timelapse autoencoder: 16x256x256 -> 4x4x32x32; scale/shift are LVDM's constants.
     "lvdm": dict(
         base_channels=128,
         channel_mult=(1, 2, 2, 4),

@@ -1,4 +1,4 @@
-"""VideoFusion: decomposed diffusion with a shared base noise and per-frame residual noise (SPEC §2.6).
+"""VideoFusion: decomposed diffusion with a shared base noise and per-frame residual noise.
 
 Luo et al., "VideoFusion: Decomposed Diffusion Models for High-Quality Video Generation"
 (CVPR 2023). The noise of frame i is `eps_i = sqrt(λ)·b + sqrt(1-λ)·r_i` with one base noise
@@ -10,6 +10,9 @@ frame-index embedding to the timestep embedding) predicts r_i. The joint predict
 Simplification: the residual generator sees z_t itself, not z_t with the estimated base noise
 removed; sampling code can still remove b̂ first and r̂ second with `predict_base` /
 `predict_residual`.
+
+See docs/methods.md, 'VideoFusion: decomposed noise' and 'VideoFusion: base and residual
+generators'.
 """
 
 from __future__ import annotations

@@ -3,12 +3,14 @@
 - Text classifier-free guidance (Ho & Salimans 2022, eq. 6 rewritten):
   ε̃ = ε_u + g (ε_c - ε_u), g = 7.5-10 for text-to-video.
 - LVDM's unconditional guidance (He et al. 2022, §3.4): ε̃ = ε_c + w (ε_c - ε_u), where ε_u is
-  the same network with every frame mask zeroed; w = 0.1 in LVDM's long-video script. It is
-  CFG with g = 1 + w.
+  the same network with every frame mask zeroed (fed the "no condition" level class that training
+  gave unmasked samples); w = 0.1 in LVDM's long-video script. It is CFG with g = 1 + w.
 
 The wrapped functions have the `denoise_fn(x_t, t)` signature of `samplers`; bind conditioning
 (text context, masks) into each branch beforehand. Guidance is linear in the model output, so it
 applies unchanged to ε- and v-parameterised networks.
+
+See docs/methods.md, 'Classifier-free guidance' and 'LVDM: unconditional guidance'.
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@
   s ~ U{0..s_max}, s fed to the network.
 
 Layouts: latents are (B, C, T, H, W); a frame mask is (T,) or (B, T) with 1 on given frames.
+
+See docs/methods.md, 'Forward process and the ε, v and x0 objectives', 'The denoising loss and
+its reduction', 'LVDM: mask conditioning' and 'LVDM: conditional latent perturbation'.
 """
 
 from __future__ import annotations

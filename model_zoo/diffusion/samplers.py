@@ -13,7 +13,7 @@ t_prev = -1 after the last step, where ᾱ_{-1} = `final_alpha_cumprod` (1.0, di
 
 `denoise_fn(x_t, t)` receives t as an int64 tensor of shape (B,); conditioning and guidance are
 bound beforehand (`functools.partial`, `guidance.cfg`). Strategies for long videos call the step
-functions; they never re-implement a step.
+functions; they never re-implement a step. See docs/methods.md, 'Samplers: DDIM and DDPM'.
 """
 
 from __future__ import annotations

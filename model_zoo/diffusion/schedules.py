@@ -14,7 +14,8 @@ Names, precisely (LDM's own names are misleading, so we do not reuse them):
 | `cosine`        | Nichol & Dhariwal 2021 eq. 17, β ≤ 0.999  | `squaredcos_cap_v2` | `cosine`        |
 
 LVDM's "linear 0.0015 → 0.0155" is therefore `sqrt_linear`; Stable Diffusion's
-"scaled_linear 0.00085 → 0.012" is the same formula with other endpoints.
+"scaled_linear 0.00085 → 0.012" is the same formula with other endpoints. See docs/methods.md,
+'Noise schedules'.
 """
 
 from __future__ import annotations

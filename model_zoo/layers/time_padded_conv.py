@@ -1,7 +1,8 @@
 """3D convolution with replicate ("repeat") padding along time and zero padding in space.
 
 LVDM pads time by repeating the border frames, so an interior output frame sees only real
-frames and the encoder is temporally shift-equivariant away from the borders (SPEC §2.1).
+frames and the encoder is temporally shift-equivariant away from the borders
+(docs/methods.md, 'Video VAE: architecture').
 
 On CPU the convolution always runs on oneDNN (`Conv3d`): PyTorch's own choice sends batch-1
 inputs with N·C·T·H ≤ 20480 (every tiny config, and the sampler's one-video VAE decoding at small
