@@ -15,7 +15,7 @@ thread).
 
 The detail gives the fewest minor page faults of a round of each side: glibc maps and unmaps
 activation-sized blocks, and a step with many faults is a slow one. The benchmark keeps freed
-memory in-process as `lvd train` ranks do (`lvd.allocator.keep_freed_memory`, which takes the
+memory in-process as `lvd train` ranks do (`common.allocator.keep_freed_memory`, which takes the
 model's faults to ~0); `LVD_KEEP_FREED_MEMORY=0` measures glibc's defaults. In five A/B runs
 each the setting changed the fraction by less than the run-to-run noise here.
 """
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lvd.allocator import keep_freed_memory
+from common.allocator import keep_freed_memory
 from model_zoo import build_model, count_parameters
 from model_zoo.counting import flop_counter
 

@@ -12,9 +12,9 @@ Layout under `--out`: `parts/task-NNNN/` holds task N's slice (`input/`) and its
 manifest; the merge moves every shard to `--out/shard-NNNNNN.tar` (numbered in task order),
 writes `--out/manifest.json` and removes `parts/`. Every step is safe to re-run.
 
-    python -m lvd.shard_merge slurm videos --input X --out Y [...]   # slurm/shard.sbatch
-    python -m lvd.shard_merge task --task K --tasks N videos --input X --out Y [...]
-    python -m lvd.shard_merge merge --tasks N videos --input X --out Y [...]
+    python -m slurm.shard_merge slurm videos --input X --out Y [...]   # slurm/shard.sbatch
+    python -m slurm.shard_merge task --task K --tasks N videos --input X --out Y [...]
+    python -m slurm.shard_merge merge --tasks N videos --input X --out Y [...]
 """
 
 from __future__ import annotations
@@ -295,7 +295,7 @@ def slurm_step(shard_argv: list[str], env: dict[str, str]) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m lvd.shard_merge", description=__doc__.splitlines()[0], allow_abbrev=False
+        prog="python -m slurm.shard_merge", description=__doc__.splitlines()[0], allow_abbrev=False
     )
     steps = parser.add_subparsers(dest="step", required=True)
     steps.add_parser(

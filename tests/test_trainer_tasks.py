@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lvd.config import load_config
+from common.config import load_config
 from trainer import checkpoint
 from trainer.config import TrainJobConfig
 from trainer.loop import train
@@ -48,6 +48,7 @@ def test_every_tiny_task_trains_on_real_shards(name, tmp_path, video_shards):
     assert checkpoint.latest_tag(tmp_path / "checkpoints") == "step_00000003"
     assert (tmp_path / "config.yaml").is_file()
     from test_recorded_outputs import compare_run
+
     from trainer.export import export
 
     compare_run(name, [records[step]["loss"] for step in (1, 2, 3)], export(tmp_path, tmp_path / "export"))

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 import model_zoo
-from lvd.config import from_dict
+from common.config import from_dict
 from trainer import checkpoint
 from trainer.config import ObjectiveConfig, TrainJobConfig
 from trainer.ema import assemble
