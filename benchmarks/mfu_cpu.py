@@ -5,13 +5,13 @@
 FLOPs are counted with `torch.utils.flop_counter.FlopCounterMode` (matmuls, convolutions and
 attention; forward + backward), so the figures compare with other models counted the same
 way; `model_zoo.counting.flop_counter` adds the CPU fused-attention kernel, which PyTorch's
-counter counts as 0 (it is counted as the unfused matmuls, without the kernel's recomputation). The GEMM reference is a square fp32 `torch.mm`: for each model it runs as many GEMMs as
-the model step has FLOPs, interleaved with the model step, keeping the best of `repeats` of
+counter counts as 0 (it is counted as the unfused matmuls, without the kernel's recomputation).
+The GEMM reference is a square fp32 `torch.mm`: for each model it runs as many GEMMs as the model
+step has FLOPs, interleaved with the model step, keeping the best of `repeats` of
 each, so both are timed over the same span under the same background load. The value uses
 CPU time (single thread: the step's own compute, robust on a shared machine); the ratio by
 wall time is in the detail. The last stdout
-line is a JSON list of results (issue 4 goals: DiT >= 0.8 and U-Net >= 0.55 of GEMM, one
-thread).
+line is a JSON list of results (the goals: DiT >= 0.8 and U-Net >= 0.55 of GEMM, one thread).
 
 The detail gives the fewest minor page faults of a round of each side: glibc maps and unmaps
 activation-sized blocks, and a step with many faults is a slow one. The benchmark keeps freed

@@ -1,4 +1,5 @@
-"""VidRD's temporal-aware decoder: a frame-wise image VAE whose decoder learns time (SPEC §2.2).
+"""VidRD's temporal-aware decoder: a frame-wise image VAE whose decoder learns time
+(docs/methods.md §3.2).
 
 Gu et al., "Reuse and Diffuse: Iterative Denoising for Text-to-Video Generation" (2023).
 The image VAE is diffusers' `AutoencoderKL` in Stable Diffusion's layout. After every ResNet
@@ -115,6 +116,13 @@ class TemporalDecoderVAE(LatentScalingMixin, PretrainedMixin, nn.Module):
             nn.ModuleList(TemporalConv(r.conv2.out_channels, groups=groups) for r in block.resnets)
             for block in decoder.up_blocks
         )
+
+    @property
+    def downsample_factors(self) -> tuple[int, int, int]:
+        """(time, height, width) factors from video to latents: frame-wise, each block but the
+        last of the image encoder halves height and width."""
+        spatial = 2 ** (len(self.config.block_out_channels) - 1)
+        return (1, spatial, spatial)
 
     def encode(self, video: Tensor) -> DiagonalGaussian:
         frames = rearrange(video, "b c t h w -> (b t) c h w")

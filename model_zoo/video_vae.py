@@ -1,4 +1,4 @@
-"""LVDM's video autoencoder: a 3D-convolutional KL autoencoder (SPEC §2.1).
+"""LVDM's video autoencoder: a 3D-convolutional KL autoencoder (docs/methods.md §3.1).
 
 He et al., "Latent Video Diffusion Models for High-Fidelity Long Video Generation" (2022).
 Every convolution pads time by repeating border frames, and normalisation and attention work
@@ -53,7 +53,7 @@ FLAVORS = {
     "tiny": dict(
         base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, downsample=(2, 4, 4), norm_groups=8
     ),
-    # LVDM's sky-timelapse autoencoder: 16x256x256 -> 4x4x32x32; scale/shift as given in SPEC §2.1.
+    # LVDM's sky-timelapse autoencoder: 16x256x256 -> 4x4x32x32, with LVDM's latent scale and shift.
     "lvdm": dict(
         base_channels=128,
         channel_mult=(1, 2, 2, 4),
@@ -206,6 +206,11 @@ class VideoVAE(LatentScalingMixin, PretrainedMixin, nn.Module):
         self.config = config
         self.encoder = Encoder3D(config)
         self.decoder = Decoder3D(config)
+
+    @property
+    def downsample_factors(self) -> tuple[int, int, int]:
+        """(time, height, width) factors from video to latents."""
+        return tuple(self.config.downsample)
 
     def encode(self, video: Tensor) -> DiagonalGaussian:
         return DiagonalGaussian(self.encoder(video))  # moments (B, 2 C_z, t, h, w)
