@@ -21,7 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str | None]] = {
     "train": ("train a model with DeepSpeed ZeRO from a YAML config and dotted overrides", "trainer.cli:main"),
     "export": ("consolidate a run's checkpoint into a diffusers-style pipeline folder", "trainer.export_cli:main"),
     "sample": ("generate long videos with a distributed long-video strategy", "sampler.cli:main"),
-    "eval": ("compute video metrics (SCuts, MAWE, FID/KID, Frechet video proxy) as JSON", "sampler.eval_cli:main"),
+    "eval": ("compute video metrics (SCuts, MAWE, FID/KID, Frechet video proxy) as JSON", "metrics.cli:main"),
     "submit": ("submit shard/train/sample to Slurm through submitit", "slurm.submit:main"),
     "plan": ("estimate memory, throughput and days for a config on a GPU cluster", "trainer.plan_cli:main"),
     "demo": ("run the whole chain on the bundled real media: shard, train, export, sample, eval", "lvd.demo:main"),

@@ -149,6 +149,6 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int = 8) -> Path:
 
 def read_mp4(path: Path) -> np.ndarray:
     """All frames of an mp4 as (T, H, W, 3) uint8."""
-    from sampler.metrics.frames import read_frames
+    from metrics.frames import read_frames
 
     return np.stack(list(read_frames(path)))

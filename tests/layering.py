@@ -8,6 +8,7 @@ Imports go one way, down this plan; each package may import only the project pac
                       them); train and sample jobs start `python -m lvd ...`, they do not import it
     trainer        -> model_zoo, data_pipeline, common
     sampler        -> model_zoo, data_pipeline, common (never trainer)
+    metrics        -> data_pipeline, common (`lvd eval` reads video files, not the sampler)
     model_zoo      -> common; never deepspeed, torch.distributed, yaml or submitit (one CPU suffices)
     data_pipeline  -> common
     common         -> nothing of the project; never torch, deepspeed or submitit (the ground floor
@@ -23,7 +24,7 @@ import ast
 from dataclasses import dataclass
 from pathlib import Path
 
-EVERY_PACKAGE = ("common", "model_zoo", "data_pipeline", "trainer", "sampler", "slurm", "lvd", "benchmarks")
+EVERY_PACKAGE = ("common", "model_zoo", "data_pipeline", "trainer", "sampler", "metrics", "slurm", "lvd", "benchmarks")
 """The project's top-level packages, the ones the plan covers."""
 MAY_IMPORT: dict[str, tuple[str, ...]] = {
     "common": (),
@@ -31,6 +32,7 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
     "data_pipeline": ("common",),
     "trainer": ("common", "model_zoo", "data_pipeline"),
     "sampler": ("common", "model_zoo", "data_pipeline"),
+    "metrics": ("common", "data_pipeline"),
     "slurm": ("common", "data_pipeline"),
     "lvd": EVERY_PACKAGE,
     "benchmarks": EVERY_PACKAGE,

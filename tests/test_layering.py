@@ -46,11 +46,12 @@ def test_checker_catches_each_forbidden_edge(tmp_path):
 
 
 def test_checker_keeps_the_ground_floor_free_of_the_project_and_of_torch(tmp_path):
-    for package in ("model_zoo", "data_pipeline", "trainer", "sampler", "slurm", "lvd"):
+    layers = ("model_zoo", "data_pipeline", "trainer", "sampler", "metrics", "slurm", "lvd")
+    for package in layers:
         _plant(tmp_path, f"common/uses_{package}.py", f"from {package} import x\n")
     _plant(tmp_path, "common/heavy.py", "import torch\nimport deepspeed\nfrom submitit import helpers\n")
     found = _found(tmp_path)
-    assert found == {(f"common/uses_{p}.py", p) for p in ("model_zoo", "data_pipeline", "trainer", "sampler", "slurm", "lvd")} | {
+    assert found == {(f"common/uses_{p}.py", p) for p in layers} | {
         ("common/heavy.py", "torch"),
         ("common/heavy.py", "deepspeed"),
         ("common/heavy.py", "submitit"),
@@ -63,6 +64,9 @@ def test_checker_catches_the_new_upward_edges(tmp_path):
     _plant(tmp_path, "trainer/c.py", "from sampler.pipeline import load_pipeline\nfrom slurm.submit import main\nfrom lvd.cli import main\n")
     _plant(tmp_path, "sampler/d.py", "from slurm import submit\nimport lvd.demo\n")
     _plant(tmp_path, "slurm/e.py", "import trainer.loop\nfrom sampler import program\nfrom model_zoo import x\nimport lvd.cli\n")
+    _plant(tmp_path, "metrics/f.py", "from sampler.pipeline import load_pipeline\nimport model_zoo\nimport trainer\n")
+    _plant(tmp_path, "sampler/g.py", "from metrics import mawe\n")
+    _plant(tmp_path, "trainer/h.py", "import metrics.cli\n")
     assert _found(tmp_path) == {
         ("model_zoo/a.py", "data_pipeline"),
         ("model_zoo/a.py", "slurm"),
@@ -78,6 +82,11 @@ def test_checker_catches_the_new_upward_edges(tmp_path):
         ("slurm/e.py", "sampler"),
         ("slurm/e.py", "model_zoo"),
         ("slurm/e.py", "lvd"),
+        ("metrics/f.py", "sampler"),
+        ("metrics/f.py", "model_zoo"),
+        ("metrics/f.py", "trainer"),
+        ("sampler/g.py", "metrics"),
+        ("trainer/h.py", "metrics"),
     }
 
 
@@ -94,5 +103,6 @@ def test_checker_allows_clean_code(tmp_path):
     _plant(tmp_path, "slurm/ok.py", "import submitit\nfrom common.config import load_config\nfrom data_pipeline import shard_cli\n")
     _plant(tmp_path, "lvd/ok.py", "import trainer.cli\nimport sampler.cli\nimport slurm.submit\nimport common.config\n")
     _plant(tmp_path, "benchmarks/ok.py", "from lvd.cli import main\nimport trainer.loop\n")
+    _plant(tmp_path, "metrics/ok.py", "import numpy\nfrom data_pipeline.video_io import iter_frames\nfrom common.files import atomic_write\n")
     _plant(tmp_path, "common/ok.py", "import yaml\nfrom common.config import load_config\n")
     assert check_tree(tmp_path) == []
