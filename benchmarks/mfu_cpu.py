@@ -5,8 +5,9 @@
 FLOPs are counted with `torch.utils.flop_counter.FlopCounterMode` (matmuls, convolutions and
 attention; forward + backward), so the figures compare with other models counted the same
 way; `model_zoo.counting.flop_counter` adds the CPU fused-attention kernel, which PyTorch's
-counter counts as 0 (it is counted as the unfused matmuls, without the kernel's recomputation). The GEMM reference is a square fp32 `torch.mm`: for each model it runs as many GEMMs as
-the model step has FLOPs, interleaved with the model step, keeping the best of `repeats` of
+counter counts as 0 (it is counted as the unfused matmuls, without the kernel's recomputation).
+The GEMM reference is a square fp32 `torch.mm`: for each model it runs as many GEMMs as the model
+step has FLOPs, interleaved with the model step, keeping the best of `repeats` of
 each, so both are timed over the same span under the same background load. The value uses
 CPU time (single thread: the step's own compute, robust on a shared machine); the ratio by
 wall time is in the detail. The last stdout
@@ -15,7 +16,7 @@ thread).
 
 The detail gives the fewest minor page faults of a round of each side: glibc maps and unmaps
 activation-sized blocks, and a step with many faults is a slow one. The benchmark keeps freed
-memory in-process as `lvd train` ranks do (`lvd.allocator.keep_freed_memory`, which takes the
+memory in-process as `lvd train` ranks do (`common.allocator.keep_freed_memory`, which takes the
 model's faults to ~0); `LVD_KEEP_FREED_MEMORY=0` measures glibc's defaults. In five A/B runs
 each the setting changed the fraction by less than the run-to-run noise here.
 """
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lvd.allocator import keep_freed_memory
+from common.allocator import keep_freed_memory
 from model_zoo import build_model, count_parameters
 from model_zoo.counting import flop_counter
 

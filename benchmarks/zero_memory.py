@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def measure_rank(config: str, out: Path, precision: str) -> None:
-    from lvd.config import load_config
+    from common.config import load_config
     from trainer.config import TrainJobConfig
     from trainer.engine import allocated_state_bytes, build_engine, init_distributed, leave_distributed
     from trainer.tasks import build_task
@@ -63,7 +63,7 @@ def main() -> None:
     if args.rank_worker:
         measure_rank(args.config, args.out, precisions[0])
         return
-    from lvd.launch import launch_local
+    from common.launch import launch_local
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     entries = []

@@ -21,7 +21,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from data_pipeline.tario import atomic_write_bytes, tar_bytes
+from common.files import atomic_write, atomic_write_json
+from data_pipeline.tario import tar_bytes
 
 MANIFEST = "manifest.json"
 STATE = ".shard-state.json"
@@ -84,7 +85,7 @@ def _load_state(out_dir: Path, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    atomic_write_bytes(path, (json.dumps(payload, indent=1, sort_keys=True) + "\n").encode())
+    atomic_write_json(path, payload, indent=1, sort_keys=True)
 
 
 @dataclass(kw_only=True)
@@ -165,7 +166,7 @@ class ShardJob:
         pending: list[tuple[int, str, dict[str, str]]],
     ) -> None:
         name = f"shard-{len(state['shards']):06d}.tar"
-        atomic_write_bytes(self.out_dir / name, tar_bytes(shard.samples))
+        atomic_write(self.out_dir / name, tar_bytes(shard.samples))
         state["shards"].append({"path": name, "samples": len(shard.samples), "frames": shard.frames})
         state["next_unit"], state["skip_samples"] = cursor
         self._settle(state, cursor[0], pending)

@@ -1,4 +1,4 @@
-"""WebDataset tar shards: a deterministic atomic writer and a reader that knows byte offsets.
+"""WebDataset tar shards: deterministic archive bytes and a reader that knows byte offsets.
 
 A sample is a run of consecutive tar members sharing a key (the member name up to the first dot
 of its base name), e.g. ``clip-00001.mp4``, ``clip-00001.txt``, ``clip-00001.json``. The reader
@@ -9,7 +9,6 @@ re-read the samples held in a shuffle buffer (exact resume without replaying the
 from __future__ import annotations
 
 import io
-import os
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,21 +34,6 @@ def split_key(name: str) -> tuple[str, str]:
     directory, _, base = name.rpartition("/")
     stem, _, ext = base.partition(".")
     return (f"{directory}/{stem}" if directory else stem), ext
-
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write to `path.tmp`, fsync, then rename: readers see the old file or the whole new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def tar_bytes(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:

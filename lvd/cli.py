@@ -12,17 +12,17 @@ import importlib
 import sys
 from collections.abc import Callable
 
-from lvd.config import ConfigError
+from common.config import ConfigError
 
 # subcommand -> (one-line help, "module:function" taking argv and returning an exit code, or
-# None while its issue has not landed).
+# None for a subcommand that is not implemented yet).
 SUBCOMMANDS: dict[str, tuple[str, str | None]] = {
     "shard": ("turn videos, images or clips into WebDataset shards (videos | images | latents)", "lvd.shard_cmd:main"),
     "train": ("train a model with DeepSpeed ZeRO from a YAML config and dotted overrides", "trainer.cli:main"),
     "export": ("consolidate a run's checkpoint into a diffusers-style pipeline folder", "trainer.export_cli:main"),
     "sample": ("generate long videos with a distributed long-video strategy", "sampler.cli:main"),
-    "eval": ("compute video metrics (SCuts, MAWE, FID/KID, Frechet video proxy) as JSON", "sampler.eval_cli:main"),
-    "submit": ("submit shard/train/sample to Slurm through submitit", "lvd.submit:main"),
+    "eval": ("compute video metrics (SCuts, MAWE, FID/KID, Frechet video proxy) as JSON", "metrics.cli:main"),
+    "submit": ("submit shard/train/sample to Slurm through submitit", "slurm.submit:main"),
     "plan": ("estimate memory, throughput and days for a config on a GPU cluster", "trainer.plan_cli:main"),
     "demo": ("run the whole chain on the bundled real media: shard, train, export, sample, eval", "lvd.demo:main"),
 }

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from common.files import atomic_write
 from data_pipeline.stages import ClipShape, decode_clip, sample_meta
-from data_pipeline.tario import atomic_write_bytes, iter_samples, tar_bytes
+from data_pipeline.tario import iter_samples, tar_bytes
 from data_pipeline.video_io import decode_mp4, encode_mp4
 from sampler.video_io import Mp4Writer
 
@@ -60,10 +61,10 @@ def write_shards(folder: Path, samples: list[tuple[str, dict[str, bytes]]], num_
     for number in range(count):
         part = samples[number::count]
         name = f"shard-{number:06d}.tar"
-        atomic_write_bytes(folder / name, tar_bytes(part))
+        atomic_write(folder / name, tar_bytes(part))
         entries.append({"path": name, "samples": len(part)})
     manifest = {"samples": len(samples), "shards": entries, **info}
-    atomic_write_bytes(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
+    atomic_write(folder / MANIFEST, json.dumps(manifest, indent=1))
     return len(samples)
 
 
@@ -148,6 +149,6 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int = 8) -> Path:
 
 def read_mp4(path: Path) -> np.ndarray:
     """All frames of an mp4 as (T, H, W, 3) uint8."""
-    from sampler.metrics.frames import read_frames
+    from metrics.frames import read_frames
 
     return np.stack(list(read_frames(path)))

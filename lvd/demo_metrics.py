@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 import model_zoo
 from data_pipeline.stages import to_unit_range
-from sampler.metrics import inception
-from sampler.metrics.feature_stats import frechet_distance
+from metrics import inception
+from metrics.feature_stats import frechet_distance
 from sampler.video_io import to_uint8_frames
 
 

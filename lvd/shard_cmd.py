@@ -1,7 +1,7 @@
 """`lvd shard`: the data pipeline's sharder, plus the model loading that `shard latents` needs.
 
-data_pipeline never imports model_zoo (STYLE.md layering), so the encoders for the latent cache
-are loaded here and handed to it as plain callables.
+data_pipeline never imports model_zoo (the layering of tests/layering.py), so the encoders for
+the latent cache are loaded here and handed to it as plain callables.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from common.pipeline_folder import is_pipeline_folder
 from data_pipeline.shard_cli import main as shard_main
 
 VideoEncoder = Callable[[torch.Tensor], torch.Tensor]
@@ -22,7 +23,7 @@ def load_encoder(folder: str) -> tuple[VideoEncoder, TextEncoder | None]:
     import model_zoo
 
     root = Path(folder)
-    pipeline = (root / "model_index.json").is_file()
+    pipeline = is_pipeline_folder(root)
     vae = model_zoo.from_pretrained(root / "vae" if pipeline else root).eval()
     text = model_zoo.from_pretrained(root / "text_encoder").eval() if pipeline and (root / "text_encoder").is_dir() else None
 

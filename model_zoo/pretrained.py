@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from common.files import atomic_write_json, replacing
 from model_zoo.registry import build_from_config, get_family
 
 CONFIG_NAME = "config.json"
@@ -63,7 +64,7 @@ def write_config(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     config = {"_family": model.family, **config_to_dict(model.config)}
-    _atomic(out / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write_json(out / CONFIG_NAME, config)
     return out
 
 
@@ -73,7 +74,8 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike[str], *, stat
     out.mkdir(parents=True, exist_ok=True)
     tensors = state_dict if state_dict is not None else model.state_dict()
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    _atomic(out / WEIGHTS_NAME, lambda p: save_file(_unshare(tensors), str(p)))
+    with replacing(out / WEIGHTS_NAME) as tmp:
+        save_file(_unshare(tensors), str(tmp))
     return write_config(model, out)
 
 
@@ -86,12 +88,6 @@ def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out[key] = value.clone() if ptr in seen else value
         seen.add(ptr)
     return out
-
-
-def _atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def load_config(directory: str | os.PathLike[str]) -> Any:

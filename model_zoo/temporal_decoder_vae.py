@@ -118,6 +118,13 @@ class TemporalDecoderVAE(LatentScalingMixin, PretrainedMixin, nn.Module):
             for block in decoder.up_blocks
         )
 
+    @property
+    def downsample_factors(self) -> tuple[int, int, int]:
+        """(time, height, width) factors from video to latents: frame-wise, each block but the
+        last of the image encoder halves height and width."""
+        spatial = 2 ** (len(self.config.block_out_channels) - 1)
+        return (1, spatial, spatial)
+
     def encode(self, video: Tensor) -> DiagonalGaussian:
         frames = rearrange(video, "b c t h w -> (b t) c h w")
         moments = self.vae.quant_conv(self.vae.encoder(frames))  # (B*T, 2 C_z, H/8, W/8)

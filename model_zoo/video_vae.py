@@ -209,6 +209,11 @@ class VideoVAE(LatentScalingMixin, PretrainedMixin, nn.Module):
         self.encoder = Encoder3D(config)
         self.decoder = Decoder3D(config)
 
+    @property
+    def downsample_factors(self) -> tuple[int, int, int]:
+        """(time, height, width) factors from video to latents."""
+        return tuple(self.config.downsample)
+
     def encode(self, video: Tensor) -> DiagonalGaussian:
         return DiagonalGaussian(self.encoder(video))  # moments (B, 2 C_z, t, h, w)
 

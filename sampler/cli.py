@@ -121,10 +121,10 @@ def main(argv: list[str]) -> int:
     from sampler.distributed import environment_world
 
     if config.nproc > 1 and environment_world()[1] == 1:
-        from lvd.launch import launch_local
+        from common.launch import launch_local
 
         return launch_local(["-m", "sampler.cli", *argv], nproc=config.nproc)
-    from lvd.allocator import keep_freed_memory
+    from common.allocator import keep_freed_memory
     from sampler.program import generate
 
     keep_freed_memory()  # this process is a sampling rank: see lvd/allocator.py

@@ -1,4 +1,4 @@
-"""The ranks of a sampling run: torchrun / srun / `lvd.launch` environment, gloo on CPU, NCCL on CUDA.
+"""The ranks of a sampling run: torchrun / srun / `common.launch` environment, gloo on CPU, NCCL on CUDA.
 
 A one-rank run needs no process group. Small objects (unit counts, timings) move with
 `all_gather_object`; the per-step model outputs of branch-parallel guidance move as tensors
@@ -74,7 +74,7 @@ class World:
 
 
 def environment_world() -> tuple[int, int]:
-    """(rank, size) from torchrun / lvd.launch (RANK, WORLD_SIZE) or srun (SLURM_PROCID, SLURM_NTASKS)."""
+    """(rank, size) from torchrun / common.launch (RANK, WORLD_SIZE) or srun (SLURM_PROCID, SLURM_NTASKS)."""
     if "RANK" in os.environ:
         return int(os.environ["RANK"]), int(os.environ.get("WORLD_SIZE", "1"))
     if "SLURM_PROCID" in os.environ and "MASTER_ADDR" in os.environ:

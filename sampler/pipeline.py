@@ -1,17 +1,9 @@
-"""Load (and, for tests and benchmarks, write) the exported pipeline folder of `lvd export`.
-
-    DIR/model_index.json                 {"task": ..., "<component>": ["model_zoo", family], ...}
-    DIR/<component>/                     config.json + model.safetensors (denoiser, vae, text_encoder, image_encoder)
-    DIR/scheduler/scheduler_config.json  a diffusers DDIMScheduler config
-
-The scheduler's `beta_schedule` uses diffusers' names ("scaled_linear" is our `sqrt_linear`,
-"squaredcos_cap_v2" is `cosine`) and `prediction_type` epsilon | v_prediction | sample.
-"""
+"""Load (and, for tests and benchmarks, write) a pipeline folder, the format of
+common/pipeline_folder.py that `lvd export` writes: its networks on one device and its schedule."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,16 +12,15 @@ import torch
 from torch import Tensor, nn
 
 import model_zoo
+from common.files import replacing_folder
+from common.pipeline_folder import NETWORK_COMPONENTS, SchedulerSpec, read_index, write_index
 from model_zoo.diffusion.objectives import Parameterization
-from model_zoo.diffusion.schedules import BetaScheduleKind, alphas_cumprod, ddim_timesteps, make_betas
+from model_zoo.diffusion.schedules import alphas_cumprod, ddim_timesteps, make_betas
 
-BETA_SCHEDULES: dict[str, BetaScheduleKind] = {
-    "linear": "linear",
-    "scaled_linear": "sqrt_linear",
-    "squaredcos_cap_v2": "cosine",
-}
-PARAMETERIZATIONS: dict[str, Parameterization] = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
-NETWORK_COMPONENTS = ("denoiser", "vae", "text_encoder", "image_encoder")
+TINY_SCHEDULER = SchedulerSpec(
+    schedule="sqrt_linear", parameterization="eps", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012
+)
+"""The schedule `save_pipeline` writes by default: Stable Diffusion's (scaled_linear 0.00085 -> 0.012, ε)."""
 TEXT_CACHE_SIZE = 8
 """Prompts whose text tokens a pipeline keeps (a prompt and the empty one per video, a few videos)."""
 
@@ -92,65 +83,47 @@ class Pipeline:
 
 
 def vae_factors(vae: nn.Module) -> tuple[int, int, int]:
-    """(time, height, width) downsampling of a VAE: 3-D `video_vae` or frame-wise `temporal_decoder_vae`."""
-    if vae.family == "video_vae":
-        return tuple(vae.config.downsample)
-    if vae.family == "temporal_decoder_vae":
-        spatial = 2 ** (len(vae.config.block_out_channels) - 1)
-        return (1, spatial, spatial)
-    raise ValueError(f"unsupported VAE family {vae.family!r}: expected video_vae or temporal_decoder_vae")
+    """(time, height, width) downsampling of a VAE, as its family declares it."""
+    return vae.downsample_factors
 
 
-def read_schedule(path: Path) -> Schedule:
-    config = json.loads((path / "scheduler_config.json").read_text())
-    kind = config.get("beta_schedule", "linear")
-    if kind not in BETA_SCHEDULES:
-        raise ValueError(f"{path}: unsupported beta_schedule {kind!r}; valid: {', '.join(BETA_SCHEDULES)}")
-    betas = make_betas(
-        BETA_SCHEDULES[kind],
-        config.get("num_train_timesteps", 1000),
-        beta_start=config.get("beta_start", 0.0001),
-        beta_end=config.get("beta_end", 0.02),
-    )
+def _schedule(spec: SchedulerSpec) -> Schedule:
+    betas = make_betas(spec.schedule, spec.num_train_timesteps, beta_start=spec.beta_start, beta_end=spec.beta_end)
     cumprod = alphas_cumprod(betas)
-    prediction = config.get("prediction_type", "epsilon")
-    if prediction not in PARAMETERIZATIONS:
-        raise ValueError(f"{path}: unsupported prediction_type {prediction!r}")
     return Schedule(
         alphas_cumprod=cumprod,
-        parameterization=PARAMETERIZATIONS[prediction],
-        steps_offset=config.get("steps_offset", 0),
-        final_alpha_cumprod=1.0 if config.get("set_alpha_to_one", True) else float(cumprod[0]),
+        parameterization=spec.parameterization,
+        steps_offset=spec.steps_offset,
+        final_alpha_cumprod=1.0 if spec.set_alpha_to_one else float(cumprod[0]),
     )
 
 
 def load_pipeline(folder: str | Path, *, device: str = "cpu") -> Pipeline:
     """Every network component of `folder` (eval, no grad) and its schedule."""
-    path = Path(folder)
-    index_file = path / "model_index.json"
-    if not index_file.is_file():
-        raise FileNotFoundError(f"{path}: no model_index.json (expected a folder written by `lvd export`)")
-    index = json.loads(index_file.read_text())
+    index = read_index(folder)
+    path, index_file = index.path, index.index_file
     for required in ("denoiser", "vae"):
-        if required not in index:
+        if required not in index.components:
             raise ValueError(f"{index_file}: no {required!r} component")
+    if index.scheduler is None:
+        raise ValueError(f"{index_file}: no scheduler (an exported autoencoder has none; sample with a diffusion export)")
     networks = {
         name: model_zoo.from_pretrained(path / name, device=device).eval().requires_grad_(False)
         for name in NETWORK_COMPONENTS
-        if name in index
+        if name in index.components
     }
     model_id = {
         "path": str(path.resolve()),
-        "task": index.get("task"),
-        "source": index.get("source"),
-        "step": index.get("step"),
+        "task": index.task,
+        "source": index.entries.get("source"),
+        "step": index.entries.get("step"),
         "components": {
             name: hashlib.sha256((path / name / "config.json").read_bytes()).hexdigest()[:16]
             for name in networks
         },
     }
-    task = index.get("task", "diffusion")
-    uncond_level = index.get("uncond_level")
+    task = index.task or "diffusion"
+    uncond_level = index.entries.get("uncond_level")
     has_levels = getattr(networks["denoiser"], "level_embed", None) is not None
     if task.startswith("lvdm_") and has_levels and uncond_level is None:
         raise ValueError(
@@ -163,7 +136,7 @@ def load_pipeline(folder: str | Path, *, device: str = "cpu") -> Pipeline:
         task=task,
         uncond_level=uncond_level if has_levels else None,
         networks=networks,
-        schedule=read_schedule(path / "scheduler"),
+        schedule=_schedule(index.scheduler),
         model_id=model_id,
     )
 
@@ -173,36 +146,17 @@ def save_pipeline(
     task: str,
     networks: dict[str, nn.Module],
     *,
-    beta_schedule: str = "scaled_linear",
-    beta_start: float = 0.00085,
-    beta_end: float = 0.012,
-    prediction_type: str = "epsilon",
+    scheduler: SchedulerSpec = TINY_SCHEDULER,
     uncond_level: int | None = None,
 ) -> Path:
-    """Write a pipeline folder in `lvd export`'s layout (tiny pipelines for tests and benchmarks)."""
+    """Write a pipeline folder of `networks` (tiny pipelines for tests and benchmarks)."""
     path = Path(folder)
-    index: dict[str, Any] = {"_class_name": "LVDPipeline", "task": task}
-    if uncond_level is not None:
-        index["uncond_level"] = uncond_level
-    for name, module in networks.items():
-        model_zoo.save_pretrained(module, path / name)
-        index[name] = ["model_zoo", module.family]
-    scheduler = {
-        "_class_name": "DDIMScheduler",
-        "num_train_timesteps": 1000,
-        "beta_start": beta_start,
-        "beta_end": beta_end,
-        "beta_schedule": beta_schedule,
-        "prediction_type": prediction_type,
-        "clip_sample": False,
-        "set_alpha_to_one": False,
-        "steps_offset": 1,
-        "timestep_spacing": "leading",
-    }
-    (path / "scheduler").mkdir(parents=True, exist_ok=True)
-    (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
-    index["scheduler"] = ["diffusers", "DDIMScheduler"]
-    (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    with replacing_folder(path) as tmp:
+        for name, module in networks.items():
+            model_zoo.save_pretrained(module, tmp / name)
+        entries = {} if uncond_level is None else {"uncond_level": uncond_level}
+        families = {name: module.family for name, module in networks.items()}
+        write_index(tmp, task=task, components=families, scheduler=scheduler, entries=entries)
     return path
 
 

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lvd.progress import Progress, ProgressMode
+from common.progress import Progress, ProgressMode
 from sampler.config import PARALLEL_STRATEGIES, SampleConfig
 from sampler.denoisers import counted, lvdm_predict_fn, streaming_denoiser, text_denoiser
 from sampler.distributed import (

@@ -17,6 +17,8 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from common.files import atomic_write_json, replacing
+
 PARAMS_FILE = "params.json"
 
 
@@ -25,7 +27,7 @@ class ParamsMismatch(ValueError):
 
 
 class PartsStore:
-    """Named tensor dicts in one folder; `save` is atomic (tmp file + os.replace)."""
+    """Named tensor dicts in one folder; `save` is atomic (common.files.replacing)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -47,9 +49,7 @@ class PartsStore:
                 )
         elif write:
             self.folder.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(PARAMS_FILE + ".tmp")
-            tmp.write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
-            os.replace(tmp, path)
+            atomic_write_json(path, params, sort_keys=True)
 
     def path(self, name: str) -> Path:
         return self.folder / f"{name}.safetensors"
@@ -96,7 +96,6 @@ class PartsStore:
         """Write `name` atomically; `unit=False` for intermediate files that are not units of work."""
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.path(name)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, path)
+        with replacing(path, concurrent=True) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
         self.computed += unit

@@ -9,13 +9,14 @@ renames the finished file into place.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import av
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from common.files import move_into_place, temporary_path
 
 
 def to_uint8_frames(video: Tensor) -> np.ndarray:
@@ -48,11 +49,11 @@ class ChunkDecoder:
 
 
 class Mp4Writer:
-    """An h264 (libx264, yuv420p) mp4 written frame by frame to `<path>.partial`, renamed on close."""
+    """An h264 (libx264, yuv420p) mp4 written frame by frame to `<path>.tmp`, moved onto `path` on close."""
 
     def __init__(self, path: Path, fps: int, crf: int = 18) -> None:
         self.path = path
-        self.partial = path.with_name(path.name + ".partial")
+        self.partial = temporary_path(path)
         self.fps = fps
         self.crf = crf
         self.container: av.container.OutputContainer | None = None
@@ -97,7 +98,7 @@ class Mp4Writer:
         for packet in self.stream.encode():
             self.container.mux(packet)
         self.container.close()
-        os.replace(self.partial, self.path)
+        move_into_place(self.partial, self.path)
         return self.path
 
 

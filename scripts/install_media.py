@@ -17,6 +17,8 @@ import importlib.util
 import shutil
 from pathlib import Path
 
+from common.files import replacing
+
 VIDEO_CAPTIONS = {
     "bikes.mp4": "cyclists riding along a street, several different camera shots",
     "bigbuckbunny.mp4": "an animated big rabbit in a green meadow with trees",
@@ -44,9 +46,8 @@ def _package_dir(name: str) -> Path | None:
 def _copy(src: Path, dst: Path) -> None:
     if dst.exists() and dst.stat().st_size == src.stat().st_size:
         return
-    tmp = dst.with_suffix(dst.suffix + ".tmp")
-    shutil.copyfile(src, tmp)
-    tmp.replace(dst)
+    with replacing(dst) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def _write_caption(path: Path, caption: str) -> None:

@@ -1,4 +1,4 @@
-"""lvd.allocator: freed tensor memory is reused in-process instead of page-faulted anew."""
+"""common.allocator: freed tensor memory is reused in-process instead of page-faulted anew."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import sys
 
 import pytest
 
-from lvd.allocator import DISABLE_ENV, keep_freed_memory
+from common.allocator import DISABLE_ENV, keep_freed_memory
 
 CHILD = """
 import json, resource, torch
-from lvd.allocator import keep_freed_memory
+from common.allocator import keep_freed_memory
 message = keep_freed_memory()
 def step():  # a 48 MiB buffer allocated, written and freed, as conv3d's unfold buffer is each call
     torch.empty(12 * 2**20).fill_(1.0)

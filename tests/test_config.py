@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from common.config import ConfigError, diff_from_defaults, dump_yaml, field_docs, from_dict, load_config
 from data_pipeline.config import DataConfig
-from lvd.config import ConfigError, diff_from_defaults, dump_yaml, field_docs, from_dict, load_config
 from trainer.config import ModelConfig, ObjectiveConfig, RunConfig, TrainConfig, TrainJobConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,7 +25,7 @@ def test_defaults_resolve():
 def test_every_shipped_config_loads_and_holds_only_differences(path):
     import yaml
 
-    from lvd.config import to_dict
+    from common.config import to_dict
 
     cfg = load_config(TrainJobConfig, path)
     raw = yaml.safe_load(path.read_text())

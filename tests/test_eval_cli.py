@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sampler.eval_cli import main
-from sampler.metrics.clipsim import load_clip
+from metrics.cli import main
+from metrics.clipsim import load_clip
 
 ALL_METRICS = "scuts,mawe,fid,kid,fvd-proxy,drift,fvd,clipsim"
 TINY_CLIP = {

@@ -12,7 +12,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from sampler.metrics import (
+from metrics import (
     FrameSelection,
     MaweConfig,
     drift_curve,
@@ -24,7 +24,7 @@ from sampler.metrics import (
     scene_cuts,
     window_descriptors,
 )
-from sampler.metrics.inception import preprocess, tf_legacy_resize, weights_path
+from metrics.inception import preprocess, tf_legacy_resize, weights_path
 
 cv2.setNumThreads(1)
 

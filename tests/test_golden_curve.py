@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lvd.config import load_config
+from common.config import load_config
 from trainer.config import TrainJobConfig
 from trainer.loop import train
 from trainer.monitor import read_metrics

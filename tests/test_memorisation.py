@@ -211,7 +211,7 @@ def test_vidrd_long_video_stays_on_the_memorised_clip(chain: Chain, unet3d_eps: 
 
 def run_task(run_dir: Path, *overrides: str):
     """The trainer's task rebuilt from a run's recorded config (frozen helpers loaded as in training)."""
-    from lvd.config import load_config
+    from common.config import load_config
     from trainer.config import TrainJobConfig
     from trainer.tasks import build_task
 

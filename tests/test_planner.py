@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import run_lvd
 
-from lvd.config import load_config
+from common.config import load_config
 from trainer.config import TrainJobConfig
 from trainer.plan import measure, static_bytes
 

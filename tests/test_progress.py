@@ -1,4 +1,4 @@
-"""Console progress (`lvd.progress`): plain lines without a TTY, silence when off, and the
+"""Console progress (`common.progress`): plain lines without a TTY, silence when off, and the
 `--quiet` flags of `lvd train` and `lvd sample`."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from lvd.progress import Progress, format_duration
+from common.progress import Progress, format_duration
 
 
 class FakeTTY(io.StringIO):

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from lvd.shard_merge import MERGE_TASKS_ENV, array_position, slice_bounds, write_slice
-from lvd.submit import parse_minutes, split_argv
+from slurm.shard_merge import MERGE_TASKS_ENV, array_position, slice_bounds, write_slice
+from slurm.submit import parse_minutes, split_argv
 from trainer.monitor import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,7 +91,7 @@ def _sbatch_train(run_dir: Path, log: Path, shards: str) -> str:
 
 
 def _submit(command: str, *args: str, cwd: Path = REPO) -> str:
-    return _run([sys.executable, "-m", "lvd.submit", command, *args], cwd=cwd)
+    return _run([sys.executable, "-m", "slurm.submit", command, *args], cwd=cwd)
 
 
 @pytest.fixture(scope="module")

@@ -92,8 +92,8 @@ def _plain_first_step_loss(shards: str) -> float:
     """The first-step loss of one plain process (no DeepSpeed) over both ranks' batches."""
     import torch
 
+    from common.config import load_config
     from data_pipeline.loader import build_loader
-    from lvd.config import load_config
     from trainer.config import TrainJobConfig
     from trainer.loop import rank_generator
     from trainer.tasks import build_task

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lvd.config import load_config
+from common.config import load_config
 from trainer import checkpoint
 from trainer.config import TrainJobConfig
 from trainer.loop import train

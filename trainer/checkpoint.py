@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from common.files import atomic_write, replacing
+
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 FAULT_ENV = "LVD_FAULT"
@@ -61,9 +63,8 @@ def rank_state_path(directory: Path, tag: str, rank: int) -> Path:
 def write_rank_state(directory: Path, tag: str, rank: int, state: dict[str, Any]) -> None:
     path = rank_state_path(directory, tag, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        torch.save(state, tmp)
 
 
 def read_rank_state(directory: Path, tag: str, rank: int) -> dict[str, Any]:
@@ -84,8 +85,8 @@ def commit(directory: Path, tag: str, meta: dict[str, Any], *, keep_last: int) -
     """Rank 0, after a barrier: mark `tag` complete, point `latest` at it, prune old checkpoints."""
     tag_dir = directory / tag
     (tag_dir / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    _atomic_text(tag_dir / COMPLETE, "ok\n")
-    _atomic_text(directory / LATEST, tag + "\n")
+    atomic_write(tag_dir / COMPLETE, "ok\n")
+    atomic_write(directory / LATEST, tag + "\n")
     prune(directory, keep_last=keep_last, current=tag)
 
 
@@ -96,15 +97,6 @@ def prune(directory: Path, *, keep_last: int, current: str) -> None:
     doomed = set(complete[:-keep_last]) | {t for t in tags if not is_complete(directory, t) and step_of(t) < step_of(current)}
     for tag in doomed:
         shutil.rmtree(directory / tag, ignore_errors=True)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def save(

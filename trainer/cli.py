@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from lvd.config import dump_yaml, load_config
+from common.config import dump_yaml, load_config
 from trainer.config import TrainJobConfig
 
 
@@ -38,14 +38,14 @@ def main(argv: list[str]) -> int:
         print(f"lvd train: --nproc must be >= 1, got {args.nproc}", file=sys.stderr)
         return 2
     if args.nproc > 1 and "RANK" not in os.environ:
-        from lvd.launch import launch_local
+        from common.launch import launch_local
 
         return launch_local(["-m", "trainer.cli", *_without_nproc(argv)], nproc=args.nproc)
-    from lvd.allocator import keep_freed_memory
+    from common.allocator import keep_freed_memory
     from trainer.engine import leave_distributed
     from trainer.loop import train
 
-    keep_freed_memory()  # this process is a training rank: see lvd/allocator.py
+    keep_freed_memory()  # this process is a training rank: see common/allocator.py
     code = train(config)
     leave_distributed(succeeded=code == 0)
     return code
@@ -67,6 +67,4 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    from lvd.cli import main as lvd_main
-
-    sys.exit(lvd_main(["train", *sys.argv[1:]]))
+    sys.exit(main(sys.argv[1:]))

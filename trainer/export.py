@@ -1,8 +1,5 @@
-"""`lvd export`: a run's checkpoint (any ZeRO stage) -> a pipeline folder laid out like diffusers'.
-
-    OUT/model_index.json              which component is which, the task, the source checkpoint
-    OUT/<component>/config.json       + model.safetensors, for each network (denoiser, vae, ...)
-    OUT/scheduler/scheduler_config.json   a diffusers DDIMScheduler config (loads with from_pretrained)
+"""`lvd export`: a run's checkpoint (any ZeRO stage) -> a pipeline folder laid out like diffusers'
+(the format of common/pipeline_folder.py).
 
 Every network folder loads with `model_zoo.from_pretrained(OUT/<component>)`, without deepspeed.
 """
@@ -18,17 +15,15 @@ from typing import Any
 import torch
 
 import model_zoo
-from lvd.config import from_dict
+from common.config import from_dict
+from common.files import replacing_folder
+from common.pipeline_folder import SchedulerSpec, write_index
 from trainer import checkpoint
 from trainer.config import ObjectiveConfig, TrainJobConfig
 from trainer.ema import assemble
 from trainer.engine import consolidated_state_dict
 from trainer.export_cli import LATENT_SCALE_CLIPS
 from trainer.tasks import TASKS
-
-BETA_SCHEDULES = {"linear": "linear", "sqrt_linear": "scaled_linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
-PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
-
 
 AUTOENCODER_TASKS = ("autoencoder", "temporal_decoder")
 
@@ -44,37 +39,30 @@ def export(
         raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint" + (f" for step {step}" if step is not None else ""))
     meta = json.loads((ckpt_dir / tag / "meta.json").read_text())
     cfg: TrainJobConfig = from_dict(TrainJobConfig, meta["config"])
-    components = TASKS[cfg.train.task].components
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    index: dict[str, Any] = {"_class_name": "LVDPipeline", "task": cfg.train.task, "source": str(ckpt_dir / tag), "step": meta["step"], "ema": ema}
+    names = TASKS[cfg.train.task].components
     # The pixel clip size the run trained on: `lvd sample`'s default height and width.
-    index["sample_size"] = {"frames": cfg.data.frames, "height": cfg.data.height, "width": cfg.data.width}
-    for engine_name in meta["engines"]:
-        state = consolidated_state_dict(ckpt_dir / tag, engine_name)
-        if ema and engine_name == "model":
-            state = {**state, **_ema_weights(ckpt_dir, tag, meta["world_size"])}
-        name = components.get(engine_name, engine_name)
-        stats = latent_scale_clips if cfg.train.task == "autoencoder" and engine_name == "model" else 0
-        family, latent_stats = _write_component(run_dir, cfg, engine_name, state, tmp / name, stats)
-        index[name] = ["model_zoo", family]
-        if latent_stats is not None:
-            index["latent_stats"] = latent_stats
-    for frozen in sorted((run_dir / "frozen").glob("*/config.json")):
-        shutil.copytree(frozen.parent, tmp / frozen.parent.name)
-        index[frozen.parent.name] = ["model_zoo", json.loads(frozen.read_text())["_family"]]
-    if cfg.train.task in ("lvdm_prediction", "lvdm_interpolation"):
-        from trainer.tasks import no_condition_level
+    sample_size = {"frames": cfg.data.frames, "height": cfg.data.height, "width": cfg.data.width}
+    entries: dict[str, Any] = {"source": str(ckpt_dir / tag), "step": meta["step"], "ema": ema, "sample_size": sample_size}
+    components: dict[str, str] = {}
+    with replacing_folder(out) as folder:
+        for engine_name in meta["engines"]:
+            state = consolidated_state_dict(ckpt_dir / tag, engine_name)
+            if ema and engine_name == "model":
+                state = {**state, **_ema_weights(ckpt_dir, tag, meta["world_size"])}
+            name = names.get(engine_name, engine_name)
+            stats = latent_scale_clips if cfg.train.task == "autoencoder" and engine_name == "model" else 0
+            components[name], latent_stats = _write_component(run_dir, cfg, engine_name, state, folder / name, stats)
+            if latent_stats is not None:
+                entries["latent_stats"] = latent_stats
+        for frozen in sorted((run_dir / "frozen").glob("*/config.json")):
+            shutil.copytree(frozen.parent, folder / frozen.parent.name)
+            components[frozen.parent.name] = json.loads(frozen.read_text())["_family"]
+        if cfg.train.task in ("lvdm_prediction", "lvdm_interpolation"):
+            from trainer.tasks import no_condition_level
 
-        index["uncond_level"] = no_condition_level(cfg.objective)  # the ε_u encoding training used
-    if cfg.train.task not in AUTOENCODER_TASKS:
-        _write_scheduler(cfg.objective, tmp / "scheduler")
-        index["scheduler"] = ["diffusers", "DDIMScheduler"]
-    (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+            entries["uncond_level"] = no_condition_level(cfg.objective)  # the ε_u encoding training used
+        scheduler = None if cfg.train.task in AUTOENCODER_TASKS else scheduler_spec(cfg.objective)
+        write_index(folder, task=cfg.train.task, components=components, scheduler=scheduler, entries=entries)
     return out
 
 
@@ -133,18 +121,12 @@ def _ema_weights(ckpt_dir: Path, tag: str, world_size: int) -> dict[str, torch.T
     return assemble(states)
 
 
-def _write_scheduler(obj: ObjectiveConfig, out: Path) -> None:
-    out.mkdir(parents=True)
-    config = {
-        "_class_name": "DDIMScheduler",
-        "num_train_timesteps": obj.num_timesteps,
-        "beta_start": obj.beta_start,
-        "beta_end": obj.beta_end,
-        "beta_schedule": BETA_SCHEDULES[obj.schedule],
-        "prediction_type": PREDICTION_TYPES[obj.parameterization],
-        "clip_sample": False,
-        "set_alpha_to_one": False,
-        "steps_offset": 1,
-        "timestep_spacing": "leading",
-    }
-    (out / "scheduler_config.json").write_text(json.dumps(config, indent=2) + "\n")
+def scheduler_spec(obj: ObjectiveConfig) -> SchedulerSpec:
+    """The DDIM schedule a sampler uses with the networks trained under `obj`."""
+    return SchedulerSpec(
+        schedule=obj.schedule,
+        parameterization=obj.parameterization,
+        num_train_timesteps=obj.num_timesteps,
+        beta_start=obj.beta_start,
+        beta_end=obj.beta_end,
+    )

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from common.config import to_dict
 from data_pipeline.loader import build_loader
-from lvd.config import to_dict
 from model_zoo import save_pretrained
 from model_zoo.counting import flop_counter
 from model_zoo.pretrained import write_config

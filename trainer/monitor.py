@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lvd.config import dump_yaml
-from lvd.progress import Progress, ProgressMode
+from common.config import dump_yaml
+from common.progress import Progress, ProgressMode
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -45,7 +45,7 @@ def _input_shape(cfg: TrainJobConfig, vae: nn.Module | None) -> tuple[int, ...]:
     frames, height, width = cfg.data.frames, cfg.data.height, cfg.data.width
     if vae is None:
         return (1, 3, frames, height, width)
-    ft, fh, fw = getattr(vae.config, "downsample", (1, 8, 8))
+    ft, fh, fw = vae.downsample_factors
     return (1, int(vae.config.latent_channels), max(frames // ft, 1), height // fh, width // fw)
 
 

@@ -12,7 +12,7 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from lvd.config import load_config
+from common.config import load_config
 from trainer.config import TrainJobConfig
 from trainer.gpus import GPUS
 

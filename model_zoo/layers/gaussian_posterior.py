@@ -40,9 +40,11 @@ class DiagonalGaussian:
 
 class LatentScalingMixin:
     """`to_latents` / `from_latents` for a VAE with `encode`, `decode` and a config holding
-    `scale_factor` and `shift_factor`: diffusion latents are `(z - shift) · scale`."""
+    `scale_factor` and `shift_factor`: diffusion latents are `(z - shift) · scale`. Each VAE also
+    declares `downsample_factors`, its (time, height, width) factors from video to latents."""
 
     config: Any
+    downsample_factors: tuple[int, int, int]
     encode: Any
     decode: Any
 

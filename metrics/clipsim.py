@@ -2,7 +2,7 @@
 image embedding of a frame and the CLIP text embedding of the video's prompt. Reported as the raw
 cosine in [-1, 1] (some papers multiply by 100).
 
-Weights are only ever read from local files (SPEC §5), in one of two forms:
+Weights are only ever read from local files (nothing is downloaded), in one of two forms:
 - a directory in open_clip's `local-dir:` layout: `open_clip_config.json` (with `model_cfg`)
   beside a weights file (*.safetensors, *.bin or *.pth), e.g. a manually copied HF snapshot;
 - a weights file, with `model_name` naming a built-in open_clip architecture (e.g. ViT-B-32).
@@ -21,7 +21,7 @@ import open_clip
 import torch
 from PIL import Image
 
-from sampler.metrics.inception import stacked
+from metrics.inception import stacked
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pth")
 

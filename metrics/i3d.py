@@ -1,4 +1,4 @@
-"""FVD features from user-supplied I3D weights (never downloaded; SPEC §5).
+"""FVD features from user-supplied I3D weights (never downloaded).
 
 Expected format: a TorchScript file of the TF-Hub I3D port used by StyleGAN-V and
 `universome/fvd-comparison` (`i3d_torchscript.pt`). It is called as
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sampler.metrics.inception import stacked
+from metrics.inception import stacked
 
 CLIP_FRAMES = 16
 INPUT_SIZE = 224

@@ -1,4 +1,4 @@
-"""MAWE, the motion-aware warp error of StreamingT2V (Henschel et al. 2024, SPEC §5).
+"""MAWE, the motion-aware warp error of StreamingT2V (Henschel et al. 2024).
 
     MAWE(V) = W(V) / (c · OFS(V)),  c = 9.5
 

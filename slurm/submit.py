@@ -168,13 +168,13 @@ class RankJob:
 
 
 class ShardTask:
-    """Array task `task` of `tasks`: shard one slice of the input (lvd.shard_merge)."""
+    """Array task `task` of `tasks`: shard one slice of the input (slurm.shard_merge)."""
 
     def __init__(self, args: tuple[str, ...], task: int, tasks: int) -> None:
         self.args, self.task, self.tasks = args, task, tasks
 
     def __call__(self) -> int:
-        from lvd.shard_merge import run_task
+        from slurm.shard_merge import run_task
 
         code = run_task(list(self.args), self.task, self.tasks)
         if code != 0:
@@ -183,13 +183,13 @@ class ShardTask:
 
 
 class ShardMerge:
-    """The job after the array: merge the parts into one manifest (lvd.shard_merge)."""
+    """The job after the array: merge the parts into one manifest (slurm.shard_merge)."""
 
     def __init__(self, args: tuple[str, ...], tasks: int) -> None:
         self.args, self.tasks = args, tasks
 
     def __call__(self) -> int:
-        from lvd.shard_merge import merge
+        from slurm.shard_merge import merge
 
         code = merge(list(self.args), self.tasks)
         if code != 0:

@@ -1,4 +1,4 @@
-"""`lvd eval`: video metrics as one JSON object on stdout (SPEC §5, issue 6 item 11).
+"""`lvd eval`: video metrics as one JSON object on stdout.
 
     lvd eval --video A.mp4 [B.mp4 ...] [--reference R.mp4 ...] --metrics scuts,mawe,fid,kid,fvd-proxy,drift
              [--chunk-frames 16] [--frame-stride 1] [--max-frames N] [--flow-size 720] [--i3d PATH]
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from sampler.metrics import (
+from metrics import (
     FrameSelection,
     MaweConfig,
     drift_curve,
@@ -36,7 +36,7 @@ from sampler.metrics import (
     scuts,
     window_descriptors,
 )
-from sampler.metrics.i3d import i3d_clip_features, load_i3d
+from metrics.i3d import i3d_clip_features, load_i3d
 
 PROXY_NAME = (
     "fvd-proxy: NOT FVD. Frechet distance of window descriptors concat(mean_t f_t, mean_t |f_t+1 - f_t|) "
@@ -206,7 +206,7 @@ def prompt_for(video: str, prompt: str | None) -> str | None:
 def _clipsim(run: Evaluation) -> dict[str, Any]:
     if run.clip_path is None:
         return not_computed("needs local CLIP weights (--clip)")
-    from sampler.metrics.clipsim import clipsim, load_clip  # open_clip is slow to import; only here
+    from metrics.clipsim import clipsim, load_clip  # open_clip is slow to import; only here
 
     scorer = load_clip(run.clip_path, run.clip_model)
     per_video = {}

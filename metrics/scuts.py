@@ -1,4 +1,4 @@
-"""SCuts (StreamingT2V, SPEC §5): the number of scene cuts PySceneDetect finds in a video.
+"""SCuts (StreamingT2V): the number of scene cuts PySceneDetect finds in a video.
 
 A video with S detected scenes has S - 1 cuts; a video with no cut has 0 cuts (PySceneDetect
 then returns an empty scene list, not one scene, so "scenes - 1" is computed as the number of

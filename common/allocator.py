@@ -7,14 +7,15 @@ every step (conv3d's unfold buffers, attention scores, decoded frames) then touc
 every step: each 4 KiB page is a minor fault, zero-filled by the kernel, and on a VM the host may
 have reclaimed the page too. Measured here (`lvd sample`'s tiny VAE decode, 1 thread): 33 000
 faults and ~20% of the time per decode; with `keep_freed_memory()` ~0 faults and 15-30% faster,
-and the 2-rank lvdm-hierarchical run gained more than the 1-rank one (NOTES in the closing note of
-issue 6). The cost: a process keeps up to `trim_threshold` of freed memory at its heap top, and
-blocks below `mmap_threshold` that it freed stay in its heap for reuse.
+and the 2-rank lvdm-hierarchical run gained more than the 1-rank one. The cost: a process keeps
+up to `trim_threshold` of freed memory at its heap top, and blocks below `mmap_threshold` that it
+freed stay in its heap for reuse.
 
 The `lvd train` and `lvd sample` ranks call it first thing; `LVD_KEEP_FREED_MEMORY=0` turns it
 off. The settings are per process: data-loader workers (started by a forkserver) keep glibc's
-defaults, so a node's many workers do not each hold on to freed memory. glibc reads the same settings from `GLIBC_TUNABLES` at start-up; this does it at run time so
-that srun, torchrun and `lvd.launch` ranks need no environment.
+defaults, so a node's many workers do not each hold on to freed memory. glibc reads the same
+settings from `GLIBC_TUNABLES` at start-up; this does it at run time so that srun, torchrun and
+`common.launch` ranks need no environment.
 """
 
 from __future__ import annotations

@@ -12,9 +12,9 @@ Layout under `--out`: `parts/task-NNNN/` holds task N's slice (`input/`) and its
 manifest; the merge moves every shard to `--out/shard-NNNNNN.tar` (numbered in task order),
 writes `--out/manifest.json` and removes `parts/`. Every step is safe to re-run.
 
-    python -m lvd.shard_merge slurm videos --input X --out Y [...]   # slurm/shard.sbatch
-    python -m lvd.shard_merge task --task K --tasks N videos --input X --out Y [...]
-    python -m lvd.shard_merge merge --tasks N videos --input X --out Y [...]
+    python -m slurm.shard_merge slurm videos --input X --out Y [...]   # slurm/shard.sbatch
+    python -m slurm.shard_merge task --task K --tasks N videos --input X --out Y [...]
+    python -m slurm.shard_merge merge --tasks N videos --input X --out Y [...]
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from common.files import atomic_write, atomic_write_json
 from data_pipeline import shard_cli
 from data_pipeline.inputs import CAPTION_SUFFIX, list_inputs
 from data_pipeline.shard_writer import MANIFEST
-from data_pipeline.tario import atomic_write_bytes
 
 PARTS = "parts"
 LIST_SUFFIXES = (".csv", ".jsonl")
@@ -114,7 +114,7 @@ def _list_slice(listing: Path, task: int, tasks: int, dest: Path) -> Path:
         if listed and not Path(listed).is_absolute():
             _link(dest / _relative_source(listed), listing.parent / listed)
     sliced = dest / f"inputs{listing.suffix}"
-    atomic_write_bytes(sliced, _rows_text(header, mine).encode("utf-8"))
+    atomic_write(sliced, _rows_text(header, mine))
     return sliced
 
 
@@ -216,7 +216,7 @@ def merge_parts(out: Path, tasks: int, *, input_spec: str) -> dict[str, Any]:
         "warnings": [entry for m in manifests for entry in m["warnings"]],
         "merged_from_tasks": tasks,
     }
-    atomic_write_bytes(out / MANIFEST, (json.dumps(merged, indent=1, sort_keys=True) + "\n").encode())
+    atomic_write_json(out / MANIFEST, merged, indent=1, sort_keys=True)
     shutil.rmtree(out / PARTS)
     return merged
 
@@ -295,7 +295,7 @@ def slurm_step(shard_argv: list[str], env: dict[str, str]) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m lvd.shard_merge", description=__doc__.splitlines()[0], allow_abbrev=False
+        prog="python -m slurm.shard_merge", description=__doc__.splitlines()[0], allow_abbrev=False
     )
     steps = parser.add_subparsers(dest="step", required=True)
     steps.add_parser(
