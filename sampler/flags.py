@@ -62,12 +62,15 @@ def field_default(cls: type, name: str) -> Any:
     return default
 
 
-def describe_default(spec: Field) -> str:
+def help_for(spec: Field, doc: str) -> str:
+    """The field's docstring, with its default (or `metadata["flag_default"]`) when that says something."""
+    if spec.default is True:
+        return f"turns off: {doc}"
     shown = spec.metadata.get("flag_default", spec.default)
-    return "" if spec.default is MISSING or shown is None or isinstance(shown, bool) else f" (default: {shown})"
+    return doc if spec.default is MISSING or shown is None else f"{doc} (default: {shown})"
 
 
-def flag_for(spec: Field, annotation: Any, help_text: str) -> Flag:
+def flag_for(spec: Field, annotation: Any, doc: str) -> Flag:
     kind = field_kind(annotation)
     name = spec.name.replace("_", "-")
     if kind is bool and spec.default is not True:
@@ -80,7 +83,7 @@ def flag_for(spec: Field, annotation: Any, help_text: str) -> Flag:
         kind=kind,
         required=spec.default is MISSING and spec.default_factory is MISSING,
         choices=spec.metadata.get("choices"),
-        helps=(help_text,),
+        helps=(help_for(spec, doc),),
     )
 
 
@@ -88,7 +91,7 @@ def dataclass_flags(cls: type) -> list[Flag]:
     """The flags of `cls`'s fields, in field order."""
     docs, hints = docs_of(cls), get_type_hints(cls)
     return [
-        flag_for(spec, hints[spec.name], f"{'turns off: ' if spec.default is True else ''}{docs.get(spec.name, '')}{describe_default(spec)}")
+        flag_for(spec, hints[spec.name], docs.get(spec.name, ""))
         for spec in fields(cls)
         if spec.metadata.get("flag", True)
     ]

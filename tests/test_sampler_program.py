@@ -216,6 +216,21 @@ def test_cli_paper_aliases_set_the_strategys_knobs(strategy, flags, knobs):
     assert (config.height, config.width, config.steps, config.progress) == (256, 256, 50, True)
 
 
+def test_the_flags_are_generated_and_repeat_no_default():
+    """`lvd sample`'s options, as they were when the parser was written by hand; none carries a
+    default of its own (the config dataclasses hold every default)."""
+    actions = [action for action in build_parser()._actions if action.dest != "help"]
+    assert {option for action in actions for option in action.option_strings} == {
+        "--model", "--model2", "--strategy", "--frames", "--prompt", "--prompts", "--out", "--seed",
+        "--nproc", "--steps", "--eta", "--guidance", "--height", "--width", "--fps", "--device",
+        "--decode-context", "--clip-frames", "--N", "--cond-frames", "--k", "--perturb-level", "--s",
+        "--uncond-weight", "--w", "--keyframe-stride", "--stride", "--overlap", "--M", "--alpha",
+        "--beta", "--lam", "--lambda", "--blend-frames", "--F", "--blend-overlap", "--O", "--refine-t",
+        "--no-refine", "--no-progress", "--quiet",
+    }
+    assert all(action.default is None for action in actions)
+
+
 def test_hierarchical_tasks_list_every_unit_once_after_the_gaps_it_needs():
     from sampler.strategies.lvdm_hierarchical import hierarchical_tasks
 

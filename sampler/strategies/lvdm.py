@@ -2,9 +2,8 @@
 space: what its two strategies share, a clip sampled with some frames given under a mask.
 
 - Autoregressive (`lvdm_autoregressive`): the first clip unconditionally, then each clip
-  conditioned (mask 1) on the last k latent frames of the video so far, perturbed to level s
-  (default 100), with unconditional guidance ε̃ = ε_c + w(ε_c - ε_u), w = 0.1; each clip adds
-  l - k frames.
+  conditioned (mask 1) on the last k latent frames of the video so far, perturbed to level s,
+  with unconditional guidance ε̃ = ε_c + w(ε_c - ε_u); each clip adds l - k frames.
 - Hierarchical (`lvdm_hierarchical`): the prediction model makes sparse keyframes
   autoregressively (keyframe stride = interpolation clip length - 1); the interpolation model
   fills each gap between two consecutive keyframes with both ends masked. Gaps are independent
