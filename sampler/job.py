@@ -87,6 +87,6 @@ class VideoJob:
     def progress_mode(self) -> ProgressMode:
         return "auto" if self.config.progress and self.is_owner else "quiet"
 
-    def text_denoiser(self) -> Callable[[Tensor, Tensor], Tensor]:
+    def prompt_denoiser(self) -> Callable[[Tensor, Tensor], Tensor]:
         """--model with the prompt and text guidance, the branches split over the job's ranks."""
         return text_denoiser(self.pipeline, self.prompt, self.config.guidance, branch_parallel_guide(self.world))

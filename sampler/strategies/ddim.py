@@ -54,7 +54,7 @@ def ddim_windows(
 
 def run(job: VideoJob, config: DDIMConfig) -> None:
     """The windows in order, each a resumable unit, into the mp4."""
-    denoise = counted(job.text_denoiser(), job.tick_steps())
+    denoise = counted(job.prompt_denoiser(), job.tick_steps())
     frames = window_frames(config, job.latent_frames)
 
     def step(index: int, state: State | None) -> tuple[Tensor, State]:

@@ -89,7 +89,7 @@ def videofusion(
 def run(job: VideoJob, config: VideoFusionConfig) -> None:
     """The windows in order, each a resumable unit (b is recomputed from the seed), into the mp4."""
     config = with_model_lam(config, job.pipeline.denoiser.config.lam)
-    denoise = counted(job.text_denoiser(), job.tick_steps())
+    denoise = counted(job.prompt_denoiser(), job.tick_steps())
     base = base_noise(job.setup, job.seed)
 
     def step(index: int, state: State | None) -> tuple[Tensor, State]:

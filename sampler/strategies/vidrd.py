@@ -149,7 +149,7 @@ def vidrd(
 def run(job: VideoJob, config: VidRDConfig) -> None:
     """The clips in order, each a resumable unit holding what the next clip needs (its z_T and
     the DSG guide trajectory), into the mp4."""
-    denoise = counted(job.text_denoiser(), job.tick_steps())
+    denoise = counted(job.prompt_denoiser(), job.tick_steps())
 
     def step(index: int, state: State | None) -> tuple[Tensor, State]:
         previous = None if state is None else VidRDState(clip_index=index, **state)
