@@ -54,8 +54,9 @@ def config_from_args(args: argparse.Namespace) -> SampleConfig:
     --width default to the --model's training size when the export records it."""
     command = given(args, SampleConfig)
     size = trained_size(args.model)
-    for axis, name in enumerate(("height", "width")):
-        command.setdefault(name, field_default(SampleConfig, name) if size is None else size[axis])
+    if size is not None:
+        command.setdefault("height", size[0])
+        command.setdefault("width", size[1])
     strategy = command.get("strategy", field_default(SampleConfig, "strategy"))
     knobs = STRATEGIES[strategy].config
     return SampleConfig(**command, prompts=read_prompts(args), strategy_config=knobs(**given(args, knobs)))
