@@ -1,9 +1,13 @@
 """`lvd sample` command line: flags -> `SampleConfig` -> `program.generate` on every rank.
 
+The flags are generated from the config dataclasses (`sampler.flags`): `SampleConfig`'s fields,
+then every strategy's knobs (`sampler.strategies.STRATEGIES[name].config`), a knob that several
+strategies have being one flag. Paper names are aliases of the knobs (--k, --s, --w, --N, --M,
+--alpha, --beta, --F, --O, --lambda, --stride). A flag of another strategy than the chosen one is
+accepted and has no effect.
+
 `--nproc R` (outside torchrun / srun) relaunches this module as R local ranks with
-`lvd.launch.launch_local`; under torchrun / srun the environment already names the ranks.
-Paper names are accepted as aliases of the knobs (--k, --s, --w, --N, --M, --alpha, --beta,
---F, --O, --lambda, --stride).
+`common.launch.launch_local`; under torchrun / srun the environment already names the ranks.
 """
 
 from __future__ import annotations
@@ -12,57 +16,27 @@ import argparse
 import sys
 from pathlib import Path
 
-from sampler.config import STRATEGIES, SampleConfig, trained_size
+from sampler.config import SampleConfig, trained_size
+from sampler.flags import add_flags, dataclass_flags, field_default, given, merged_flags
 from sampler.state import ParamsMismatch
+from sampler.strategies import STRATEGIES
 
-DEFAULT_SIZE = 256
-"""Pixel height and width when neither the command nor the pipeline gives them."""
 EXAMPLE = "lvd sample --model runs/t2v/export --strategy vidrd --frames 64 --prompt 'a red car' --out car.mp4"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lvd sample",
-        description="Generate long videos with a distributed long-video strategy (SPEC §4).",
+        description="Generate long videos with a distributed long-video strategy (docs/methods.md §6).",
         epilog=f"example: {EXAMPLE}\nStrategy knobs count latent frames; --frames counts pixel frames.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add = parser.add_argument
-    add("--model", required=True, help="exported pipeline folder (prediction model for LVDM)")
-    add("--model2", help="interpolation model (lvdm-hierarchical) or refiner (streaming)")
-    add("--strategy", choices=STRATEGIES, default="ddim")
-    add("--frames", type=int, default=16, help="pixel frames per video")
+    add_flags(parser, dataclass_flags(SampleConfig))
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="one prompt")
     prompt.add_argument("--prompts", type=Path, help="file with one prompt per line -> one video per prompt")
-    add("--out", required=True, help="output .mp4 (several prompts: <stem>-000.mp4, ...)")
-    add("--seed", type=int, default=0)
-    add("--nproc", type=int, default=1, help="local ranks to launch")
-    add("--steps", type=int, default=50, help="DDIM steps")
-    add("--eta", type=float, default=0.0, help="DDIM eta")
-    add("--guidance", type=float, default=7.5, help="text CFG scale g (1 disables)")
-    add("--height", type=int, help="pixel height (default: the --model's training size, else 256)")
-    add("--width", type=int, help="pixel width (default: the --model's training size, else 256)")
-    add("--fps", type=int, default=8)
-    add("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    add("--decode-context", type=int, default=1, help="latent frames of left context when decoding a chunk")
-    add("--clip-frames", "--N", type=int, help="l (LVDM) / N (VidRD, VideoFusion) / chunk length (streaming)")
-    add("--cond-frames", "--k", type=int, default=1, help="k: LVDM conditioning frames")
-    add("--perturb-level", "--s", type=int, default=100, help="s: LVDM conditional perturbation level")
-    add("--uncond-weight", "--w", type=float, default=0.1, help="w: LVDM unconditional guidance")
-    add("--keyframe-stride", "--stride", type=int, default=3, help="LVDM hierarchical keyframe stride")
-    add("--overlap", "--M", type=int, default=4, help="M: VidRD overlap frames")
-    add("--alpha", type=float, default=4.0, help="alpha: VidRD PNS strength")
-    add("--beta", type=float, default=0.4, help="beta: VidRD DSG fraction")
-    add("--lam", "--lambda", type=float, help="lambda: VideoFusion base-noise share (default: the model's)")
-    add("--blend-frames", "--F", type=int, default=24, help="F: refinement chunk length")
-    add("--blend-overlap", "--O", type=int, default=8, help="O: refinement overlap")
-    add("--refine-t", type=int, default=600, help="T': SDEdit start timestep of the refinement")
-    add("--no-refine", action="store_true", help="streaming: skip the randomised-blending refinement")
-    add(
-        "--no-progress", "--quiet", dest="no_progress", action="store_true",
-        help="no progress (a tqdm bar on a terminal, plain 'lvd sample:' lines otherwise)",
-    )
+    knobs = parser.add_argument_group("strategy knobs (each strategy reads its own)")
+    add_flags(knobs, merged_flags({name: spec.config for name, spec in STRATEGIES.items()}))
     return parser
 
 
@@ -76,39 +50,16 @@ def read_prompts(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def config_from_args(args: argparse.Namespace) -> SampleConfig:
-    height, width = trained_size(args.model) or (DEFAULT_SIZE, DEFAULT_SIZE)
-    return SampleConfig(
-        model=args.model,
-        model2=args.model2,
-        strategy=args.strategy,
-        frames=args.frames,
-        prompts=read_prompts(args),
-        out=args.out,
-        seed=args.seed,
-        nproc=args.nproc,
-        steps=args.steps,
-        eta=args.eta,
-        guidance=args.guidance,
-        height=height if args.height is None else args.height,
-        width=width if args.width is None else args.width,
-        fps=args.fps,
-        device=args.device,
-        decode_context=args.decode_context,
-        clip_frames=args.clip_frames,
-        cond_frames=args.cond_frames,
-        perturb_level=args.perturb_level,
-        uncond_weight=args.uncond_weight,
-        keyframe_stride=args.keyframe_stride,
-        overlap=args.overlap,
-        alpha=args.alpha,
-        beta=args.beta,
-        lam=args.lam,
-        blend_frames=args.blend_frames,
-        blend_overlap=args.blend_overlap,
-        refine_t=args.refine_t,
-        refine=not args.no_refine,
-        progress=not args.no_progress,
-    )
+    """The command's config: the flags given, the dataclass defaults for the others; --height and
+    --width default to the --model's training size when the export records it."""
+    command = given(args, SampleConfig)
+    size = trained_size(args.model)
+    if size is not None:
+        command.setdefault("height", size[0])
+        command.setdefault("width", size[1])
+    strategy = command.get("strategy", field_default(SampleConfig, "strategy"))
+    knobs = STRATEGIES[strategy].config
+    return SampleConfig(**command, prompts=read_prompts(args), strategy_config=knobs(**given(args, knobs)))
 
 
 def main(argv: list[str]) -> int:
@@ -127,7 +78,7 @@ def main(argv: list[str]) -> int:
     from common.allocator import keep_freed_memory
     from sampler.program import generate
 
-    keep_freed_memory()  # this process is a sampling rank: see lvd/allocator.py
+    keep_freed_memory()  # this process is a sampling rank: see common/allocator.py
     try:
         written = generate(config)
     except ParamsMismatch as err:

@@ -1,6 +1,6 @@
 """Bind a pipeline's network, the prompt and the guidance into the `denoise_fn(x, t)` the strategies call.
 
-Text classifier-free guidance uses the empty prompt as the unconditional branch (SPEC §3);
+Text classifier-free guidance uses the empty prompt as the unconditional branch;
 LVDM's masked networks are bound as `MaskedPredictFn`s, their unconditional guidance is applied
 by the strategy (`sampler.strategies.lvdm`).
 """
@@ -8,6 +8,7 @@ by the strategy (`sampler.strategies.lvdm`).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -15,7 +16,9 @@ from torch import Tensor
 from model_zoo.diffusion.guidance import Guide, cfg
 from model_zoo.diffusion.samplers import DenoiseFn
 from sampler.pipeline import Pipeline
-from sampler.strategies.lvdm import MaskedPredictFn
+
+if TYPE_CHECKING:  # an annotation only: the strategies package imports this module
+    from sampler.strategies.lvdm import MaskedPredictFn
 
 
 def with_text_guidance(

@@ -197,4 +197,4 @@ def test_two_simulated_ranks_equal_one_process(eta):
 
 def test_config_rejects_overlapping_head_and_tail():
     with pytest.raises(ValueError):
-        BlendingConfig(chunk_frames=16, overlap_frames=8)
+        BlendingConfig(blend_frames=16, blend_overlap=8)

@@ -6,20 +6,17 @@ import torch
 
 from model_zoo.diffusion.schedules import alphas_cumprod, ddim_timesteps, make_betas
 from sampler.strategies.common import SamplingSetup
-from sampler.strategies.lvdm import (
+from sampler.strategies.lvdm_autoregressive import autoregressive, autoregressive_clips
+from sampler.strategies.lvdm_hierarchical import (
+    HierarchicalConfig,
     HierarchicalPlan,
-    LVDMConfig,
     assemble_hierarchical,
-    autoregressive,
-    autoregressive_clips,
     fill_gap,
     hierarchical,
 )
 
 SCHEDULE = alphas_cumprod(make_betas("sqrt_linear", 1000, 0.0015, 0.0155))
-CONFIG = LVDMConfig(
-    clip_frames=4, cond_frames=1, interp_clip_frames=4, perturb_level=100, guidance_weight=0.1
-)
+CONFIG = HierarchicalConfig(clip_frames=4, cond_frames=1, keyframe_stride=3, perturb_level=100, uncond_weight=0.1)
 
 
 def make_setup(frame_shape=(1, 2, 3, 3)) -> SamplingSetup:

@@ -8,7 +8,7 @@ import torch
 from model_zoo.diffusion.schedules import alphas_cumprod, ddim_timesteps, make_betas
 from sampler.strategies.common import SamplingSetup
 from sampler.strategies.videofusion import (
-    VideoFusionWindowsConfig,
+    VideoFusionConfig,
     base_noise,
     sample_window,
     videofusion,
@@ -31,7 +31,7 @@ def test_windows_share_the_base_noise(lam):
     """Frames of *different* windows have noise correlation λ: only the base noise is shared."""
     setup, config = (
         make_setup(frame_shape=(1, 8, 64, 64)),
-        VideoFusionWindowsConfig(window_frames=4, base_ratio=lam),
+        VideoFusionConfig(clip_frames=4, lam=lam),
     )
     base = base_noise(setup, seed=0)
     first, _ = window_initial_noise(base, 0, setup=setup, config=config, seed=0)
@@ -42,7 +42,7 @@ def test_windows_share_the_base_noise(lam):
 
 
 def test_long_video_is_windows_computed_independently():
-    setup, config = make_setup(), VideoFusionWindowsConfig(window_frames=4, base_ratio=0.5)
+    setup, config = make_setup(), VideoFusionConfig(clip_frames=4, lam=0.5)
     video = videofusion(denoiser, num_frames=10, setup=setup, config=config, seed=5)
     assert video.shape == (1, 2, 10, 3, 3)
     base = base_noise(setup, seed=5)

@@ -11,7 +11,7 @@ from model_zoo.diffusion.schedules import alphas_cumprod, ddim_timesteps, make_b
 from sampler.strategies.common import SamplingSetup
 from sampler.strategies.vidrd import VidRDConfig, dsg_schedule, reused_noise, vidrd, vidrd_clip
 
-CONFIG = VidRDConfig(clip_frames=8, overlap_frames=4, noise_alpha=4.0, guidance_beta=0.4)
+CONFIG = VidRDConfig(clip_frames=8, overlap=4, alpha=4.0, beta=0.4)
 
 
 def make_setup(num_steps: int = 10, eta: float = 0.0) -> SamplingSetup:
@@ -50,8 +50,8 @@ def test_dsg_schedule_counts_match_the_paper():
     assert copy.sum(dim=0).tolist() == [20, 15, 10, 5]
     # staged: frame j is copied during the *first* steps only
     assert copy[:20, 0].all() and not copy[20:, 0].any()
-    assert not dsg_schedule(50, VidRDConfig(guidance_beta=0.0)).any()
-    assert dsg_schedule(50, VidRDConfig(guidance_beta=1.0)).sum(dim=0).tolist() == [50, 38, 25, 13]
+    assert not dsg_schedule(50, VidRDConfig(beta=0.0)).any()
+    assert dsg_schedule(50, VidRDConfig(beta=1.0)).sum(dim=0).tolist() == [50, 38, 25, 13]
 
 
 def test_dsg_overlap_frames_equal_reversed_previous_latents_during_guided_steps():

@@ -1,6 +1,6 @@
 """The typed config of `lvd train`: one section per component, every default here.
 
-YAML files in configs/ hold only what differs from these defaults; see lvd/config.py for the
+YAML files in configs/ hold only what differs from these defaults; see common/config.py for the
 loader and the dotted command-line overrides.
 """
 

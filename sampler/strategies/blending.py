@@ -1,4 +1,5 @@
-"""StreamingT2V's randomised blending for the refinement stage (Henschel et al. 2024, §5; SPEC §4).
+"""StreamingT2V's randomised blending for the refinement stage (Henschel et al. 2024, §5;
+docs/methods.md §6.4): the refinement math of `--strategy streaming` (`streaming.py`).
 
 The long latent video (L frames, SDEdit-noised to T' < T) is split into chunks of F = 24 frames
 overlapping by O = 8. Overlapping frames share their noise (noise is drawn per global frame).
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -39,29 +40,29 @@ more than its interior work behind."""
 class BlendingConfig:
     """Randomised blending knobs (StreamingT2V's refiner defaults)."""
 
-    chunk_frames: int = 24
-    """F: frames per chunk."""
-    overlap_frames: int = 8
-    """O: frames shared by consecutive chunks (0 < O, 2·O < F so a chunk's head and tail are apart)."""
+    blend_frames: int = field(default=24, metadata={"alias": "--F"})
+    """F: latent frames per refinement chunk."""
+    blend_overlap: int = field(default=8, metadata={"alias": "--O"})
+    """O: latent frames shared by consecutive refinement chunks (0 < O, 2·O < F so a chunk's head and tail are apart)."""
 
     def __post_init__(self) -> None:
-        if not 0 < 2 * self.overlap_frames < self.chunk_frames:
-            raise ValueError(f"need 0 < 2*O < F, got O={self.overlap_frames}, F={self.chunk_frames}")
+        if not 0 < 2 * self.blend_overlap < self.blend_frames:
+            raise ValueError(f"need 0 < 2*O < F, got O={self.blend_overlap}, F={self.blend_frames}")
 
     @property
-    def chunk_stride(self) -> int:
-        return self.chunk_frames - self.overlap_frames
+    def blend_stride(self) -> int:
+        return self.blend_frames - self.blend_overlap
 
 
 def num_chunks(num_frames: int, config: BlendingConfig) -> int:
     """Chunks needed to cover `num_frames` (the last chunk may reach past the end: see `split_chunks`)."""
-    return max(1, math.ceil((num_frames - config.overlap_frames) / config.chunk_stride))
+    return max(1, math.ceil((num_frames - config.blend_overlap) / config.blend_stride))
 
 
 def chunk_span(index: int, config: BlendingConfig) -> tuple[int, int]:
     """[start, end) of chunk `index` in (padded) global frame coordinates."""
-    start = index * config.chunk_stride
-    return start, start + config.chunk_frames
+    start = index * config.blend_stride
+    return start, start + config.blend_frames
 
 
 def split_chunks(latents: Tensor, config: BlendingConfig) -> list[Tensor]:
@@ -74,7 +75,7 @@ def split_chunks(latents: Tensor, config: BlendingConfig) -> list[Tensor]:
 
 def merge_chunks(chunks: Sequence[Tensor], num_frames: int, config: BlendingConfig) -> Tensor:
     """Chunks whose overlaps agree -> (B, C, num_frames, h, w): chunk 0, then each chunk past its overlap."""
-    pieces = [chunks[0]] + [chunk[:, :, config.overlap_frames :] for chunk in chunks[1:]]
+    pieces = [chunks[0]] + [chunk[:, :, config.blend_overlap :] for chunk in chunks[1:]]
     return torch.cat(pieces, dim=2)[:, :, :num_frames]
 
 
@@ -101,7 +102,7 @@ def noised_chunk(
 def draw_f_thr(seed: int, step_index: int, config: BlendingConfig) -> int:
     """f_thr ~ U{0..O} for denoising step `step_index`, a pure function of (seed, step)."""
     generator = unit_generator(seed, "blend-fthr", step_index)
-    return int(torch.randint(0, config.overlap_frames + 1, (), generator=generator))
+    return int(torch.randint(0, config.blend_overlap + 1, (), generator=generator))
 
 
 def blend_overlap(left_tail: Tensor, right_head: Tensor, f_thr: int) -> Tensor:
@@ -145,7 +146,7 @@ def refine_step(
     Returns the new chunks and the f_thr used. Step noise (η > 0) comes from a per-(chunk, step)
     generator, so the result does not depend on which rank owns which chunk.
     """
-    overlap = config.overlap_frames
+    overlap = config.blend_overlap
 
     def step(index: int) -> Tensor:
         generator = unit_generator(seed, f"blend-step-{step_index}", index)

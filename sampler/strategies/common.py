@@ -16,7 +16,7 @@ class SamplingSetup:
     """The DDIM run every window of a strategy uses (DDIM, Song et al. 2021), and the latent geometry."""
 
     timesteps: Tensor
-    """Descending timesteps, e.g. `schedules.ddim_timesteps(1000, 50)` (50 DDIM steps, SPEC §4)."""
+    """Descending timesteps, e.g. `schedules.ddim_timesteps(1000, 50)` (the usual 50 DDIM steps)."""
     alphas_cumprod: Tensor
     """ᾱ_t of the model's training schedule, shape (T,)."""
     frame_shape: tuple[int, int, int, int]

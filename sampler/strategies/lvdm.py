@@ -1,11 +1,13 @@
-"""LVDM long-video sampling (He et al. 2022, §3.3-3.4, Fig. 3; SPEC §4) in latent space.
+"""LVDM long-video sampling (He et al. 2022, §3.3-3.4, Fig. 3; docs/methods.md §6.1) in latent
+space: what its two strategies share, a clip sampled with some frames given under a mask.
 
-- Autoregressive: the first clip unconditionally, then each clip conditioned (mask 1) on the last
-  k latent frames of the video so far, perturbed to level s (default 100), with unconditional
-  guidance ε̃ = ε_c + w(ε_c - ε_u), w = 0.1; each clip adds l - k frames.
-- Hierarchical: the prediction model makes sparse keyframes autoregressively (keyframe stride
-  = interpolation clip length - 1); the interpolation model fills each gap between two
-  consecutive keyframes with both ends masked. Gaps are independent units of work.
+- Autoregressive (`lvdm_autoregressive`): the first clip unconditionally, then each clip
+  conditioned (mask 1) on the last k latent frames of the video so far, perturbed to level s,
+  with unconditional guidance ε̃ = ε_c + w(ε_c - ε_u); each clip adds l - k frames.
+- Hierarchical (`lvdm_hierarchical`): the prediction model makes sparse keyframes
+  autoregressively (keyframe stride = interpolation clip length - 1); the interpolation model
+  fills each gap between two consecutive keyframes with both ends masked. Gaps are independent
+  units of work.
 
 The network is called as `predict_fn(net_input, t, perturb_level)` with net_input the mask-
 conditioned input (B, C+1, l, h, w) of `objectives.apply_mask_conditioning` and perturb_level
@@ -16,18 +18,16 @@ that training gave every sample without a mask, so ε_u is a state the network w
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from model_zoo.diffusion.guidance import Guide, cfg, unconditional_guidance
-from model_zoo.diffusion.objectives import apply_mask_conditioning, build_mask, perturb_condition
+from model_zoo.diffusion.objectives import apply_mask_conditioning, perturb_condition
 from model_zoo.diffusion.samplers import DenoiseFn
 from sampler.strategies.common import SamplingSetup, clip_noise, run_ddim
-from sampler.strategies.seeding import unit_generator
 
 MaskedPredictFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 """`predict_fn(net_input (B, C+1, l, h, w), t (B,), perturb_level (B,) | None) -> ε (B, C, l, h, w)`."""
@@ -35,22 +35,16 @@ MaskedPredictFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 
 @dataclass(frozen=True, kw_only=True)
 class LVDMConfig:
-    """LVDM long-video knobs (its long-video sampling script; SPEC §3-4)."""
+    """LVDM's autoregressive knobs (the defaults of its long-video sampling script)."""
 
-    clip_frames: int = 4
+    clip_frames: int = field(default=4, metadata={"alias": "--N"})
     """l: latent frames per clip of the prediction model (its temporal length)."""
-    cond_frames: int = 1
+    cond_frames: int = field(default=1, metadata={"alias": "--k"})
     """k: latent frames a prediction clip is conditioned on (LVDM's T_cond)."""
-    interp_clip_frames: int = 4
-    """Latent frames per clip of the interpolation model; keyframe stride = this - 1."""
-    perturb_level: int = 100
+    perturb_level: int = field(default=100, metadata={"alias": "--s"})
     """s: the conditioning latents are q_sample'd to timestep s and s is fed to the network."""
-    guidance_weight: float = 0.1
+    uncond_weight: float = field(default=0.1, metadata={"alias": "--w"})
     """w of unconditional guidance ε_c + w(ε_c - ε_u); 0 disables the unconditional branch."""
-
-    @property
-    def keyframe_stride(self) -> int:
-        return self.interp_clip_frames - 1
 
 
 def _masked_denoiser(
@@ -99,150 +93,6 @@ def sample_masked_clip(
     perturbation = clip_noise(setup, num_frames, generator)
     z_cond = perturb_condition(given, config.perturb_level, perturbation, setup.alphas_cumprod)
     denoiser = _masked_denoiser(
-        predict_fn, z_cond, mask.to(x_T), config.perturb_level, config.guidance_weight, guide
+        predict_fn, z_cond, mask.to(x_T), config.perturb_level, config.uncond_weight, guide
     )
     return run_ddim(denoiser, x_T, setup, generator)
-
-
-def autoregressive_clip(
-    predict_fn: MaskedPredictFn,
-    context: Tensor | None,
-    clip_index: int,
-    *,
-    setup: SamplingSetup,
-    config: LVDMConfig,
-    seed: int,
-    guide: Guide = cfg,
-) -> Tensor:
-    """Clip `clip_index` (B, C, l, h, w): unconditional if `context` is None, else conditioned
-    (mask 1) on the last k frames of `context`. Its first k frames are the model's outputs at the
-    conditioned positions; the new frames are the last l - k (all l for the first clip)."""
-    clip_frames, cond_frames = config.clip_frames, config.cond_frames
-    if not 0 < cond_frames < clip_frames:
-        raise ValueError(f"need 0 < k < l, got k={cond_frames}, l={clip_frames}")
-    generator = unit_generator(seed, "lvdm-clip", clip_index)
-    given = torch.zeros(setup.clip_shape(clip_frames), dtype=setup.dtype, device=setup.device)
-    mask = torch.zeros(clip_frames)
-    if context is not None:
-        given[:, :, :cond_frames] = context[:, :, -cond_frames:]
-        mask = build_mask("prediction", clip_frames, cond_frames)
-    return sample_masked_clip(
-        predict_fn, given, mask, setup=setup, config=config, generator=generator, guide=guide
-    )
-
-
-def autoregressive_clips(
-    predict_fn: MaskedPredictFn,
-    *,
-    setup: SamplingSetup,
-    config: LVDMConfig,
-    seed: int,
-    context: Tensor | None = None,
-    start_clip: int = 0,
-) -> Iterator[Tensor]:
-    """Endless new latent frames, clip by clip: l for the first clip, then l - k per clip.
-
-    Resume by passing the previous clip (at least its last k frames) as `context` with the
-    index of the next clip as `start_clip`.
-    """
-    clip_index = start_clip
-    while True:
-        clip = autoregressive_clip(predict_fn, context, clip_index, setup=setup, config=config, seed=seed)
-        new_frames = clip if context is None else clip[:, :, config.cond_frames :]
-        context = clip
-        clip_index += 1
-        yield new_frames
-
-
-def autoregressive(
-    predict_fn: MaskedPredictFn, *, num_frames: int, setup: SamplingSetup, config: LVDMConfig, seed: int
-) -> Tensor:
-    """A long latent video (B, C, num_frames, h, w) by LVDM's autoregressive prediction."""
-    clips = autoregressive_clips(predict_fn, setup=setup, config=config, seed=seed)
-    frames, total = [], 0
-    while total < num_frames:
-        frames.append(next(clips))
-        total += frames[-1].shape[2]
-    return torch.cat(frames, dim=2)[:, :, :num_frames]
-
-
-@dataclass(frozen=True, kw_only=True)
-class HierarchicalPlan:
-    """Where keyframes and gaps lie in a hierarchical generation of `num_frames` latent frames."""
-
-    num_frames: int
-    """Latent frames asked for (the assembled video is cut to this)."""
-    keyframe_stride: int
-    """Latent frames from one keyframe to the next."""
-
-    @property
-    def num_keyframes(self) -> int:
-        return max(2, math.ceil((self.num_frames - 1) / self.keyframe_stride) + 1)
-
-    @property
-    def gaps(self) -> list[tuple[int, int]]:
-        """(start, end) keyframe indices of each gap: the independent units of interpolation work."""
-        return [(index, index + 1) for index in range(self.num_keyframes - 1)]
-
-
-def fill_gap(
-    predict_fn: MaskedPredictFn,
-    key_start: Tensor,
-    key_end: Tensor,
-    *,
-    gap_index: int,
-    setup: SamplingSetup,
-    config: LVDMConfig,
-    seed: int,
-    guide: Guide = cfg,
-) -> Tensor:
-    """The stride - 1 latent frames between two keyframes (B, C, 1, h, w) each, by interpolation.
-
-    Depends only on its two keyframes and (seed, gap_index): any rank can compute any gap.
-    """
-    generator = unit_generator(seed, "lvdm-gap", gap_index)
-    given = torch.zeros(setup.clip_shape(config.interp_clip_frames), dtype=setup.dtype, device=setup.device)
-    given[:, :, :1], given[:, :, -1:] = key_start, key_end
-    mask = build_mask("interpolation", config.interp_clip_frames)
-    clip = sample_masked_clip(
-        predict_fn, given, mask, setup=setup, config=config, generator=generator, guide=guide
-    )
-    return clip[:, :, 1:-1]
-
-
-def assemble_hierarchical(keyframes: Tensor, fills: list[Tensor], plan: HierarchicalPlan) -> Tensor:
-    """Interleave keyframes (B, C, K, h, w) and gap fills into (B, C, num_frames, h, w)."""
-    pieces = []
-    for (start, _), fill in zip(plan.gaps, fills, strict=True):
-        pieces += [keyframes[:, :, start : start + 1], fill]
-    pieces.append(keyframes[:, :, -1:])
-    return torch.cat(pieces, dim=2)[:, :, : plan.num_frames]
-
-
-def hierarchical(
-    predict_fn: MaskedPredictFn,
-    interpolate_fn: MaskedPredictFn,
-    *,
-    num_frames: int,
-    setup: SamplingSetup,
-    config: LVDMConfig,
-    seed: int,
-) -> Tensor:
-    """LVDM's hierarchical generation in one process: keyframes, then every gap in turn."""
-    plan = HierarchicalPlan(num_frames=num_frames, keyframe_stride=config.keyframe_stride)
-    keyframes = autoregressive(
-        predict_fn, num_frames=plan.num_keyframes, setup=setup, config=config, seed=seed
-    )
-    fills = [
-        fill_gap(
-            interpolate_fn,
-            keyframes[:, :, start : start + 1],
-            keyframes[:, :, end : end + 1],
-            gap_index=index,
-            setup=setup,
-            config=config,
-            seed=seed,
-        )
-        for index, (start, end) in enumerate(plan.gaps)
-    ]
-    return assemble_hierarchical(keyframes, fills, plan)

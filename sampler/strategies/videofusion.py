@@ -1,4 +1,5 @@
-"""VideoFusion long videos (Luo et al. 2023, §3.1-3.2; SPEC §2.6, §4): windows share one base noise.
+"""`--strategy videofusion`: windows that share one base noise (Luo et al. 2023, §3.1-3.2;
+docs/methods.md §6.3).
 
 Every window of N frames starts from z_T^i = √λ b + √(1-λ) r_i (`model_zoo.videofusion.
 DecomposedNoise`), with one base noise b for the whole video and fresh residual noise r_i per
@@ -9,25 +10,33 @@ units of work; the denoiser is the VideoFusion network (or any ε-predictor of a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 
 from model_zoo.diffusion.samplers import DenoiseFn
 from model_zoo.videofusion import DecomposedNoise
+from sampler.denoisers import counted
+from sampler.job import VideoJob
 from sampler.strategies.common import SamplingSetup, clip_noise, run_ddim
 from sampler.strategies.seeding import unit_generator
+from sampler.work import State, run_chunks_to_video
 
 
 @dataclass(frozen=True, kw_only=True)
-class VideoFusionWindowsConfig:
-    """Windowed VideoFusion sampling knobs."""
+class VideoFusionConfig:
+    """VideoFusion's windowed sampling knobs."""
 
-    window_frames: int = 16
+    clip_frames: int = field(default=16, metadata={"alias": "--N"})
     """N: latent frames per window (the model's temporal length)."""
-    base_ratio: float = 0.5
-    """λ in [0, 1]: share of the noise variance in the base noise (paper default 0.5)."""
+    lam: float | None = field(default=None, metadata={"alias": "--lambda"})
+    """λ in [0, 1]: share of the noise variance in the base noise; None: the λ the model was trained with."""
+
+
+def with_model_lam(config: VideoFusionConfig, model_lam: float) -> VideoFusionConfig:
+    """`config` with λ set: its own, else the model's."""
+    return config if config.lam is not None else replace(config, lam=model_lam)
 
 
 def base_noise(setup: SamplingSetup, seed: int) -> Tensor:
@@ -36,12 +45,14 @@ def base_noise(setup: SamplingSetup, seed: int) -> Tensor:
 
 
 def window_initial_noise(
-    base: Tensor, window_index: int, *, setup: SamplingSetup, config: VideoFusionWindowsConfig, seed: int
+    base: Tensor, window_index: int, *, setup: SamplingSetup, config: VideoFusionConfig, seed: int
 ) -> tuple[Tensor, torch.Generator]:
     """z_T of window `window_index` and the window's generator (which then serves its η > 0 steps)."""
+    if config.lam is None:
+        raise ValueError("VideoFusion sampling needs λ: set it, or take the model's (`with_model_lam`)")
     generator = unit_generator(seed, "videofusion-window", window_index)
-    residual = clip_noise(setup, config.window_frames, generator)
-    return DecomposedNoise(config.base_ratio).combine(base, residual), generator
+    residual = clip_noise(setup, config.clip_frames, generator)
+    return DecomposedNoise(config.lam).combine(base, residual), generator
 
 
 def sample_window(
@@ -50,7 +61,7 @@ def sample_window(
     window_index: int,
     *,
     setup: SamplingSetup,
-    config: VideoFusionWindowsConfig,
+    config: VideoFusionConfig,
     seed: int,
 ) -> Tensor:
     """One window (B, C, N, h, w) from the shared base noise and its own residual noise."""
@@ -63,13 +74,25 @@ def videofusion(
     *,
     num_frames: int,
     setup: SamplingSetup,
-    config: VideoFusionWindowsConfig,
+    config: VideoFusionConfig,
     seed: int,
 ) -> Tensor:
     """A long latent video (B, C, num_frames, h, w): ⌈num_frames / N⌉ windows sharing b, concatenated."""
     base = base_noise(setup, seed)
     windows = [
         sample_window(denoise_fn, base, index, setup=setup, config=config, seed=seed)
-        for index in range(math.ceil(num_frames / config.window_frames))
+        for index in range(math.ceil(num_frames / config.clip_frames))
     ]
     return torch.cat(windows, dim=2)[:, :, :num_frames]
+
+
+def run(job: VideoJob, config: VideoFusionConfig) -> None:
+    """The windows in order, each a resumable unit (b is recomputed from the seed), into the mp4."""
+    config = with_model_lam(config, job.pipeline.denoiser.config.lam)
+    denoise = counted(job.prompt_denoiser(), job.tick_steps())
+    base = base_noise(job.setup, job.seed)
+
+    def step(index: int, state: State | None) -> tuple[Tensor, State]:
+        return sample_window(denoise, base, index, setup=job.setup, config=config, seed=job.seed), {}
+
+    run_chunks_to_video(job, "chunk", step, math.ceil(job.latent_frames / config.clip_frames))

@@ -1,4 +1,5 @@
-"""VidRD, "Reuse and Diffuse" (Gu et al. 2023, §2.3 / SPEC §4): clip-by-clip long-video latents.
+"""`--strategy vidrd`: "Reuse and Diffuse" (Gu et al. 2023, §2.3; docs/methods.md §6.2), clip-by-clip
+long-video latents.
 
 Clip i has N frames z^{i,0..N-1}; the first M are guided by clip i-1 (superscripts as in the paper):
 - FNR (frame-level noise reversion): z_T^{i,j} = z_T^{i-1,N-j-1} for j < M.
@@ -15,28 +16,35 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from model_zoo.diffusion.samplers import DenoiseFn
+from sampler.denoisers import counted
+from sampler.job import VideoJob
 from sampler.strategies.common import SamplingSetup, clip_noise, denoise_step
 from sampler.strategies.seeding import unit_generator
+from sampler.work import State, run_chunks_to_video
 
 
 @dataclass(frozen=True, kw_only=True)
 class VidRDConfig:
-    """VidRD's knobs (official code defaults, SPEC §4)."""
+    """VidRD's knobs (the defaults of its official code)."""
 
-    clip_frames: int = 8
+    clip_frames: int = field(default=8, metadata={"alias": "--N"})
     """N: latent frames per clip (the model's temporal length)."""
-    overlap_frames: int = 4
-    """M: frames of each clip guided by the previous clip (M <= N)."""
-    noise_alpha: float = 4.0
+    overlap: int = field(default=4, metadata={"alias": "--M"})
+    """M: frames of each clip guided by the previous clip (0 < M <= N)."""
+    alpha: float = 4.0
     """α of PNS: how strongly a clip's initial noise follows the previous clip's (α >= 0)."""
-    guidance_beta: float = 0.4
+    beta: float = 0.4
     """β of DSG in [0, 1]: the fraction of the denoising steps during which frame 0 is copied."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.overlap <= self.clip_frames:
+            raise ValueError(f"need 0 < M <= N, got M={self.overlap}, N={self.clip_frames}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,9 +62,9 @@ class VidRDState:
 def reused_noise(previous_noise: Tensor, noise: Tensor, config: VidRDConfig) -> Tensor:
     """FNR + PNS: clip i's z_T from clip i-1's z_T and fresh N(0, I) `noise` of the same shape."""
     reversed_previous = previous_noise.flip(2)  # frame j <- frame N-j-1
-    alpha = config.noise_alpha
+    alpha = config.alpha
     z_T = alpha / math.sqrt(1 + alpha**2) * reversed_previous + noise / math.sqrt(1 + alpha**2)
-    z_T[:, :, : config.overlap_frames] = reversed_previous[:, :, : config.overlap_frames]
+    z_T[:, :, : config.overlap] = reversed_previous[:, :, : config.overlap]
     return z_T
 
 
@@ -67,9 +75,9 @@ def dsg_schedule(num_steps: int, config: VidRDConfig) -> Tensor:
     exactly 20, 15, 10, 5 guided steps for M = 4).
     """
     t = torch.arange(num_steps, 0, -1, dtype=torch.float64).unsqueeze(1)
-    j = torch.arange(config.overlap_frames, dtype=torch.float64)
-    beta = config.guidance_beta
-    threshold = ((1 - beta) * num_steps + beta * num_steps * j / config.overlap_frames).round(decimals=9)
+    j = torch.arange(config.overlap, dtype=torch.float64)
+    beta = config.beta
+    threshold = ((1 - beta) * num_steps + beta * num_steps * j / config.overlap).round(decimals=9)
     return t > threshold
 
 
@@ -100,7 +108,7 @@ def vidrd_clip(
     z_T = fresh if state is None else reused_noise(state.initial_noise, fresh, config)
     copy = dsg_schedule(setup.num_steps, config)
     guided_steps = int(copy.any(dim=1).sum())
-    tail = slice(config.clip_frames - config.overlap_frames, config.clip_frames)
+    tail = slice(config.clip_frames - config.overlap, config.clip_frames)
     x, trajectory = z_T, []
     for step_index in range(setup.num_steps):
         x = denoise_step(denoise_fn, x, step_index, setup, generator)
@@ -133,8 +141,19 @@ def vidrd(
     denoise_fn: DenoiseFn, *, num_frames: int, setup: SamplingSetup, config: VidRDConfig, seed: int
 ) -> Tensor:
     """A long latent video (B, C, num_frames, h, w): ⌈num_frames / N⌉ clips, concatenated in time."""
-    if not 0 < config.overlap_frames <= config.clip_frames:
-        raise ValueError(f"need 0 < M <= N, got M={config.overlap_frames}, N={config.clip_frames}")
     num_clips = math.ceil(num_frames / config.clip_frames)
     clips = vidrd_clips(denoise_fn, setup=setup, config=config, seed=seed)
     return torch.cat([next(clips)[0] for _ in range(num_clips)], dim=2)[:, :, :num_frames]
+
+
+def run(job: VideoJob, config: VidRDConfig) -> None:
+    """The clips in order, each a resumable unit holding what the next clip needs (its z_T and
+    the DSG guide trajectory), into the mp4."""
+    denoise = counted(job.prompt_denoiser(), job.tick_steps())
+
+    def step(index: int, state: State | None) -> tuple[Tensor, State]:
+        previous = None if state is None else VidRDState(clip_index=index, **state)
+        clip, new = vidrd_clip(denoise, previous, setup=job.setup, config=config, seed=job.seed)
+        return clip, {"initial_noise": new.initial_noise, "guide_trajectory": new.guide_trajectory}
+
+    run_chunks_to_video(job, "chunk", step, math.ceil(job.latent_frames / config.clip_frames))
