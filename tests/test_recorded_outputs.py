@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from lvd.cli import main as lvd_main
 from lvd.demo_data import read_mp4

@@ -20,17 +20,22 @@ import torch
 import model_zoo
 from lvd.config import from_dict
 from trainer import checkpoint
-from trainer.config import ObjectiveConfig, TrainJobConfig
+from trainer.config import (
+    AutoencoderObjective,
+    DiffusionConfig,
+    LVDMInterpolationObjective,
+    LVDMPredictionObjective,
+    TemporalDecoderObjective,
+    TrainJobConfig,
+)
 from trainer.ema import assemble
 from trainer.engine import consolidated_state_dict
 from trainer.export_cli import LATENT_SCALE_CLIPS
 from trainer.tasks import TASKS
+from trainer.tasks.lvdm import no_condition_level
 
 BETA_SCHEDULES = {"linear": "linear", "sqrt_linear": "scaled_linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
-
-
-AUTOENCODER_TASKS = ("autoencoder", "temporal_decoder")
 
 
 def export(
@@ -44,11 +49,12 @@ def export(
         raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint" + (f" for step {step}" if step is not None else ""))
     meta = json.loads((ckpt_dir / tag / "meta.json").read_text())
     cfg: TrainJobConfig = from_dict(TrainJobConfig, meta["config"])
-    components = TASKS[cfg.train.task].components
+    task = cfg.objective.task
+    components = TASKS[task].components
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    index: dict[str, Any] = {"_class_name": "LVDPipeline", "task": cfg.train.task, "source": str(ckpt_dir / tag), "step": meta["step"], "ema": ema}
+    index: dict[str, Any] = {"_class_name": "LVDPipeline", "task": task, "source": str(ckpt_dir / tag), "step": meta["step"], "ema": ema}
     # The pixel clip size the run trained on: `lvd sample`'s default height and width.
     index["sample_size"] = {"frames": cfg.data.frames, "height": cfg.data.height, "width": cfg.data.width}
     for engine_name in meta["engines"]:
@@ -56,7 +62,7 @@ def export(
         if ema and engine_name == "model":
             state = {**state, **_ema_weights(ckpt_dir, tag, meta["world_size"])}
         name = components.get(engine_name, engine_name)
-        stats = latent_scale_clips if cfg.train.task == "autoencoder" and engine_name == "model" else 0
+        stats = latent_scale_clips if task == "autoencoder" and engine_name == "model" else 0
         family, latent_stats = _write_component(run_dir, cfg, engine_name, state, tmp / name, stats)
         index[name] = ["model_zoo", family]
         if latent_stats is not None:
@@ -64,12 +70,10 @@ def export(
     for frozen in sorted((run_dir / "frozen").glob("*/config.json")):
         shutil.copytree(frozen.parent, tmp / frozen.parent.name)
         index[frozen.parent.name] = ["model_zoo", json.loads(frozen.read_text())["_family"]]
-    if cfg.train.task in ("lvdm_prediction", "lvdm_interpolation"):
-        from trainer.tasks import no_condition_level
-
-        index["uncond_level"] = no_condition_level(cfg.objective)  # the ε_u encoding training used
-    if cfg.train.task not in AUTOENCODER_TASKS:
-        _write_scheduler(cfg.objective, tmp / "scheduler")
+    if isinstance(cfg.objective, LVDMPredictionObjective | LVDMInterpolationObjective):
+        index["uncond_level"] = no_condition_level(cfg.objective.conditioning)  # the ε_u encoding training used
+    if not isinstance(cfg.objective, AutoencoderObjective | TemporalDecoderObjective):
+        _write_scheduler(cfg.objective.diffusion, tmp / "scheduler")
         index["scheduler"] = ["diffusers", "DDIMScheduler"]
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     if out.exists():
@@ -127,13 +131,13 @@ def fit_latent_scale(vae: torch.nn.Module, cfg: TrainJobConfig, num_clips: int) 
 
 
 def _ema_weights(ckpt_dir: Path, tag: str, world_size: int) -> dict[str, torch.Tensor]:
-    states = [checkpoint.read_rank_state(ckpt_dir, tag, rank)["ema"] for rank in range(world_size)]
+    states = [checkpoint.read_rank_state(ckpt_dir, tag, rank).ema for rank in range(world_size)]
     if states[0] is None:
         raise ValueError(f"{ckpt_dir / tag}: the run kept no EMA (train.ema_decay was 0)")
     return assemble(states)
 
 
-def _write_scheduler(obj: ObjectiveConfig, out: Path) -> None:
+def _write_scheduler(obj: DiffusionConfig, out: Path) -> None:
     out.mkdir(parents=True)
     config = {
         "_class_name": "DDIMScheduler",
