@@ -503,3 +503,23 @@ def test_videofusion_frames_share_their_base_noise(tmp_path, lam):
     correlation = torch.corrcoef(frames.transpose(0, 1).flatten(1))  # (T, T) over all clips
     off_diagonal = correlation[~torch.eye(frames.shape[1], dtype=torch.bool)]
     assert off_diagonal.min() > lam - 0.15 and off_diagonal.max() < min(lam + 0.15, 1.0 + 1e-4)
+
+
+def test_rank_state_round_trips_and_refuses_a_state_without_a_field():
+    from trainer.checkpoint import Counters, RankState
+
+    state = RankState(
+        counters=Counters(step=4, bad_streak=1, skipped_total=2, flops_per_step=3.5),
+        generator=torch.Generator().manual_seed(1).get_state(),
+        torch_rng=torch.get_rng_state(),
+        cuda_rng=None,
+        loader={"batches": 7},
+        ema=None,
+        world_size=2,
+    )
+    again = RankState.from_dict(state.to_dict())
+    assert again.counters == state.counters and again.loader == {"batches": 7} and again.world_size == 2
+    assert torch.equal(again.generator, state.generator)
+    incomplete = {k: v for k, v in state.to_dict().items() if k != "loader"}
+    with pytest.raises(ValueError, match=r"rank state without \['loader'\]"):
+        RankState.from_dict(incomplete)

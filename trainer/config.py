@@ -1,7 +1,13 @@
 """The typed config of `lvd train`: one section per component, every default here.
 
 YAML files in configs/ hold only what differs from these defaults; see lvd/config.py for the
-loader and the dotted command-line overrides.
+loader and the dotted command-line overrides. The `objective` section is a tagged union: its
+`task` picks the task and which terms the section may hold, e.g.
+
+    objective:
+      task: lvdm_prediction
+      diffusion: {loss_type: l1}
+      p_pred: 0.5
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from trainer.session import (
 
 
 def train(cfg: TrainJobConfig) -> int:
+    """Train the run of `cfg` to `train.steps`, resuming its latest checkpoint; the exit code."""
     if not cfg.data.shards:
         raise TrainingError(
             "data.shards: empty; pass the shards, e.g. data.shards='shards/{000000..000003}.tar'"

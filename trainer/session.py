@@ -50,6 +50,8 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class Session:
+    """What one rank of a run holds between steps."""
+
     cfg: TrainJobConfig
     info: DistInfo
     task: Task
@@ -60,9 +62,11 @@ class Session:
     generator: torch.Generator
     """This rank's generator of timesteps, noise, masks and levels."""
     ema: Ema | None
-    counters: Counters
-    peak_flops: float
-    """Peak FLOP/s of the device, for the MFU."""
+    """The EMA of the main network's weights (None: `train.ema_decay` is 0)."""
+    counters: Counters = dataclasses.field(default_factory=Counters)
+    """Steps done and skipped so far."""
+    peak_flops: float = 0.0
+    """Peak FLOP/s of the device, for the MFU (measured when the session is built)."""
     resumed_from: Path | None = None
     """The checkpoint the session started from (None: a fresh run)."""
 
@@ -93,13 +97,12 @@ def build(cfg: TrainJobConfig, info: DistInfo) -> Session:
         tokenizer=task.tokenizer(),
     )
     ema = Ema(engines["model"].module, cfg.train.ema_decay, local_shard) if cfg.train.ema_decay > 0 else None
-    session = Session(
-        cfg, info, task, engines, loader, rank_generator(cfg.train.seed, info.rank), ema, Counters(), peak_flops=0.0
-    )
+    generator = rank_generator(cfg.train.seed, info.rank)
+    session = Session(cfg=cfg, info=info, task=task, engines=engines, loader=loader, generator=generator, ema=ema)
     tag = checkpoint.latest_tag(session.ckpt_dir)
     if tag is not None:
         resume(session, tag)
-    session.peak_flops = measured_peak_flops(info.device)
+    session.peak_flops = measured_peak_flops(info.device)  # after resume, as the RNG states were saved
     return session
 
 
