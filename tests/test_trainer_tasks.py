@@ -523,3 +523,13 @@ def test_rank_state_round_trips_and_refuses_a_state_without_a_field():
     incomplete = {k: v for k, v in state.to_dict().items() if k != "loader"}
     with pytest.raises(ValueError, match=r"rank state without \['loader'\]"):
         RankState.from_dict(incomplete)
+
+
+def test_the_registry_has_a_task_for_every_objective_and_no_other():
+    import typing
+
+    from trainer.config import Objective
+    from trainer.tasks import TASKS
+
+    tags = {tag for member in typing.get_args(Objective) for tag in typing.get_args(typing.get_type_hints(member)["task"])}
+    assert tags == set(TASKS)
