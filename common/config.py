@@ -4,7 +4,9 @@
 
 Every error is a `ConfigError` naming the key (and the file it came from); the CLI prints it
 on one line and exits 2. Values are checked against the field's declared type, and then by the
-dataclass's own `__post_init__` (which raises `ValueError("field: why")`).
+dataclass's own `__post_init__` (which raises `ValueError("field: why")`). A field typed as a
+union of config dataclasses is a tagged union: the section's tag (each member's first field, a
+`Literal`) picks the member, e.g. `objective: {task: lvdm_prediction, p_pred: 0.5}`.
 """
 
 from __future__ import annotations
@@ -106,7 +108,11 @@ def from_dict(cls: type, data: dict[str, Any], *, prefix: str = "", sources: dic
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}{key}"
-        kwargs[key] = _convert(hints[key], value, full, sources)
+        members = _tagged_members(hints[key])
+        if members is None:
+            kwargs[key] = _convert(hints[key], value, full, sources)
+        else:
+            kwargs[key] = _convert_tagged(members, value, full, sources, _default(fields[key]))
     try:
         return cls(**kwargs)
     except ValueError as err:
@@ -114,6 +120,48 @@ def from_dict(cls: type, data: dict[str, Any], *, prefix: str = "", sources: dic
         key = f"{prefix}{field}" if why and field in fields else prefix.rstrip(".")
         message = why if why and field in fields else str(err)
         raise ConfigError(key, message, sources.get(key)) from None
+
+
+def _tagged_members(tp: Any) -> tuple[str, dict[str, type]] | None:
+    """A tagged union's tag field and its members by tag value, or None if `tp` is not one.
+
+    A tagged union is a union of config dataclasses whose first field, the tag, is a `Literal`
+    with a default: the tag's value in a section picks the member that reads the section.
+    """
+    if typing.get_origin(tp) not in (typing.Union, types.UnionType):
+        return None
+    members = typing.get_args(tp)
+    if not all(dataclasses.is_dataclass(member) for member in members):
+        return None
+    tag = dataclasses.fields(members[0])[0].name
+    by_value = {}
+    for member in members:
+        hint = typing.get_type_hints(member).get(tag)
+        if dataclasses.fields(member)[0].name != tag or typing.get_origin(hint) is not Literal:
+            raise TypeError(f"{member.__name__}: a tagged union member's first field must be the Literal tag {tag!r}")
+        by_value.update({value: member for value in typing.get_args(hint)})
+    return tag, by_value
+
+
+def _default(field: dataclasses.Field[Any]) -> Any:
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None if field.default is dataclasses.MISSING else field.default
+
+
+def _convert_tagged(
+    members: tuple[str, dict[str, type]], value: Any, key: str, sources: dict[str, str | None], default: Any
+) -> Any:
+    """The member of a tagged union named by the section's tag (the default's member when absent)."""
+    tag, by_value = members
+    if not isinstance(value, dict):
+        raise ConfigError(key, "expected a section (mapping)", sources.get(key))
+    chosen = value.get(tag, getattr(default, tag, None))
+    if not isinstance(chosen, str) or chosen not in by_value:
+        tag_key = f"{key}.{tag}"
+        got = "nothing" if chosen is None else repr(str(chosen))
+        raise ConfigError(tag_key, f"must be one of {', '.join(map(repr, by_value))}, got {got}", sources.get(tag_key, sources.get(key)))
+    return from_dict(by_value[chosen], {**value, tag: str(chosen)}, prefix=key + ".", sources=sources)
 
 
 def _convert(tp: Any, value: Any, key: str, sources: dict[str, str | None]) -> Any:
@@ -219,11 +267,7 @@ def to_dict(config: Any) -> dict[str, Any]:
     out = {}
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
-        if dataclasses.is_dataclass(value):
-            value = to_dict(value)
-        elif isinstance(value, tuple):
-            value = list(value)
-        out[field.name] = value
+        out[field.name] = to_dict(value) if dataclasses.is_dataclass(value) else _plain_value(value)
     return out
 
 
@@ -232,10 +276,31 @@ def dump_yaml(config: Any) -> str:
 
 
 def diff_from_defaults(config: Any) -> dict[str, Any]:
-    """Only the values that differ from the dataclass defaults (what a YAML file should hold)."""
-    default = type(config)()
-    full, base = to_dict(config), to_dict(default)
-    return _dict_diff(full, base)
+    """Only the values that differ from the dataclass defaults (what a YAML file should hold).
+
+    A section holding another member of a tagged union than the default does is compared with
+    that member's own defaults, and keeps its tag.
+    """
+    return _config_diff(config, type(config)())
+
+
+def _config_diff(config: Any, default: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for field in dataclasses.fields(config):
+        value, base = getattr(config, field.name), getattr(default, field.name)
+        if not dataclasses.is_dataclass(value):
+            out.update(_dict_diff({field.name: _plain_value(value)}, {field.name: _plain_value(base)}))
+        elif type(value) is type(base):
+            sub = _config_diff(value, base)
+            out.update({field.name: sub} if sub else {})
+        else:
+            tag = dataclasses.fields(value)[0].name
+            out[field.name] = {tag: getattr(value, tag), **_config_diff(value, type(value)())}
+    return out
+
+
+def _plain_value(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _dict_diff(full: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:

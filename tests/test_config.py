@@ -9,7 +9,18 @@ import pytest
 
 from common.config import ConfigError, diff_from_defaults, dump_yaml, field_docs, from_dict, load_config
 from data_pipeline.config import DataConfig
-from trainer.config import ModelConfig, ObjectiveConfig, RunConfig, TrainConfig, TrainJobConfig
+from trainer.config import (
+    AutoencoderObjective,
+    DiffusionConfig,
+    DiffusionObjective,
+    LVDMInterpolationObjective,
+    LVDMPredictionObjective,
+    ModelConfig,
+    Objective,
+    RunConfig,
+    TrainConfig,
+    TrainJobConfig,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_FILES = sorted((REPO / "configs").rglob("*.yaml"))
@@ -23,17 +34,11 @@ def test_defaults_resolve():
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_shipped_config_loads_and_holds_only_differences(path):
+    """A file equal to the config's differences from the defaults holds no repeated default."""
     import yaml
 
-    from common.config import to_dict
-
     cfg = load_config(TrainJobConfig, path)
-    raw = yaml.safe_load(path.read_text())
-    defaults = to_dict(TrainJobConfig())
-    for section, values in raw.items():
-        for key, value in values.items():
-            assert defaults[section][key] != value, f"{path}: {section}.{key} repeats the default"
-    assert diff_from_defaults(cfg) == {s: {k: (list(v) if isinstance(v, tuple) else v) for k, v in vals.items()} for s, vals in raw.items()}
+    assert diff_from_defaults(cfg) == yaml.safe_load(path.read_text())
 
 
 def test_overrides_apply_with_types(tmp_path):
@@ -97,16 +102,27 @@ def test_round_trip_through_yaml(tmp_path):
     assert load_config(TrainJobConfig, path) == cfg
 
 
-def _all_config_classes():
+def _all_config_classes() -> list[type]:
+    import typing
+
     seen, todo = [], [TrainJobConfig]
     while todo:
         cls = todo.pop()
         seen.append(cls)
-        todo.extend(f.type for f in dataclasses.fields(cls) if dataclasses.is_dataclass(f.type) and f.type not in seen)
+        for hint in typing.get_type_hints(cls).values():
+            members = typing.get_args(hint) or (hint,)
+            todo.extend(m for m in members if dataclasses.is_dataclass(m) and m not in seen and m not in todo)
     return seen
 
 
-@pytest.mark.parametrize("cls", [TrainJobConfig, RunConfig, TrainConfig, DataConfig, ModelConfig, ObjectiveConfig])
+def test_every_config_class_is_reached():
+    import typing
+
+    reached = set(_all_config_classes())
+    assert {RunConfig, TrainConfig, DataConfig, ModelConfig, *typing.get_args(Objective)} <= reached
+
+
+@pytest.mark.parametrize("cls", _all_config_classes(), ids=lambda c: c.__name__)
 def test_config_classes_are_frozen_kw_only_and_documented(cls):
     params = cls.__dataclass_params__
     assert params.frozen
@@ -114,6 +130,63 @@ def test_config_classes_are_frozen_kw_only_and_documented(cls):
     docs = field_docs(cls)
     missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
     assert not missing, f"{cls.__name__}: fields without a docstring: {missing}"
+
+
+def test_objective_is_a_union_tagged_by_the_task():
+    assert load_config(TrainJobConfig).objective == DiffusionObjective()
+    cfg = load_config(TrainJobConfig, REPO / "configs/tiny/lvdm_interpolation.yaml", ["objective.p_no_mask=0.05"])
+    assert isinstance(cfg.objective, LVDMInterpolationObjective)
+    assert (cfg.objective.p_no_mask, cfg.objective.diffusion.loss_type) == (0.05, "l1")
+    cfg = load_config(TrainJobConfig, None, ["objective.task=autoencoder", "objective.disc_start=7"])
+    assert cfg.objective == AutoencoderObjective(disc_start=7)
+    assert diff_from_defaults(cfg) == {"objective": {"task": "autoencoder", "disc_start": 7}}
+    # another task whose terms the file's section also holds: only the tag changes
+    cfg = load_config(TrainJobConfig, REPO / "configs/tiny/lvdm_prediction.yaml", ["objective.task=diffusion"])
+    assert cfg.objective == DiffusionObjective(diffusion=DiffusionConfig(loss_type="l1"))
+
+
+def test_objective_round_trips_through_the_checkpoint_dict(tmp_path):
+    from common.config import to_dict
+
+    cfg = load_config(TrainJobConfig, REPO / "configs/tiny/lvdm_prediction.yaml", ["objective.conditioning.s_max=100"])
+    assert from_dict(TrainJobConfig, to_dict(cfg)) == cfg
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_yaml(cfg))
+    assert load_config(TrainJobConfig, path) == cfg
+
+
+@pytest.mark.parametrize(
+    ("path", "overrides", "message"),
+    [
+        ("unet3d.yaml", ["objective.task=bogus"], r"^objective\.task: must be one of 'diffusion', .*got 'bogus' \(in command line\)"),
+        ("unet3d.yaml", ["objective.p_pred=0.2"], r"^objective\.p_pred: unknown key; valid keys: diffusion, task \(in command line\)"),
+        ("lvdm_prediction.yaml", ["objective.p_interp=0.5"], r"^objective\.p_interp: unknown key; valid keys: conditioning, diffusion, p_pred, task"),
+        ("lvdm_prediction.yaml", ["objective.conditioning.s_max=1000"], r"^objective\.conditioning: s_max must be < diffusion\.num_timesteps"),
+        ("lvdm_interpolation.yaml", ["objective.p_no_mask=0.2"], r"^objective\.p_no_mask: p_interp \+ p_no_mask must be <= 1"),
+        ("autoencoder.yaml", ["objective.task=lvdm_prediction"], r"^objective\.loss_type: unknown key.*\(in .*autoencoder\.yaml\)"),
+        ("unet3d.yaml", ["objective.loss_type=l1"], r"^objective\.loss_type: unknown key; valid keys: diffusion, task"),
+    ],
+)
+def test_objective_errors_name_the_key_and_where_it_came_from(path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TrainJobConfig, REPO / "configs/tiny" / path, overrides)
+
+
+def test_objective_tag_in_a_file_must_be_known(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("objective:\n  task: lvdm\n")
+    with pytest.raises(ConfigError, match=r"^objective\.task: must be one of .*got 'lvdm' \(in .*bad\.yaml\)"):
+        load_config(TrainJobConfig, bad)
+    bad.write_text("objective: 3\n")
+    with pytest.raises(ConfigError, match=r"^objective: expected a section"):
+        load_config(TrainJobConfig, bad)
+
+
+def test_prediction_and_interpolation_objectives_hold_only_their_own_terms():
+    prediction = {f.name for f in dataclasses.fields(LVDMPredictionObjective)}
+    interpolation = {f.name for f in dataclasses.fields(LVDMInterpolationObjective)}
+    assert prediction ^ interpolation == {"p_pred", "p_interp", "p_no_mask"}
+    assert {f.name for f in dataclasses.fields(AutoencoderObjective)}.isdisjoint({"diffusion", "conditioning"})
 
 
 def test_from_dict_rejects_section_as_scalar():

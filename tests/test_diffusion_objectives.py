@@ -52,27 +52,34 @@ def test_loss_is_zero_for_the_exact_denoiser_and_positive_otherwise(kind):
     x0, noise, t = latents(4), latents(5), torch.tensor([10, 300, 700])
     exact = target(kind, x0=x0, noise=noise, t=t, alphas_cumprod=SCHEDULE)
     kwargs = dict(t=t, noise=noise, alphas_cumprod=SCHEDULE, parameterization=kind)
-    assert float(diffusion_loss(lambda x, t: exact, x0, **kwargs)) == 0.0
-    assert float(diffusion_loss(lambda x, t: exact + 0.5, x0, **kwargs, loss_type="l2")) == pytest.approx(
-        0.25
-    )
-    assert float(diffusion_loss(lambda x, t: exact + 0.5, x0, **kwargs, loss_type="l1")) == pytest.approx(0.5)
+    assert diffusion_loss(lambda x, t: exact, x0, **kwargs).tolist() == [0.0, 0.0, 0.0]
+    per_sample = diffusion_loss(lambda x, t: exact + 0.5, x0, **kwargs, loss_type="l2")
+    assert per_sample.shape == (3,) and per_sample.tolist() == pytest.approx([0.25] * 3)
+    assert diffusion_loss(lambda x, t: exact + 0.5, x0, **kwargs, loss_type="l1").tolist() == pytest.approx([0.5] * 3)
 
 
-def test_cond_is_passed_to_the_denoiser():
+def test_the_denoiser_sees_the_forward_process_and_the_condition():
     x0, noise, t = latents(4), latents(5), torch.tensor([10, 300, 700])
     seen = {}
 
     def denoise(x, t, *, context):
-        seen["context"] = context
+        seen["x_t"], seen["context"] = x, context
         return noise
 
     loss = diffusion_loss(denoise, x0, cond={"context": "text"}, t=t, noise=noise, alphas_cumprod=SCHEDULE)
-    assert seen == {"context": "text"} and float(loss) == 0.0
+    assert seen["context"] == "text" and loss.tolist() == [0.0, 0.0, 0.0]
+    torch.testing.assert_close(seen["x_t"], q_sample(x0, t, noise, SCHEDULE))
 
 
-def test_frame_weight_restricts_the_loss_to_predicted_frames():
-    """An error confined to the given (masked) frames costs nothing; on predicted frames it does."""
+def test_the_error_is_computed_in_float32_for_a_bf16_network():
+    x0, noise, t = latents(4).float(), latents(5).float(), torch.tensor([10, 300, 700])
+    loss = diffusion_loss(lambda x, t: (noise + 1e-3).bfloat16(), x0, t=t, noise=noise, alphas_cumprod=SCHEDULE)
+    assert loss.dtype == torch.float32
+
+
+def test_frame_weight_restricts_each_samples_loss_to_its_predicted_frames():
+    """An error confined to the given (masked) frames costs nothing; on predicted frames it does.
+    Each sample's loss is the mean over its own counted frames (0 when none count)."""
     x0, noise, t = latents(6), latents(7), torch.tensor([100, 200, 300])
     mask = build_mask("prediction", 6, 2)
     wrong_on_given = noise.clone()
@@ -80,12 +87,12 @@ def test_frame_weight_restricts_the_loss_to_predicted_frames():
     wrong_on_predicted = noise.clone()
     wrong_on_predicted[:, :, 4] += 3.0
     kwargs = dict(t=t, noise=noise, alphas_cumprod=SCHEDULE, frame_weight=1 - mask)
-    assert float(diffusion_loss(lambda x, t: wrong_on_given, x0, **kwargs)) == 0.0
+    assert diffusion_loss(lambda x, t: wrong_on_given, x0, **kwargs).tolist() == [0.0, 0.0, 0.0]
     # one wrong frame among the four predicted ones: 9 / 4
-    assert float(diffusion_loss(lambda x, t: wrong_on_predicted, x0, **kwargs)) == pytest.approx(9.0 / 4)
-    per_sample = torch.stack([1 - mask, torch.ones(6), 1 - mask])
+    assert diffusion_loss(lambda x, t: wrong_on_predicted, x0, **kwargs).tolist() == pytest.approx([9.0 / 4] * 3)
+    per_sample = torch.stack([1 - mask, torch.ones(6), torch.zeros(6)])
     loss = diffusion_loss(lambda x, t: wrong_on_given, x0, **{**kwargs, "frame_weight": per_sample})
-    assert float(loss) == pytest.approx(9.0 * 2 / (4 + 6 + 4))
+    assert loss.tolist() == pytest.approx([0.0, 9.0 * 2 / 6, 0.0])
 
 
 def test_masks():

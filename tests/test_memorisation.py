@@ -225,8 +225,8 @@ def test_trainer_export_and_sampler_agree_on_schedule_and_parameterization(chain
 
     cfg, task = run_task(chain.root / f"{name}_run")
     pipeline = load_pipeline(chain.root / name)
-    assert pipeline.schedule.parameterization == cfg.objective.parameterization
-    torch.testing.assert_close(pipeline.schedule.alphas_cumprod.float(), task.alphas_cumprod, rtol=1e-6, atol=1e-7)
+    assert pipeline.schedule.parameterization == cfg.objective.diffusion.parameterization
+    torch.testing.assert_close(pipeline.schedule.alphas_cumprod.float(), task.diffusion.alphas_cumprod, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", ["unet3d", "dit"])
@@ -264,6 +264,7 @@ def test_trainer_latents_decode_through_the_sampler_to_the_vae_decoding(chain: C
     import model_zoo
     from sampler.pipeline import load_pipeline, vae_factors
     from sampler.video_io import ChunkDecoder, to_uint8_frames
+    from trainer.tasks.interface import Batch
 
     pipeline_dir = tmp_path / "pipeline"
     shutil.copytree(unet3d_eps, pipeline_dir)
@@ -272,7 +273,8 @@ def test_trainer_latents_decode_through_the_sampler_to_the_vae_decoding(chain: C
     config_path.write_text(json.dumps({**config, "scale_factor": 3.0, "shift_factor": 0.5}))
     _, task = run_task(chain.root / "unet3d_run", f"model.vae={pipeline_dir / 'vae'}")
     video = chain.videos[CAPTION]
-    latents, _ = task.encode({"video": video, "tokens": task.tokenizer()([CAPTION])}, torch.Generator().manual_seed(0))
+    batch = Batch(captions=[CAPTION], video=video, tokens=task.tokenizer()([CAPTION]))
+    latents, _ = task.encoders.encode(batch, torch.Generator().manual_seed(0), torch.device("cpu"))
     vae = model_zoo.from_pretrained(pipeline_dir / "vae").eval()
     with torch.no_grad():
         want = to_uint8_frames(vae.decode(vae.encode(video).sample(torch.Generator().manual_seed(0))))

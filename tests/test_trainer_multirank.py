@@ -95,8 +95,9 @@ def _plain_first_step_loss(shards: str) -> float:
     from common.config import load_config
     from data_pipeline.loader import build_loader
     from trainer.config import TrainJobConfig
-    from trainer.loop import rank_generator
+    from trainer.session import rank_generator
     from trainer.tasks import build_task
+    from trainer.tasks.interface import Batch
 
     cfg = load_config(TrainJobConfig, REPO / "configs/tiny/unet3d.yaml", [c for c in COMMON if "=" in c] + [f"data.shards={shards}"])
     task = build_task(cfg, torch.device("cpu"))
@@ -104,7 +105,7 @@ def _plain_first_step_loss(shards: str) -> float:
     for rank in range(2):
         loader = build_loader(cfg.data, rank=rank, world_size=2, batch_size=1, seed=cfg.train.seed, tokenizer=task.tokenizer())
         with torch.no_grad():
-            out = task.losses({"model": task.trained["model"]}, next(loader), rank_generator(cfg.train.seed, rank), 0)
+            out = task.losses({"model": task.trained["model"]}, Batch.from_loader(next(loader)), rank_generator(cfg.train.seed, rank), 0)
         losses.append(out.losses[0][1].item())
     return sum(losses) / 2
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from common.config import load_config
-from trainer import checkpoint
+from trainer import checkpoint, faults
 from trainer.config import TrainJobConfig
 from trainer.loop import train
 from trainer.monitor import read_metrics
@@ -36,8 +37,43 @@ def _random_base(directory: Path) -> Path:
     return model_zoo.save_pretrained(base, directory)
 
 
+NETWORKS = {
+    "autoencoder.yaml": ({"vae", "discriminator"}, set()),
+    "cmd.yaml": ({"autoencoder", "motion_denoiser"}, {"text_encoder"}),
+    "streaming.yaml": ({"denoiser"}, {"text_encoder", "vae", "image_encoder"}),
+    "temporal_decoder.yaml": ({"vae"}, set()),
+}
+"""Per task config: the exported trained networks and frozen helpers (others: a text-to-video denoiser)."""
+UNMOVED = {"autoencoder.yaml": {"discriminator"}}
+"""Trained networks that must not move in 3 steps (the discriminator waits for disc_start=20)."""
+IDLE = {"dit.yaml": {"cond_embed.weight", "cond_embed.bias"}, "unet3d.yaml": {"level_embed.weight"}}
+"""Trainable tensors of inputs the task does not feed (the tiny flavours' content-frame and
+level embeddings, which CMD and LVDM use): they get no gradient and keep their initial values."""
+
+
+def _moved_tensors(cfg: TrainJobConfig, export: Path) -> dict[str, tuple[set[str], set[str], set[str]]]:
+    """Per exported trained network: (its trainable tensors, those that moved, frozen ones that moved)
+    between the task's initialisation and the export of the trained run."""
+    from safetensors.torch import load_file
+
+    from trainer.tasks import TASKS, build_task
+
+    task = build_task(cfg, torch.device("cpu"))
+    out = {}
+    for engine, module in task.trained.items():
+        folder = TASKS[cfg.objective.task].components[engine]
+        trained = load_file(str(export / folder / "model.safetensors"))
+        params = dict(module.named_parameters())
+        moved = {name for name, param in params.items() if not torch.equal(param.detach(), trained[name])}
+        trainable = {name for name, param in params.items() if param.requires_grad}
+        out[folder] = (trainable, moved & trainable, moved - trainable)
+    return out
+
+
 @pytest.mark.parametrize("name", TASK_CONFIGS)
 def test_every_tiny_task_trains_on_real_shards(name, tmp_path, video_shards):
+    """Each task trains its networks and only them: its trainable tensors move, what it holds
+    frozen (a base, an encoder, a discriminator before disc_start) keeps its initial weights."""
     extra = [f"model.base={_random_base(tmp_path / 'base')}"] if name == "streaming.yaml" else []
     cfg = _config(name, tmp_path, video_shards, "train.steps=3", "train.checkpoint_every=0", *extra)
     assert train(cfg) == 0
@@ -49,9 +85,17 @@ def test_every_tiny_task_trains_on_real_shards(name, tmp_path, video_shards):
     assert (tmp_path / "config.yaml").is_file()
     from test_recorded_outputs import compare_run
 
-    from trainer.export import export
+    from trainer.export import export as export_run
 
-    compare_run(name, [records[step]["loss"] for step in (1, 2, 3)], export(tmp_path, tmp_path / "export"))
+    export = export_run(tmp_path, tmp_path / "export")
+    compare_run(name, [records[step]["loss"] for step in (1, 2, 3)], export)
+    trained, frozen = NETWORKS.get(name, ({"denoiser"}, {"text_encoder", "vae"}))
+    assert {p.name for p in export.iterdir() if p.is_dir()} - {"scheduler"} == trained | frozen
+    for network, (trainable, moved, frozen_moved) in _moved_tensors(cfg, export).items():
+        assert trainable, f"{network}: nothing trains"
+        assert not frozen_moved, f"{network}: frozen tensors moved: {sorted(frozen_moved)[:5]}"
+        idle = trainable if network in UNMOVED.get(name, ()) else IDLE.get(name, set())
+        assert trainable - moved == idle, f"{network}: trainable tensors that did not move: {sorted(trainable - moved)[:5]}"
 
 
 def test_zero3_training_puts_torch_linear_back(tmp_path, video_shards, monkeypatch):
@@ -63,13 +107,13 @@ def test_zero3_training_puts_torch_linear_back(tmp_path, video_shards, monkeypat
 
     cfg = _config("unet3d.yaml", tmp_path, video_shards, "train.steps=1", "train.checkpoint_every=0", "train.zero_stage=3")
     seen = []
-    original_step = loop._train_step
+    original_step = loop.train_step
 
     def spy(*args, **kwargs):
         seen.append(F.linear)
         return original_step(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "_train_step", spy)
+    monkeypatch.setattr(loop, "train_step", spy)
     assert train(cfg) == 0
     assert seen and seen[0] is not torch._C._nn.linear  # ZeRO-3 did replace it during training
     assert F.linear is torch._C._nn.linear
@@ -86,14 +130,14 @@ def test_diffusion_loss_falls_over_50_steps(tmp_path, video_shards):
 
 
 def test_injected_nan_is_skipped_then_stops_after_k(tmp_path, video_shards, monkeypatch):
-    monkeypatch.setenv(checkpoint.FAULT_ENV, "nan_loss:3")
+    monkeypatch.setenv(faults.FAULT_ENV, "nan_loss:3")
     cfg = _config("unet3d.yaml", tmp_path / "once", video_shards, "train.steps=4", "train.checkpoint_every=2")
     assert train(cfg) == 0
     records = read_metrics(tmp_path / "once")
     assert [records[s]["skipped"] for s in (1, 2, 3, 4)] == [0.0, 0.0, 1.0, 0.0]
     assert records[4]["skipped_total"] == 1.0
 
-    monkeypatch.setenv(checkpoint.FAULT_ENV, "nan_loss_from:3")
+    monkeypatch.setenv(faults.FAULT_ENV, "nan_loss_from:3")
     cfg = _config("unet3d.yaml", tmp_path / "streak", video_shards, "train.steps=10", "train.checkpoint_every=2", "train.max_bad_steps=3")
     assert train(cfg) == 1
     records = read_metrics(tmp_path / "streak")
@@ -109,28 +153,17 @@ def test_injected_nan_is_skipped_then_stops_after_k(tmp_path, video_shards, monk
 
 def test_export_round_trip_matches_the_engine(tmp_path, video_shards):
     import model_zoo
-    from data_pipeline.loader import build_loader
     from trainer import export as export_mod
-    from trainer.ema import Ema
-    from trainer.engine import build_engine, init_distributed, local_shard, restore_torch_linear
-    from trainer.loop import RunState, _save, _save_frozen, rank_generator
-    from trainer.tasks import build_task
+    from trainer.engine import init_distributed, restore_torch_linear
+    from trainer.session import build, next_micro_batches, save, train_step
 
     cfg = _config("unet3d.yaml", tmp_path, video_shards, "train.zero_stage=3", "train.ema_decay=0.9")
-    info = init_distributed()
-    task = build_task(cfg, info.device)
-    _save_frozen(task, tmp_path / "frozen")
-    engines = {name: build_engine(module, cfg.train, info) for name, module in task.trained.items()}
-    loader = build_loader(cfg.data, rank=0, world_size=1, batch_size=2, seed=0, tokenizer=task.tokenizer())
-    gen = rank_generator(0, 0)
-    ema = Ema(engines["model"].module, 0.9, local_shard)
-    for step in range(2):
-        out = task.losses(engines, next(loader), gen, step)
-        engines["model"].backward(out.losses[0][1])
-        engines["model"].step()
-        ema.update()
-    state = RunState(step=2)
-    _save(cfg, tmp_path / "checkpoints", info, engines, loader, gen, ema, state)
+    session = build(cfg, init_distributed())
+    for _ in range(2):
+        train_step(session, next_micro_batches(session))
+        session.ema.update()
+    save(session)
+    engines = session.engines
     exported = export_mod.export(tmp_path, tmp_path / "export")
     loaded = model_zoo.from_pretrained(exported / "denoiser").eval()
     x = torch.randn(1, 4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -160,11 +193,32 @@ def test_export_round_trip_matches_the_engine(tmp_path, video_shards):
 
 
 @pytest.mark.parametrize("config", ["unet3d.yaml", "dit.yaml"])
-def test_bf16_training_runs(config, tmp_path, video_shards):
+def test_bf16_training_computes_in_bf16_close_to_fp32(config, tmp_path, video_shards, monkeypatch):
+    """The engine holds bf16 weights and its forward computes in bf16; the losses stay within
+    bf16's rounding of the fp32 run's recorded ones. (Step 1 may be equal in both: a zero-initialised
+    output layer predicts 0 whatever the precision; step 2 is not.)"""
+    import trainer.session as session_mod
+
+    outputs, engines = [], []
+    build_engine = session_mod.build_engine
+
+    def spy(*args, **kwargs):
+        engines.append(build_engine(*args, **kwargs))
+        engines[-1].module.register_forward_hook(lambda module, inputs, output: outputs.append(output.dtype))
+        return engines[-1]
+
+    monkeypatch.setattr(session_mod, "build_engine", spy)
     cfg = _config(config, tmp_path, video_shards, "train.steps=2", "train.checkpoint_every=0", "train.precision=bf16", "train.zero_stage=2")
     assert train(cfg) == 0
     records = read_metrics(tmp_path)
     assert sorted(records) == [1, 2] and all(math.isfinite(r["loss"]) for r in records.values())
+    assert {p.dtype for p in engines[0].module.parameters()} == {torch.bfloat16}
+    assert outputs and set(outputs) == {torch.bfloat16}
+    from test_recorded_outputs import GOLDEN
+
+    fp32 = json.loads((GOLDEN / "tiny_task_losses.json").read_text())[config]["loss"]  # the same run in fp32
+    bf16 = [records[1]["loss"], records[2]["loss"]]
+    assert bf16 == pytest.approx(fp32[:2], rel=0.02) and bf16[1] != fp32[1]
 
 
 def test_compiled_blocks_train_like_eager(tmp_path, video_shards):
@@ -218,14 +272,15 @@ def test_dropped_captions_train_the_empty_prompt_context_on_cached_text_embeddin
     """With cached text embeddings, a caption the loader dropped (p_uncond) gives the empty
     prompt's context, the one the sampler's CFG uses, not the clip's cached caption embedding."""
     from trainer.tasks import build_task
+    from trainer.tasks.interface import Batch
 
     cfg = _config("unet3d.yaml", tmp_path, "unused", "data.latent=true")
     task = build_task(cfg, torch.device("cpu"))
     encoder = task.frozen["text_encoder"]
     captions = ["a red bicycle", ""]
     cached = encoder(task.tokenizer()(["a red bicycle", "a blue car"]))  # what the cache holds
-    batch = {"latents": torch.zeros(2, 4, 2, 4, 4), "text_emb": cached, "caption": captions, "tokens": task.tokenizer()(captions)}
-    _, context = task.encode(batch, torch.Generator().manual_seed(0))
+    batch = Batch(captions=captions, latents=torch.zeros(2, 4, 2, 4, 4), text_emb=cached, tokens=task.tokenizer()(captions))
+    _, context = task.encoders.encode(batch, torch.Generator().manual_seed(0), torch.device("cpu"))
     with torch.no_grad():
         empty = encoder(task.tokenizer()([""]))[0]
     torch.testing.assert_close(context[0], cached[0])
@@ -257,14 +312,15 @@ def test_latent_cache_trains_with_only_the_shard_path_and_a_flag(tmp_path, video
     # trains the empty prompt's context, the one the sampler's CFG uses.
     from data_pipeline.loader import build_loader
     from trainer.tasks import build_task
+    from trainer.tasks.interface import Batch
 
     for latent, source in ((True, str(tmp_path / "latents")), (False, video_shards)):
         cfg = _config("unet3d.yaml", tmp_path / "drop", source, f"data.latent={str(latent).lower()}", "data.p_uncond=1.0",
                       f"model.text_encoder={pipeline / 'text_encoder'}")
         task = build_task(cfg, torch.device("cpu"))
-        batch = next(build_loader(cfg.data, rank=0, world_size=1, batch_size=2, seed=0, tokenizer=task.tokenizer()))
-        assert batch["caption"] == ["", ""] and ("text_emb" in batch) == latent
-        _, context = task.encode(batch, torch.Generator().manual_seed(0))
+        batch = Batch.from_loader(next(build_loader(cfg.data, rank=0, world_size=1, batch_size=2, seed=0, tokenizer=task.tokenizer())))
+        assert batch.captions == ["", ""] and (batch.text_emb is not None) == latent
+        _, context = task.encoders.encode(batch, torch.Generator().manual_seed(0), torch.device("cpu"))
         with torch.no_grad():
             empty = task.frozen["text_encoder"](task.tokenizer()([""]))
         torch.testing.assert_close(context, empty.expand_as(context))
@@ -282,7 +338,7 @@ def test_lvdm_samples_without_a_mask_train_the_no_condition_level_the_sampler_us
 
     cfg = _config(name, tmp_path, video_shards, "train.steps=1", "train.checkpoint_every=0")
     task = build_task(cfg, torch.device("cpu"))
-    s_max = cfg.objective.s_max
+    s_max = cfg.objective.conditioning.s_max
     assert task.trained["model"].config.num_levels == s_max + 2
     mask, levels = task.draw_conditioning(torch.Generator().manual_seed(0), 4000, 4)
     none = ~mask.bool().any(dim=1)
@@ -317,10 +373,9 @@ def test_init_from_starts_from_the_export_and_refuses_overrides_it_does_not_hold
     cfg = _config(name, tmp_path / "second", video_shards, f"model.init_from={export}", *extra)
     got = build_task(cfg, torch.device("cpu")).trained["model"].state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    # videofusion's lam comes from the objective; the others from model.overrides
     field, value, setting = {
         "unet3d.yaml": ("model_channels", 64, "model.overrides={model_channels: 64}"),
-        "videofusion.yaml": ("lam", 0.25, "objective.videofusion_lambda=0.25"),
+        "videofusion.yaml": ("lam", 0.25, "model.overrides={lam: 0.25}"),
         "streaming.yaml": ("cond_frames", 4, "model.overrides={cond_frames: 4}"),
     }[name]
     cfg = _config(name, tmp_path / "third", video_shards, f"model.init_from={export}", setting, *extra)
@@ -361,3 +416,120 @@ def test_training_after_another_process_group_was_torn_down_in_this_process(tmp_
     init_distributed()
     second = _config("unet3d.yaml", tmp_path / "second", video_shards, "train.steps=1", "train.checkpoint_every=0")
     assert train(second) == 0
+
+
+def _latent_batch(task, *, batch_size: int = 2, frames: int = 4, seed: int = 0):
+    """A batch of random latents (B, 4, frames, 8, 8) with captions, as a latent cache gives it."""
+    from trainer.tasks.interface import Batch
+
+    captions = ["a red bicycle", "a blue car"][:batch_size]
+    latents = torch.randn(batch_size, 4, frames, 8, 8, generator=torch.Generator().manual_seed(seed))
+    return Batch(captions=captions, latents=latents, tokens=task.tokenizer()(captions))
+
+
+def test_lvdm_loss_ignores_the_conditioned_frames(tmp_path):
+    """Any output on the given frames costs nothing; on the frames to predict it does."""
+    from trainer.tasks import build_task
+
+    cfg = _config("lvdm_prediction.yaml", tmp_path, "unused", "data.latent=true", "objective.p_pred=1.0", "objective.conditioning.cond_frames=2")
+    task = build_task(cfg, torch.device("cpu"))
+    model = task.trained["model"]
+    batch = _latent_batch(task)
+
+    def loss(shift_given: float, shift_predicted: float) -> tuple[float, float]:
+        def denoise(x, t, **cond):
+            given = x[:, -1:]  # the mask channel: 1 on the conditioned frames
+            return model(x, t, **cond) + shift_given * given + shift_predicted * (1 - given)
+
+        with torch.no_grad():
+            out = task.losses({"model": denoise}, batch, torch.Generator().manual_seed(3), 0)
+        return out.losses[0][1].item(), out.metrics["mask_frac"]
+
+    plain, mask_frac = loss(0.0, 0.0)
+    assert mask_frac == 0.5  # every sample conditioned on 2 of its 4 frames
+    assert loss(100.0, 0.0)[0] == plain
+    assert loss(0.0, 100.0)[0] > 100 * plain
+
+
+def test_cmd_stages_see_only_detached_outputs_of_each_other(tmp_path):
+    """The motion DiT's loss sends no gradient into the autoencoder, and the reconstruction loss
+    none into the DiT: each engine's backward reaches its own network only."""
+    from sampler.tiny import wake_zero_parameters
+    from trainer.tasks import build_task
+    from trainer.tasks.interface import Batch
+
+    cfg = _config("cmd.yaml", tmp_path, "unused")
+    task = build_task(cfg, torch.device("cpu"))
+    captions = ["a red bicycle", "a blue car"]
+    video = torch.rand(2, 3, cfg.data.frames, cfg.data.height, cfg.data.width, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    batch = Batch(captions=captions, video=video, tokens=task.tokenizer()(captions))
+    autoencoder, motion = task.trained["model"], task.trained["motion"]
+    wake_zero_parameters(motion, seed=0)  # a zero output layer would pass no gradient to its inputs anyway
+
+    def reached(loss_name: str) -> dict[str, bool]:
+        for module in (autoencoder, motion):
+            module.zero_grad(set_to_none=True)
+        out = task.losses(task.trained, batch, torch.Generator().manual_seed(1), 0)
+        dict(out.losses)[loss_name].backward()
+        return {
+            name: any(p.grad is not None and bool(p.grad.any()) for p in module.parameters())
+            for name, module in (("autoencoder", autoencoder), ("motion", motion))
+        }
+
+    assert reached("motion") == {"autoencoder": False, "motion": True}
+    assert reached("model") == {"autoencoder": True, "motion": False}
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.5])
+def test_videofusion_frames_share_their_base_noise(tmp_path, lam):
+    """The noise the generators learn to remove has the model's λ share common to all frames of
+    a clip: identical frames at λ = 1, a frame-to-frame correlation of λ otherwise."""
+    from trainer.tasks import build_task
+
+    cfg = _config("videofusion.yaml", tmp_path, "unused", "data.latent=true", f"model.overrides={{lam: {lam}}}")
+    task = build_task(cfg, torch.device("cpu"))
+    batch = _latent_batch(task, frames=6)
+    seen = {}
+
+    def spy(x, t, **cond):
+        seen["x_t"], seen["t"] = x, t
+        return task.trained["model"](x, t, **cond)
+
+    with torch.no_grad():
+        task.losses({"model": spy}, batch, torch.Generator().manual_seed(2), 0)
+    alpha_bar = task.diffusion.alphas_cumprod[seen["t"]].view(-1, 1, 1, 1, 1)
+    noise = (seen["x_t"] - alpha_bar.sqrt() * batch.latents) / (1 - alpha_bar).sqrt()  # (B, C, T, h, w)
+    frames = noise.transpose(1, 2).flatten(2)  # (B, T, C*h*w)
+    correlation = torch.corrcoef(frames.transpose(0, 1).flatten(1))  # (T, T) over all clips
+    off_diagonal = correlation[~torch.eye(frames.shape[1], dtype=torch.bool)]
+    assert off_diagonal.min() > lam - 0.15 and off_diagonal.max() < min(lam + 0.15, 1.0 + 1e-4)
+
+
+def test_rank_state_round_trips_and_refuses_a_state_without_a_field():
+    from trainer.checkpoint import Counters, RankState
+
+    state = RankState(
+        counters=Counters(step=4, bad_streak=1, skipped_total=2, flops_per_step=3.5),
+        generator=torch.Generator().manual_seed(1).get_state(),
+        torch_rng=torch.get_rng_state(),
+        cuda_rng=None,
+        loader={"batches": 7},
+        ema=None,
+        world_size=2,
+    )
+    again = RankState.from_dict(state.to_dict())
+    assert again.counters == state.counters and again.loader == {"batches": 7} and again.world_size == 2
+    assert torch.equal(again.generator, state.generator)
+    incomplete = {k: v for k, v in state.to_dict().items() if k != "loader"}
+    with pytest.raises(ValueError, match=r"rank state without \['loader'\]"):
+        RankState.from_dict(incomplete)
+
+
+def test_the_registry_has_a_task_for_every_objective_and_no_other():
+    import typing
+
+    from trainer.config import Objective
+    from trainer.tasks import TASKS
+
+    tags = {tag for member in typing.get_args(Objective) for tag in typing.get_args(typing.get_type_hints(member)["task"])}
+    assert tags == set(TASKS)

@@ -15,22 +15,71 @@ without COMPLETE is never loaded. The last `keep_last` complete checkpoints are 
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 import shutil
-import signal
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from common.files import atomic_write, replacing
+from trainer import faults
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
-FAULT_ENV = "LVD_FAULT"
-"""Test hook: `kill_in_save:<step>` SIGKILLs the process half-way through that step's save."""
+
+
+@dataclass
+class Counters:
+    """The step counters of a run, as every rank keeps them."""
+
+    step: int = 0
+    """Optimizer steps completed."""
+    bad_streak: int = 0
+    """Consecutive skipped (non-finite) steps."""
+    skipped_total: int = 0
+    """Skipped steps since the run began."""
+    flops_per_step: float = 0.0
+    """FLOPs of one optimizer step on this rank: counted in the first step of a run and kept in
+    its checkpoints. `FlopCounterMode` runs some ops through their decompositions, so a counted
+    step's gradients differ from an uncounted step's in the last bits: a resumed run that counted
+    again would drift an ulp from the uninterrupted run (tests/test_trainer_multirank.py compares
+    the final weights bitwise)."""
+
+
+@dataclass
+class RankState:
+    """What one rank needs, besides the engines, to go on exactly where it stopped."""
+
+    counters: Counters
+    """Steps done, skipped and the FLOPs of a step."""
+    generator: torch.Tensor
+    """State of the rank's generator of timesteps, noise, masks and levels."""
+    torch_rng: torch.Tensor
+    """State of torch's global CPU generator."""
+    cuda_rng: list[torch.Tensor] | None
+    """States of torch's CUDA generators (None without CUDA)."""
+    loader: dict[str, Any]
+    """The data loader's position."""
+    ema: dict[str, Any] | None
+    """This rank's EMA shard (None: the run keeps no EMA)."""
+    world_size: int
+    """Ranks of the run that wrote it (exact resume needs the same number)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        state = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        return state | {"counters": dataclasses.asdict(self.counters)}
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> RankState:
+        names = [field.name for field in dataclasses.fields(cls)]
+        missing = [name for name in names if name not in state]
+        if missing:
+            raise ValueError(f"rank state without {missing}: written by another version of lvd")
+        return cls(**{name: state[name] for name in names} | {"counters": Counters(**state["counters"])})
 
 
 def tag_for(step: int) -> str:
@@ -60,25 +109,18 @@ def rank_state_path(directory: Path, tag: str, rank: int) -> Path:
     return directory / tag / f"rank_{rank:05d}.pt"
 
 
-def write_rank_state(directory: Path, tag: str, rank: int, state: dict[str, Any]) -> None:
+def write_rank_state(directory: Path, tag: str, rank: int, state: RankState) -> None:
     path = rank_state_path(directory, tag, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
     with replacing(path) as tmp:
-        torch.save(state, tmp)
+        torch.save(state.to_dict(), tmp)
 
 
-def read_rank_state(directory: Path, tag: str, rank: int) -> dict[str, Any]:
+def read_rank_state(directory: Path, tag: str, rank: int) -> RankState:
     path = rank_state_path(directory, tag, rank)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; was the checkpoint written with another world size?")
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def maybe_fault(step: int) -> None:
-    """The test hook: die like `kill -9` in the middle of writing the checkpoint of `step`."""
-    fault = os.environ.get(FAULT_ENV, "")
-    if fault == f"kill_in_save:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
+    return RankState.from_dict(torch.load(path, map_location="cpu", weights_only=False))
 
 
 def commit(directory: Path, tag: str, meta: dict[str, Any], *, keep_last: int) -> None:
@@ -105,7 +147,7 @@ def save(
     *,
     rank: int,
     save_engines: Callable[[Path, str], None],
-    rank_state: dict[str, Any],
+    rank_state: RankState,
     meta: dict[str, Any],
     barrier: Callable[[], None],
     keep_last: int,
@@ -117,7 +159,7 @@ def save(
     barrier()
     save_engines(directory, tag)
     write_rank_state(directory, tag, rank, rank_state)
-    maybe_fault(step)
+    faults.kill_in_save(step)
     barrier()
     if rank == 0:
         commit(directory, tag, meta, keep_last=keep_last)

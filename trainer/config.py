@@ -1,7 +1,13 @@
 """The typed config of `lvd train`: one section per component, every default here.
 
 YAML files in configs/ hold only what differs from these defaults; see common/config.py for the
-loader and the dotted command-line overrides.
+loader and the dotted command-line overrides. The `objective` section is a tagged union: its
+`task` picks the task and which terms the section may hold, e.g.
+
+    objective:
+      task: lvdm_prediction
+      diffusion: {loss_type: l1}
+      p_pred: 0.5
 """
 
 from __future__ import annotations
@@ -10,17 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from data_pipeline.config import DataConfig
-
-Task = Literal[
-    "autoencoder",
-    "temporal_decoder",
-    "diffusion",
-    "lvdm_prediction",
-    "lvdm_interpolation",
-    "videofusion",
-    "cmd",
-    "streaming",
-]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,8 +41,6 @@ class RunConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    task: Task = "diffusion"
-    """Which objective trains which networks (see README, 'Tasks')."""
     steps: int = 100
     """Optimizer steps in total (a resumed run continues up to this number)."""
     seed: int = 0
@@ -135,7 +128,9 @@ class ModelConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ObjectiveConfig:
+class DiffusionConfig:
+    """The diffusion process a denoiser trains against, and its loss."""
+
     schedule: Literal["linear", "sqrt_linear", "scaled_linear", "cosine"] = "sqrt_linear"
     """Beta schedule (LVDM's 'linear' is sqrt-linear: linspace of sqrt(beta), squared)."""
     beta_start: float = 0.0015
@@ -148,45 +143,171 @@ class ObjectiveConfig:
     """What the denoiser predicts."""
     loss_type: Literal["l2", "l1"] = "l2"
     """Distance between target and prediction (LVDM used l1)."""
-    p_pred: float = 0.5
-    """LVDM prediction model: probability of a prediction mask (first `cond_frames` latent frames
-    known); the other samples have no mask at all (the unconditional branch ε_u)."""
-    p_interp: float = 0.9
-    """LVDM interpolation model: probability of an interpolation mask (first and last known)."""
-    p_no_mask: float = 0.1
-    """LVDM interpolation model: probability of no mask at all, which trains the unconditional
-    branch ε_u that unconditional guidance uses at sampling; the rest are prediction masks."""
-    cond_frames: int = 1
-    """LVDM: latent frames given as condition for prediction."""
-    s_max: int = 250
-    """LVDM conditional latent perturbation: s ~ U{0..s_max}, fed as a class embedding with one
-    more class, s_max + 1, for "no condition" (the samples without any mask)."""
-    videofusion_lambda: float = 0.5
-    """VideoFusion: share of the base noise, eps_i = sqrt(l) b + sqrt(1-l) r_i."""
-    kl_weight: float = 1.0e-6
-    """Autoencoder: KL weight."""
-    adv_weight: float = 0.5
-    """Autoencoder: adversarial loss weight after `disc_start`."""
-    disc_start: int = 50000
-    """Autoencoder: step at which the discriminator starts (LVDM: 50k)."""
-    perceptual: str | None = None
-    """Autoencoder: path to local perceptual-loss weights (None: no perceptual term)."""
-    perceptual_weight: float = 1.0
-    """Autoencoder: perceptual loss weight when `perceptual` is set."""
 
     def __post_init__(self) -> None:
-        for name in ("p_pred", "p_interp", "p_no_mask", "videofusion_lambda"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name}: must be in [0, 1], got {value}")
-        if self.p_interp + self.p_no_mask > 1.0:
-            raise ValueError(f"p_no_mask: p_interp + p_no_mask must be <= 1, got {self.p_interp} + {self.p_no_mask}")
-        if not 0 <= self.s_max < self.num_timesteps:
-            raise ValueError(f"s_max: must be in [0, num_timesteps), got {self.s_max}")
         if self.beta_start <= 0 or self.beta_end <= self.beta_start:
             raise ValueError(f"beta_end: need 0 < beta_start < beta_end, got {self.beta_start}, {self.beta_end}")
+        if self.num_timesteps < 1:
+            raise ValueError(f"num_timesteps: must be >= 1, got {self.num_timesteps}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiffusionObjective:
+    """Text-to-video latent diffusion (any denoiser family: unet3d, dit, ...)."""
+
+    task: Literal["diffusion"] = "diffusion"
+    """Which task trains (the tag of the objective)."""
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    """Noise schedule, parameterisation and loss of the denoiser."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LVDMConditioning:
+    """LVDM's frame conditioning, shared by its prediction and interpolation models."""
+
+    cond_frames: int = 1
+    """Latent frames given as condition: the first ones (prediction), or the first and the last
+    ones (interpolation)."""
+    s_max: int = 250
+    """Conditional latent perturbation: s ~ U{0..s_max}, fed as a class embedding with one more
+    class, s_max + 1, for "no condition" (the samples without any mask)."""
+
+    def __post_init__(self) -> None:
         if self.cond_frames < 1:
             raise ValueError(f"cond_frames: must be >= 1, got {self.cond_frames}")
+        if self.s_max < 0:
+            raise ValueError(f"s_max: must be >= 0, got {self.s_max}")
+
+
+def _check_lvdm(conditioning: LVDMConditioning, diffusion: DiffusionConfig) -> None:
+    if conditioning.s_max >= diffusion.num_timesteps:
+        raise ValueError(
+            f"conditioning: s_max must be < diffusion.num_timesteps, got {conditioning.s_max} >= {diffusion.num_timesteps}"
+        )
+
+
+def _check_probability(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name}: must be in [0, 1], got {value}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LVDMPredictionObjective:
+    """LVDM's prediction model: the first frames given, the rest denoised."""
+
+    task: Literal["lvdm_prediction"] = "lvdm_prediction"
+    """Which task trains (the tag of the objective)."""
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    """Noise schedule, parameterisation and loss of the denoiser."""
+    conditioning: LVDMConditioning = field(default_factory=LVDMConditioning)
+    """Conditioning frames and their perturbation."""
+    p_pred: float = 0.5
+    """Probability of a prediction mask (the first `cond_frames` latent frames known); the other
+    samples have no mask at all (the unconditional branch ε_u)."""
+
+    def __post_init__(self) -> None:
+        _check_probability("p_pred", self.p_pred)
+        _check_lvdm(self.conditioning, self.diffusion)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LVDMInterpolationObjective:
+    """LVDM's interpolation model: the first and last frames given, the in-between ones denoised."""
+
+    task: Literal["lvdm_interpolation"] = "lvdm_interpolation"
+    """Which task trains (the tag of the objective)."""
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    """Noise schedule, parameterisation and loss of the denoiser."""
+    conditioning: LVDMConditioning = field(default_factory=LVDMConditioning)
+    """Conditioning frames and their perturbation."""
+    p_interp: float = 0.9
+    """Probability of an interpolation mask (first and last `cond_frames` known)."""
+    p_no_mask: float = 0.1
+    """Probability of no mask at all, which trains the unconditional branch ε_u that
+    unconditional guidance uses at sampling; the rest are prediction masks."""
+
+    def __post_init__(self) -> None:
+        _check_probability("p_interp", self.p_interp)
+        _check_probability("p_no_mask", self.p_no_mask)
+        if self.p_interp + self.p_no_mask > 1.0:
+            raise ValueError(f"p_no_mask: p_interp + p_no_mask must be <= 1, got {self.p_interp} + {self.p_no_mask}")
+        _check_lvdm(self.conditioning, self.diffusion)
+
+
+@dataclass(frozen=True, kw_only=True)
+class VideoFusionObjective:
+    """VideoFusion: decomposed noise, base and residual generators trained jointly. The base-noise
+    share λ is the model's (`model.overrides.lam`), which the sampler reads from the export."""
+
+    task: Literal["videofusion"] = "videofusion"
+    """Which task trains (the tag of the objective)."""
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    """Noise schedule, parameterisation and loss of the generators."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamingObjective:
+    """StreamingT2V: CAM and APM trained over a frozen text-to-video base (`model.base`)."""
+
+    task: Literal["streaming"] = "streaming"
+    """Which task trains (the tag of the objective)."""
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    """Noise schedule, parameterisation and loss of the denoiser."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CMDObjective:
+    """CMD: the content-motion autoencoder and the motion DiT on its detached latents."""
+
+    task: Literal["cmd"] = "cmd"
+    """Which task trains (the tag of the objective)."""
+    loss_type: Literal["l2", "l1"] = "l2"
+    """The autoencoder's reconstruction distance."""
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    """Noise schedule, parameterisation and loss of the motion DiT."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class AutoencoderObjective:
+    """LVDM's video VAE: reconstruction + KL + adversarial after `disc_start`."""
+
+    task: Literal["autoencoder"] = "autoencoder"
+    """Which task trains (the tag of the objective)."""
+    loss_type: Literal["l2", "l1"] = "l2"
+    """Reconstruction distance."""
+    kl_weight: float = 1.0e-6
+    """KL weight."""
+    adv_weight: float = 0.5
+    """Adversarial loss weight after `disc_start`."""
+    disc_start: int = 50000
+    """Step at which the discriminator starts (LVDM: 50k)."""
+    perceptual: str | None = None
+    """Path to local perceptual-loss weights (None: no perceptual term)."""
+    perceptual_weight: float = 1.0
+    """Perceptual loss weight when `perceptual` is set."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TemporalDecoderObjective:
+    """VidRD's temporal-aware decoder: only its temporal layers train, on reconstruction."""
+
+    task: Literal["temporal_decoder"] = "temporal_decoder"
+    """Which task trains (the tag of the objective)."""
+    loss_type: Literal["l2", "l1"] = "l2"
+    """Reconstruction distance."""
+
+
+Objective = (
+    DiffusionObjective
+    | LVDMPredictionObjective
+    | LVDMInterpolationObjective
+    | VideoFusionObjective
+    | StreamingObjective
+    | CMDObjective
+    | AutoencoderObjective
+    | TemporalDecoderObjective
+)
+"""The objective of each task, a tagged union: `objective.task` picks the member."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -199,5 +320,5 @@ class TrainJobConfig:
     """The streaming loader."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The trained network and its frozen helpers."""
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    """The loss: diffusion schedule, parameterisation, masks, autoencoder terms."""
+    objective: Objective = field(default_factory=DiffusionObjective)
+    """The task and its loss (`objective.task` picks which; each task has its own terms)."""

@@ -19,13 +19,19 @@ from common.config import from_dict
 from common.files import replacing_folder
 from common.pipeline_folder import SchedulerSpec, write_index
 from trainer import checkpoint
-from trainer.config import ObjectiveConfig, TrainJobConfig
+from trainer.config import (
+    AutoencoderObjective,
+    DiffusionConfig,
+    LVDMInterpolationObjective,
+    LVDMPredictionObjective,
+    TemporalDecoderObjective,
+    TrainJobConfig,
+)
 from trainer.ema import assemble
 from trainer.engine import consolidated_state_dict
 from trainer.export_cli import LATENT_SCALE_CLIPS
 from trainer.tasks import TASKS
-
-AUTOENCODER_TASKS = ("autoencoder", "temporal_decoder")
+from trainer.tasks.lvdm import no_condition_level
 
 
 def export(
@@ -39,7 +45,8 @@ def export(
         raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint" + (f" for step {step}" if step is not None else ""))
     meta = json.loads((ckpt_dir / tag / "meta.json").read_text())
     cfg: TrainJobConfig = from_dict(TrainJobConfig, meta["config"])
-    names = TASKS[cfg.train.task].components
+    task = cfg.objective.task
+    names = TASKS[task].components
     # The pixel clip size the run trained on: `lvd sample`'s default height and width.
     sample_size = {"frames": cfg.data.frames, "height": cfg.data.height, "width": cfg.data.width}
     entries: dict[str, Any] = {"source": str(ckpt_dir / tag), "step": meta["step"], "ema": ema, "sample_size": sample_size}
@@ -50,19 +57,18 @@ def export(
             if ema and engine_name == "model":
                 state = {**state, **_ema_weights(ckpt_dir, tag, meta["world_size"])}
             name = names.get(engine_name, engine_name)
-            stats = latent_scale_clips if cfg.train.task == "autoencoder" and engine_name == "model" else 0
+            stats = latent_scale_clips if task == "autoencoder" and engine_name == "model" else 0
             components[name], latent_stats = _write_component(run_dir, cfg, engine_name, state, folder / name, stats)
             if latent_stats is not None:
                 entries["latent_stats"] = latent_stats
         for frozen in sorted((run_dir / "frozen").glob("*/config.json")):
             shutil.copytree(frozen.parent, folder / frozen.parent.name)
             components[frozen.parent.name] = json.loads(frozen.read_text())["_family"]
-        if cfg.train.task in ("lvdm_prediction", "lvdm_interpolation"):
-            from trainer.tasks import no_condition_level
-
-            entries["uncond_level"] = no_condition_level(cfg.objective)  # the ε_u encoding training used
-        scheduler = None if cfg.train.task in AUTOENCODER_TASKS else scheduler_spec(cfg.objective)
-        write_index(folder, task=cfg.train.task, components=components, scheduler=scheduler, entries=entries)
+        if isinstance(cfg.objective, LVDMPredictionObjective | LVDMInterpolationObjective):
+            entries["uncond_level"] = no_condition_level(cfg.objective.conditioning)  # the ε_u encoding training used
+        diffusion = not isinstance(cfg.objective, AutoencoderObjective | TemporalDecoderObjective)
+        scheduler = scheduler_spec(cfg.objective.diffusion) if diffusion else None
+        write_index(folder, task=task, components=components, scheduler=scheduler, entries=entries)
     return out
 
 
@@ -115,13 +121,13 @@ def fit_latent_scale(vae: torch.nn.Module, cfg: TrainJobConfig, num_clips: int) 
 
 
 def _ema_weights(ckpt_dir: Path, tag: str, world_size: int) -> dict[str, torch.Tensor]:
-    states = [checkpoint.read_rank_state(ckpt_dir, tag, rank)["ema"] for rank in range(world_size)]
+    states = [checkpoint.read_rank_state(ckpt_dir, tag, rank).ema for rank in range(world_size)]
     if states[0] is None:
         raise ValueError(f"{ckpt_dir / tag}: the run kept no EMA (train.ema_decay was 0)")
     return assemble(states)
 
 
-def scheduler_spec(obj: ObjectiveConfig) -> SchedulerSpec:
+def scheduler_spec(obj: DiffusionConfig) -> SchedulerSpec:
     """The DDIM schedule a sampler uses with the networks trained under `obj`."""
     return SchedulerSpec(
         schedule=obj.schedule,

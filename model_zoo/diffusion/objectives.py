@@ -101,19 +101,19 @@ def diffusion_loss(
     loss_type: LossType = "l2",
     frame_weight: Tensor | None = None,
 ) -> Tensor:
-    """Scalar denoising loss ‖target - denoise_fn(z_t, t)‖ (DDPM eq. 14 "L_simple", per frame).
+    """Per-sample denoising loss (B,) ‖target - denoise_fn(z_t, t)‖ (DDPM eq. 14 "L_simple", per frame).
 
-    `frame_weight` ((T,) or (B, T), 1 on frames that count) restricts the loss to the frames to
-    predict, as LVDM §3.3 does with `1 - mask`; the result is the mean over counted frames.
+    z_t = q_sample(x0, t, noise); the training loss is the batch mean of the result. The error is
+    computed in float32 whatever the network's precision. `frame_weight` ((T,) or (B, T), 1 on
+    frames that count) restricts each sample's loss to the frames to predict, as LVDM §3.3 does
+    with `1 - mask`: a sample's loss is the mean over its counted frames (0 when none count).
     """
     x_t = q_sample(x0, t, noise, alphas_cumprod)
     prediction = denoise_fn(x_t, t, **(cond or {}))
     wanted = target(parameterization, x0=x0, noise=noise, t=t, alphas_cumprod=alphas_cumprod)
-    losses = frame_losses(prediction, wanted, loss_type)
-    if frame_weight is None:
-        return losses.mean()
-    weight = frame_weight.to(losses).expand_as(losses)
-    return (losses * weight).sum() / weight.sum().clamp_min(1.0)
+    per_frame = frame_losses(prediction.float(), wanted.float(), loss_type)  # (B, T)
+    weight = torch.ones_like(per_frame) if frame_weight is None else frame_weight.to(per_frame).expand_as(per_frame)
+    return (per_frame * weight).sum(1) / weight.sum(1).clamp_min(1.0)  # (B, T) -> (B,)
 
 
 def build_mask(kind: MaskKind, num_frames: int, num_cond_frames: int = 1) -> Tensor:

@@ -1,0 +1,311 @@
+"""A training session: everything a run holds, built once, and the steps that change it.
+
+    session = build(cfg, info)          # task, engines, loader, EMA; resumed from the latest checkpoint
+    metrics = train_step(session, micro_batches)
+    maybe_save(session)
+
+A step's randomness comes from the rank's generator; its state, the loader's position, the EMA
+and the step counters are the rank state each checkpoint keeps (`checkpoint.RankState`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from common.config import to_dict
+from data_pipeline.loader import build_loader
+from model_zoo import save_pretrained
+from model_zoo.counting import flop_counter
+from model_zoo.pretrained import write_config
+from trainer import checkpoint, faults
+from trainer.checkpoint import Counters, RankState
+from trainer.config import TrainJobConfig
+from trainer.ema import Ema
+from trainer.engine import (
+    DistInfo,
+    backward_and_step,
+    build_engine,
+    checkpoint_wrapper,
+    current_lr,
+    load_engine,
+    local_shard,
+    save_engine,
+)
+from trainer.monitor import measured_peak_flops, peak_memory_bytes
+from trainer.tasks import build_task
+from trainer.tasks.interface import Batch, StepOutput, Task
+
+
+class TrainingError(RuntimeError):
+    """A run that must stop (NaN streak, bad resume): the message says why; exit code 1."""
+
+
+@dataclass
+class Session:
+    """What one rank of a run holds between steps."""
+
+    cfg: TrainJobConfig
+    info: DistInfo
+    task: Task
+    engines: dict[str, Any]
+    """One DeepSpeed engine per trained network of the task."""
+    loader: Any
+    """The data loader of this rank (`data_pipeline.loader.VideoLoader`)."""
+    generator: torch.Generator
+    """This rank's generator of timesteps, noise, masks and levels."""
+    ema: Ema | None
+    """The EMA of the main network's weights (None: `train.ema_decay` is 0)."""
+    counters: Counters = dataclasses.field(default_factory=Counters)
+    """Steps done and skipped so far."""
+    peak_flops: float = 0.0
+    """Peak FLOP/s of the device, for the MFU (measured when the session is built)."""
+    resumed_from: Path | None = None
+    """The checkpoint the session started from (None: a fresh run)."""
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return Path(self.cfg.run.dir) / "checkpoints"
+
+
+def rank_generator(seed: int, rank: int) -> torch.Generator:
+    """The generator of timesteps, noise, masks and levels of one rank (checkpointed)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + rank)
+
+
+def build(cfg: TrainJobConfig, info: DistInfo) -> Session:
+    """The task, its engines, the loader and the EMA; resumed from the latest complete checkpoint."""
+    task = build_task(cfg, info.device)
+    if info.is_main:
+        save_frozen(task, Path(cfg.run.dir) / "frozen")
+    for module in task.trained.values():
+        _apply_block_wrappers(module, act_ckpt=cfg.train.act_ckpt, compile=cfg.train.compile)
+    engines = {name: build_engine(module.to(info.device), cfg.train, info) for name, module in task.trained.items()}
+    loader = build_loader(
+        cfg.data,
+        rank=info.rank,
+        world_size=info.world_size,
+        batch_size=cfg.train.micro_batch_size,
+        seed=cfg.train.seed,
+        tokenizer=task.tokenizer(),
+    )
+    ema = Ema(engines["model"].module, cfg.train.ema_decay, local_shard) if cfg.train.ema_decay > 0 else None
+    generator = rank_generator(cfg.train.seed, info.rank)
+    session = Session(cfg=cfg, info=info, task=task, engines=engines, loader=loader, generator=generator, ema=ema)
+    tag = checkpoint.latest_tag(session.ckpt_dir)
+    if tag is not None:
+        resume(session, tag)
+    session.peak_flops = measured_peak_flops(info.device)  # after resume, as the RNG states were saved
+    return session
+
+
+def _apply_block_wrappers(module: torch.nn.Module, *, act_ckpt: bool, compile: bool) -> None:
+    """Activation checkpointing and regional compilation of the network's blocks, from outside;
+    networks without blocks (the autoencoder task's small patch discriminator) stay as they are."""
+    for block in getattr(module, "checkpoint_modules", list)():
+        if act_ckpt:
+            checkpoint_wrapper(block)
+        if compile:
+            block.compile()  # in place: compiles the call (and the checkpointing) of this block
+
+
+def next_micro_batches(session: Session) -> list[Batch]:
+    """The micro-batches of one optimizer step, typed where they leave the loader."""
+    return [Batch.from_loader(next(session.loader)) for _ in range(session.cfg.train.grad_accum)]
+
+
+def train_step(session: Session, micro_batches: list[Batch]) -> dict[str, float]:
+    """One optimizer step over the micro-batches; a non-finite loss on any rank skips it."""
+    counters, accum = session.counters, session.cfg.train.grad_accum
+    totals: dict[str, float] = {}
+    skipped = False
+    counter = flop_counter() if counters.flops_per_step == 0.0 else None
+    lr = current_lr(session.engines["model"])
+    grad_norm = float("nan")
+    for batch in micro_batches:
+        with counter or contextlib.nullcontext():
+            out = _losses(session, batch)
+            values = [float(loss.detach()) for _, loss in out.losses]
+            if faults.nan_loss(counters.step + 1) and session.info.is_main:
+                values[0] = float("nan")
+            mean_values, bad = _agree(values)
+            if bad:
+                skipped = True
+                continue
+            for name, loss in out.losses:
+                norm = backward_and_step(session.engines[name], loss)
+                if name == "model":
+                    grad_norm = norm
+        for key, value in {"loss": mean_values[0], **out.metrics}.items():
+            totals[key] = totals.get(key, 0.0) + value / accum
+    if counter is not None:
+        counters.flops_per_step = float(counter.get_total_flops())
+    counters.step += 1
+    counters.bad_streak = counters.bad_streak + 1 if skipped else 0
+    counters.skipped_total += int(skipped)
+    if skipped:
+        totals.setdefault("loss", float("nan"))
+    return totals | {"lr": lr, "grad_norm": grad_norm, "skipped": float(skipped), "skipped_total": float(counters.skipped_total)}
+
+
+def _losses(session: Session, batch: Batch) -> StepOutput:
+    # bf16: DeepSpeed holds bf16 weights; autocast makes the float32 inputs the models build
+    # themselves (timestep embeddings, masks, noise) meet them in bf16.
+    bf16 = session.cfg.train.precision == "bf16"
+    with torch.autocast(session.info.device.type, dtype=torch.bfloat16, enabled=bf16):
+        return session.task.losses(session.engines, batch, session.generator, session.counters.step)
+
+
+def throughput(session: Session, elapsed: float, data_wait: float) -> dict[str, float]:
+    """Speed of a step that took `elapsed` seconds, `data_wait` of them waiting for data."""
+    train = session.cfg.train
+    global_batch = train.micro_batch_size * train.grad_accum * session.info.world_size
+    return {
+        "step_time": elapsed,
+        "samples_per_sec": global_batch / elapsed,
+        "data_wait_frac": data_wait / elapsed,
+        "mfu": session.counters.flops_per_step / elapsed / session.peak_flops,
+        "peak_mem_gb": peak_memory_bytes(session.info.device) / 2**30,
+    }
+
+
+def check_bad_streak(session: Session) -> None:
+    counters = session.counters
+    if counters.bad_streak >= session.cfg.train.max_bad_steps:
+        raise TrainingError(
+            f"{counters.bad_streak} consecutive steps with a non-finite loss (up to step {counters.step}); "
+            "stopping (train.max_bad_steps); the last checkpoint holds no NaN"
+        )
+
+
+def maybe_save(session: Session, *, force: bool = False) -> None:
+    """Checkpoint when asked (`force`: a signal), when due, and after the last step."""
+    step, train = session.counters.step, session.cfg.train
+    due = bool(train.checkpoint_every) and step % train.checkpoint_every == 0
+    if force or due or step == train.steps:
+        save(session)
+
+
+def save(session: Session) -> None:
+    """Every rank writes its engines' shards and its rank state; rank 0 completes the checkpoint."""
+    _check_finite(session.engines)
+    info, counters = session.info, session.counters
+    meta = {
+        "step": counters.step,
+        "world_size": info.world_size,
+        "engines": list(session.engines),
+        "config": to_dict(session.cfg),
+        "time": time.time(),
+    }
+
+    def save_engines(directory: Path, tag: str) -> None:
+        for name, engine in session.engines.items():
+            save_engine(engine, directory / tag, name)
+
+    checkpoint.save(
+        session.ckpt_dir,
+        counters.step,
+        rank=info.rank,
+        save_engines=save_engines,
+        rank_state=_rank_state(session),
+        meta=meta,
+        barrier=barrier,
+        keep_last=session.cfg.train.keep_last,
+    )
+
+
+def _rank_state(session: Session) -> RankState:
+    return RankState(
+        counters=dataclasses.replace(session.counters),
+        generator=session.generator.get_state(),
+        torch_rng=torch.get_rng_state(),
+        cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        loader=session.loader.state_dict(),
+        ema=session.ema.state_dict() if session.ema is not None else None,
+        world_size=session.info.world_size,
+    )
+
+
+def resume(session: Session, tag: str) -> None:
+    """Load the engines and this rank's state of checkpoint `tag`; the same world size is required."""
+    ckpt_dir, info = session.ckpt_dir, session.info
+    meta_world = checkpoint.read_rank_state(ckpt_dir, tag, 0).world_size if info.is_main else None
+    rank_file = checkpoint.rank_state_path(ckpt_dir, tag, info.rank)
+    if not rank_file.is_file() or (meta_world is not None and meta_world != info.world_size):
+        raise TrainingError(
+            f"{ckpt_dir / tag} was written by {meta_world or 'another number of'} ranks, this run has {info.world_size}; "
+            "exact resume needs the same world size (export it and start a new run with model.init_from=...)"
+        )
+    for name, engine in session.engines.items():
+        load_engine(engine, ckpt_dir / tag, name)
+    state = checkpoint.read_rank_state(ckpt_dir, tag, info.rank)
+    session.generator.set_state(state.generator)
+    torch.set_rng_state(state.torch_rng)
+    if state.cuda_rng is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state.cuda_rng)
+    session.loader.load_state_dict(state.loader)
+    if session.ema is not None and state.ema is not None:
+        session.ema.load_state_dict(state.ema)
+    session.counters = state.counters
+    session.resumed_from = ckpt_dir / tag
+
+
+def _check_finite(engines: dict[str, Any]) -> None:
+    bad = any(
+        not torch.isfinite(local_shard(p)).all()
+        for engine in engines.values()
+        for p in engine.module.parameters()
+    )
+    if any_rank(bad):
+        raise TrainingError(
+            "non-finite weights: refusing to write a checkpoint that holds NaN/inf; the previous one is intact"
+        )
+
+
+def save_frozen(task: Task, directory: Path) -> None:
+    """The frozen helpers exactly as used (export copies them into the pipeline folder), and the
+    trained networks' configs (export rebuilds them from these, then loads the checkpoint)."""
+    for name, module in task.frozen.items():
+        if not (directory / name / "model.safetensors").is_file():
+            save_pretrained(module, directory / name)
+    for name, module in task.trained.items():
+        write_config(module, directory.parent / "trained" / name)
+
+
+def maybe_preview(session: Session, batch: Batch) -> torch.Tensor | None:
+    """The task's preview video of `batch` when one is due at this step (`run.video_every`).
+    Every rank runs it (ZeRO-3 gathers parameters collectively); rank 0 writes it."""
+    step, every = session.counters.step, session.cfg.run.video_every
+    if not every or step % every != 0:
+        return None
+    return session.task.preview(session.engines, batch, torch.Generator().manual_seed(step))
+
+
+def _agree(values: list[float]) -> tuple[list[float], bool]:
+    """Rank-mean of the losses, and whether any rank saw a non-finite one (one all-reduce)."""
+    local = torch.tensor(values, dtype=torch.float64)
+    bad = (~torch.isfinite(local)).any()
+    packed = torch.cat([torch.nan_to_num(local, nan=0.0, posinf=0.0, neginf=0.0), bad.double().view(1)])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(packed)
+        packed[:-1] /= dist.get_world_size()
+    return packed[:-1].tolist(), bool(packed[-1] > 0)
+
+
+def any_rank(flag: bool) -> bool:
+    value = torch.tensor([1.0 if flag else 0.0])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value)
+    return bool(value.item() > 0)
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

@@ -1,0 +1,83 @@
+"""Building a task's networks: frozen helpers, and the trained network from scratch or `init_from`."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import model_zoo
+from trainer.config import ModelConfig
+
+
+def build_helper(spec: str, *, seed: int, device: torch.device) -> nn.Module:
+    """A frozen helper network from 'family/flavor' (seeded random init) or an exported folder."""
+    if Path(spec).is_dir():
+        module = model_zoo.from_pretrained(spec)
+    else:
+        family, _, flavor = spec.partition("/")
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            module = model_zoo.build_model(family, flavor or "tiny")
+    module.requires_grad_(False).eval()
+    return module.to(device)
+
+
+def trained_model(model: ModelConfig, **forced: Any) -> nn.Module:
+    """The trained network: built from family/flavor + overrides, or loaded from `model.init_from`,
+    whose own config then gives the architecture: every override the YAML or the task sets
+    must already hold in it (no override is silently dropped)."""
+    overrides = {**model.overrides, **forced}
+    if not model.init_from:
+        return model_zoo.build_model(model.family, model.flavor, **overrides)
+    loaded = model_zoo.from_pretrained(model.init_from)
+    check_init_config(model.init_from, loaded.config, overrides)
+    return loaded
+
+
+def init_from_or_build(model: ModelConfig, config: Any) -> nn.Module:
+    """A network of `config`, or `model.init_from`'s weights when given (its config must equal `config`)."""
+    if not model.init_from:
+        return model_zoo.build_from_config(config)
+    loaded = model_zoo.from_pretrained(model.init_from)
+    check_init_config(model.init_from, loaded.config, {f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
+    return loaded
+
+
+def check_init_config(init_from: str, config: Any, wanted: dict[str, Any]) -> None:
+    """Refuse, naming each one, the settings a checkpoint's config does not have or holds otherwise."""
+    names = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(wanted) - names)
+    if unknown:
+        raise ValueError(f"model.init_from={init_from}: its {type(config).__name__} has no field(s) {unknown}")
+    differing = [
+        f"{key} (checkpoint {getattr(config, key)!r}, asked {value!r})"
+        for key, value in wanted.items()
+        if _normalised(getattr(config, key)) != _normalised(value)
+    ]
+    if differing:
+        raise ValueError(
+            f"model.init_from={init_from}: the checkpoint's architecture differs from what this run sets: "
+            + "; ".join(differing) + " (drop these overrides, or train from scratch)"
+        )
+
+
+def _normalised(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _normalised(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return tuple(_normalised(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _normalised(v) for k, v in value.items()}
+    return value
+
+
+def train_only(module: nn.Module, trainable: Iterable[nn.Parameter]) -> None:
+    """Only `trainable` parameters of `module` receive gradients (and reach the optimizer)."""
+    chosen = {id(param) for param in trainable}
+    for param in module.parameters():
+        param.requires_grad_(id(param) in chosen)
