@@ -1,4 +1,4 @@
-"""The contract every model family's `tiny` flavour meets (issue 4).
+"""The contract every model family's `tiny` flavour meets.
 
 For each `family/tiny` in `model_zoo.list_models()`: output shape, determinism under a seed,
 gradients reaching every trainable parameter, and a save_pretrained / from_pretrained round

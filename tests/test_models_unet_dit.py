@@ -1,4 +1,4 @@
-"""Behaviour of the U-Net and DiT families, their shared layers and the CLIP towers (issue 4)."""
+"""Behaviour of the U-Net and DiT families, their shared layers and the CLIP towers."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def test_dit_blocks_are_identities_at_init() -> None:
 
 
 def test_all_zero_mask_makes_conditioning_latents_irrelevant() -> None:
-    """SPEC §3: z~ = [z_t (1-m) + z_cond m, m]; with m = 0 the conditioning frames cannot matter."""
+    """LVDM mask conditioning (docs/methods.md, 'LVDM: mask conditioning'): z~ = [z_t (1-m) + z_cond m, m]; with m = 0 the conditioning frames cannot matter."""
     model = _unet(in_channels=5, out_channels=4)
     z_t, t = torch.randn(2, 4, 4, 16, 16), torch.tensor([10, 500])
     level = torch.tensor([0, 100])
