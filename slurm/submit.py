@@ -31,11 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from common.config import field_default
+from common.launch import PREEMPTED_EXIT_CODE
 
 REPO = Path(__file__).resolve().parent.parent
 ENV_SH = REPO / "slurm" / "env.sh"
-PREEMPTED_EXIT_CODE = 75
-"""trainer.preemption.PREEMPTED_EXIT_CODE (not imported: it would pull torch into `lvd submit`)."""
 REQUEUE_GRACE_S = 300
 """How long a preempted rank waits for the requeue (which stops it) before it reports an error."""
 
