@@ -61,6 +61,7 @@ def test_clip_generator_depends_on_seed_and_key_only():
     assert not torch.equal(draw(0, "a"), draw(0, "b")) and not torch.equal(draw(0, "a"), draw(1, "a"))
 
 
+@pytest.mark.slow
 def test_same_latents_in_two_runs_after_a_resume_and_in_other_batches(video_shards, vae_folder, tmp_path):
     torch.manual_seed(1)
     assert lvd_shard(_args(video_shards, vae_folder, tmp_path / "first")) == 0
