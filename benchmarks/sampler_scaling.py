@@ -132,7 +132,7 @@ def length_scaling(model: str, steps: int, short: int, long: int, root: Path) ->
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--short-frames", type=int, default=64)
@@ -142,87 +142,108 @@ def main(argv: list[str] | None = None) -> int:
         "--repeats", type=int, default=5, help="rounds of each case (1 rank, 2 ranks, two 1-rank copies)"
     )
     parser.add_argument("--only", choices=("hierarchical", "blending", "length"), help="run one case only")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def parallel_cases(models: dict[str, str], args: argparse.Namespace) -> dict[str, list[str]]:
+    """The `lvd sample` arguments of each 2-rank case, by case name."""
+    steps = ["--steps", str(args.steps), "--frames", str(args.parallel_frames)]
+    hierarchical = ["--model", models["lvdm_prediction"], "--model2", models["lvdm_interpolation"]]
+    hierarchical += ["--strategy", "lvdm-hierarchical", "--stride", "7", "--clip-frames", "8", *steps]
+    streaming = [
+        "--model",
+        models["streaming"],
+        "--strategy",
+        "streaming",
+        "--clip-frames",
+        "8",
+        "--F",
+        "8",
+    ]
+    streaming += ["--O", "2", "--refine-t", "999", *steps]
+    return {"hierarchical": hierarchical, "blending": streaming}
+
+
+def measure(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Each case's measurements, by case name (only the cases `--only` selects)."""
+    measured = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         models = {
             task: str(tiny_pipeline(root / task, task))
             for task in ("lvdm_prediction", "lvdm_interpolation", "streaming")
         }
-        steps = ["--steps", str(args.steps), "--frames", str(args.parallel_frames)]
-        hierarchical = ["--model", models["lvdm_prediction"], "--model2", models["lvdm_interpolation"]]
-        hierarchical += ["--strategy", "lvdm-hierarchical", "--stride", "7", "--clip-frames", "8", *steps]
-        streaming = [
-            "--model",
-            models["streaming"],
-            "--strategy",
-            "streaming",
-            "--clip-frames",
-            "8",
-            "--F",
-            "8",
-        ]
-        streaming += ["--O", "2", "--refine-t", "999", *steps]
-        hier = blend = None
+        cases = parallel_cases(models, args)
         if args.only in (None, "hierarchical"):
-            hier = speedup(hierarchical, "gaps", root, "hier", args.repeats)
+            measured["hierarchical"] = speedup(cases["hierarchical"], "gaps", root, "hier", args.repeats)
         if args.only in (None, "blending"):
-            blend = speedup(streaming, "refine", root, "stream", args.repeats)
+            measured["blending"] = speedup(cases["blending"], "refine", root, "stream", args.repeats)
         if args.only in (None, "length"):
-            length = length_scaling(
+            measured["length"] = length_scaling(
                 models["lvdm_prediction"], args.steps, args.short_frames, args.long_frames, root
             )
+    return measured
+
+
+def speedup_results(case: str, scaling: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The speed-up and the efficiency entries of one 2-rank case."""
+    rounds = {"steps": args.steps, "frames": args.parallel_frames, "rounds": args.repeats}
+    return [
+        {
+            "name": f"sampler_2rank_speedup_{case}",
+            "value": scaling["speedup"],
+            "unit": "x (median of rounds)",
+            "goal": 1.8,
+            "better": "higher",
+            **rounds,
+            "detail": scaling,
+        },
+        {
+            "name": f"sampler_2rank_efficiency_vs_ceiling_{case}",
+            "value": scaling["efficiency"],
+            "unit": "speed-up / two-independent-copies ceiling (median of rounds)",
+            "goal": 0.95,
+            "better": "higher",
+            **rounds,
+            "detail": {
+                "ceiling": scaling["ceiling"],
+                "ceilings_per_round": scaling["ceilings_per_round"],
+            },
+        },
+    ]
+
+
+def length_results(length: dict[str, Any]) -> list[dict[str, Any]]:
+    """The time-per-frame and the peak-RSS entries of the long-video case."""
+    return [
+        {
+            "name": "sampler_time_per_frame_1024_vs_64",
+            "value": length["time_per_frame_ratio"],
+            "unit": "ratio",
+            "goal": 1.1,
+            "better": "lower",
+            "detail": length,
+        },
+        {
+            "name": "sampler_peak_rss_1024_vs_64",
+            "value": length["peak_rss_ratio"],
+            "unit": "ratio",
+            "goal": 1.2,
+            "better": "lower",
+            "detail": length,
+        },
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    measured = measure(args)
     results = []
-    for case, scaling in (("hierarchical", hier), ("blending", blend)):
-        if scaling is None:
-            continue
-        rounds = {"steps": args.steps, "frames": args.parallel_frames, "rounds": args.repeats}
-        results.append(
-            {
-                "name": f"sampler_2rank_speedup_{case}",
-                "value": scaling["speedup"],
-                "unit": "x (median of rounds)",
-                "goal": 1.8,
-                "better": "higher",
-                **rounds,
-                "detail": scaling,
-            }
-        )
-        results.append(
-            {
-                "name": f"sampler_2rank_efficiency_vs_ceiling_{case}",
-                "value": scaling["efficiency"],
-                "unit": "speed-up / two-independent-copies ceiling (median of rounds)",
-                "goal": 0.95,
-                "better": "higher",
-                **rounds,
-                "detail": {
-                    "ceiling": scaling["ceiling"],
-                    "ceilings_per_round": scaling["ceilings_per_round"],
-                },
-            }
-        )
-    if args.only in (None, "length"):
-        results.append(
-            {
-                "name": "sampler_time_per_frame_1024_vs_64",
-                "value": length["time_per_frame_ratio"],
-                "unit": "ratio",
-                "goal": 1.1,
-                "better": "lower",
-                "detail": length,
-            }
-        )
-        results.append(
-            {
-                "name": "sampler_peak_rss_1024_vs_64",
-                "value": length["peak_rss_ratio"],
-                "unit": "ratio",
-                "goal": 1.2,
-                "better": "lower",
-                "detail": length,
-            }
-        )
+    for case in ("hierarchical", "blending"):
+        if case in measured:
+            results += speedup_results(case, measured[case], args)
+    if "length" in measured:
+        results += length_results(measured["length"])
     print(json.dumps(results))
     return 0
 

@@ -329,3 +329,12 @@ def field_docs(cls: type) -> dict[str, str]:
             if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
                 docs[stmt.target.id] = inspect.cleandoc(nxt.value.value)
     return docs
+
+
+def field_default(cls: type, name: str) -> Any:
+    """The default of field `name` of dataclass `cls` (a command line that repeats a config's
+    default takes it from here, so the default is written once, in the dataclass)."""
+    spec = cls.__dataclass_fields__[name]
+    if spec.default is dataclasses.MISSING:
+        raise KeyError(f"{cls.__name__}.{name} has no default")
+    return spec.default

@@ -14,6 +14,10 @@ import subprocess
 import sys
 import time
 
+PREEMPTED_EXIT_CODE = 75
+"""Exit code of a run that stopped on a signal after a complete checkpoint (EX_TEMPFAIL): the
+job that ran it requeues it (slurm/launch.sh spells the same number for the sbatch scripts)."""
+
 
 def free_port() -> int:
     with socket.socket() as sock:

@@ -10,9 +10,11 @@ See docs/methods.md, 'Data: the latent cache'.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,28 @@ from data_pipeline.stages import ClipShape, decode_clip, sample_caption, sample_
 from data_pipeline.tario import iter_samples
 
 VideoEncoder = Callable[[torch.Tensor], torch.Tensor]
+"""Clips (B, 3, T, H, W) in [-1, 1] -> latents (B, c, t, h, w) that depend on the clips alone."""
 TextEncoder = Callable[[list[str]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class PosteriorEncoder:
+    """A video encoder whose latents are a random draw, such as a VAE's posterior sample.
+
+    `shard_latents` hands it one generator per clip, seeded from the job's seed and the clip's
+    key (`clip_generator`), so a clip's latents do not depend on the batch it is encoded in, on
+    what was encoded before it, or on whether the job was interrupted and resumed.
+    """
+
+    encode: Callable[[torch.Tensor, list[torch.Generator]], torch.Tensor]
+    """(clips (B, 3, T, H, W) in [-1, 1], B generators) -> latents (B, c, t, h, w); clip i's draw
+    uses the i-th generator only."""
+
+
+def clip_generator(seed: int, key: str) -> torch.Generator:
+    """The generator of the posterior draw of the clip `key` in a job seeded `seed`."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
 def _npy(array: torch.Tensor) -> bytes:
@@ -35,20 +58,29 @@ def _npy(array: torch.Tensor) -> bytes:
 
 class _ShardEncoder:
     def __init__(
-        self, encode_video: VideoEncoder, encode_text: TextEncoder | None, shape: ClipShape, batch_size: int
+        self,
+        encode_video: VideoEncoder | PosteriorEncoder,
+        encode_text: TextEncoder | None,
+        shape: ClipShape,
+        batch_size: int,
+        seed: int | None,
     ) -> None:
-        self.encode_video, self.encode_text, self.shape, self.batch_size = (
-            encode_video,
-            encode_text,
-            shape,
-            batch_size,
-        )
+        if isinstance(encode_video, PosteriorEncoder) and seed is None:
+            raise ValueError("a PosteriorEncoder needs the seed of its draws")
+        self.encode_video, self.encode_text, self.shape = encode_video, encode_text, shape
+        self.batch_size, self.seed = batch_size, seed
+
+    def _latents(self, keys: list[str], clips: list[np.ndarray]) -> torch.Tensor:
+        video = to_unit_range(np.stack(clips))
+        if isinstance(self.encode_video, PosteriorEncoder):
+            return self.encode_video.encode(video, [clip_generator(self.seed, key) for key in keys])
+        return self.encode_video(video)
 
     def _encode(
         self, batch: list[tuple[str, np.ndarray, str, dict[str, Any]]]
     ) -> list[tuple[str, dict[str, bytes]]]:
         with torch.no_grad():
-            latents = self.encode_video(to_unit_range(np.stack([clip for _, clip, _, _ in batch])))
+            latents = self._latents([key for key, _, _, _ in batch], [clip for _, clip, _, _ in batch])
             texts = self.encode_text([caption for _, _, caption, _ in batch]) if self.encode_text else None
         out = []
         for number, (key, _, caption, meta) in enumerate(batch):
@@ -90,17 +122,20 @@ class _ShardEncoder:
 def shard_latents(
     input_urls: list[str],
     out_dir: Path,
-    encode_video: VideoEncoder,
+    encode_video: VideoEncoder | PosteriorEncoder,
     encode_text: TextEncoder | None,
     *,
     shape: ClipShape,
     shard_size_mb: float,
     batch_size: int,
     params: dict[str, Any],
+    seed: int | None = None,
 ) -> dict[str, Any]:
     """Encode every clip of `input_urls` (centre crop, start frame 0) and return the manifest.
 
-    Resumable like every `lvd shard` job; `params` identifies the job in the manifest.
+    Resumable like every `lvd shard` job; `params` identifies the job in the manifest. `seed`
+    seeds the draws of a `PosteriorEncoder` (required with one, unused by a `VideoEncoder`).
     """
+    encoder = _ShardEncoder(encode_video, encode_text, shape, batch_size, seed)
     job = ShardJob(out_dir, params=params, shard_bytes=int(shard_size_mb * 2**20), labels=list(input_urls))
-    return job.run(list(input_urls), _ShardEncoder(encode_video, encode_text, shape, batch_size), workers=1)
+    return job.run(list(input_urls), encoder, workers=1)

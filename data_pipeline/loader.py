@@ -8,8 +8,9 @@ over workers, so after n batches the next one comes from worker n mod W; a resum
 the worker roles by that amount. Per-sample randomness (temporal offset, crop, caption dropout)
 is keyed by (seed, rank, worker, sample number), never drawn from a shared generator.
 
-Video batches travel as uint8 through a fixed ring of shared-memory cells (`VideoRing`) and are
-converted to float32 in [-1, 1] by the main process in `VideoLoader.__next__`.
+Clips are batched per aspect-ratio bucket (buckets.py). Video batches travel as uint8 through a
+fixed ring of shared-memory cells (video_ring.py) and are converted to float32 in [-1, 1] by the
+main process in `VideoLoader.__next__`.
 
 World size change: positions are per slot and slots change with the world size (or the worker
 count), so `load_state_dict` then starts every slot at the start of the epoch after the furthest
@@ -26,25 +27,16 @@ import functools
 import logging
 import math
 import multiprocessing
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_pipeline.buckets import Bucket, build_buckets, choose_bucket
 from data_pipeline.config import DataConfig
-from data_pipeline.stages import (
-    ClipShape,
-    decode_clip,
-    drop_caption,
-    load_npy,
-    sample_caption,
-    sample_meta,
-    to_unit_range,
-)
+from data_pipeline.stages import decode_clip, drop_caption, load_npy, sample_caption, sample_meta
 from data_pipeline.stream import (
     SampleStream,
     ShardSet,
@@ -55,31 +47,11 @@ from data_pipeline.stream import (
     latest_epoch,
 )
 from data_pipeline.tario import TarSample, read_sample
+from data_pipeline.video_ring import VideoRing
 
 log = logging.getLogger(__name__)
 Tokenizer = Callable[[list[str]], torch.Tensor]
 MAX_CONSECUTIVE_BAD = 1000
-
-
-@dataclass(frozen=True, kw_only=True)
-class Bucket:
-    shape: ClipShape
-    """Clip shape of the bucket's batches."""
-    batch_size: int
-    """Samples per batch of this bucket."""
-
-
-def choose_bucket(buckets: list[Bucket], meta: dict[str, Any]) -> int:
-    """Closest aspect ratio (log scale) among the buckets the clip is long enough for."""
-    frames = int(meta.get("num_frames", 0) or 0)
-    fits = [number for number, bucket in enumerate(buckets) if frames == 0 or frames >= bucket.shape.span]
-    if len(buckets) == 1 or not fits or not meta.get("width"):
-        return fits[0] if fits else 0
-    aspect = math.log(float(meta["width"]) / float(meta["height"]))
-    return min(
-        fits,
-        key=lambda number: abs(math.log(buckets[number].shape.width / buckets[number].shape.height) - aspect),
-    )
 
 
 class _BatchMaker:
@@ -181,46 +153,6 @@ class _BatchMaker:
         if self.tokenizer is not None:
             batch["tokens"] = self.tokenizer(captions).long()
         return batch
-
-
-class VideoRing:
-    """Fixed uint8 buffers in shared memory through which workers hand video batches to the main
-    process, which converts them to float and frees the cell at once.
-
-    Versus returning a tensor per batch this saves, per batch, a fresh shared-memory segment (its
-    page faults cost more than the uint8 -> float conversion), the copy into it and the file
-    descriptor hand-shake with the worker. DataLoader keeps at most `prefetch` batches of a worker
-    outstanding, so `prefetch + 1` cells per worker never make a worker wait; a busy flag per cell
-    keeps that safe without relying on it.
-    """
-
-    WAIT_SECONDS = 120.0
-
-    def __init__(self, *, rows: int, cells: int, nbytes: int, shared: bool) -> None:
-        self.buffers = torch.empty((rows, cells, nbytes), dtype=torch.uint8)
-        self.busy = torch.zeros((rows, cells), dtype=torch.uint8)
-        if shared:
-            self.buffers.share_memory_()
-            self.busy.share_memory_()
-
-    def put(self, row: int, number: int, video: np.ndarray) -> tuple[int, int, tuple[int, ...]]:
-        """Copy the `number`-th batch of ring row `row` into a cell; returns what `take` needs."""
-        cell = number % self.busy.shape[1]
-        busy, deadline = self.busy.numpy(), time.monotonic() + self.WAIT_SECONDS
-        while busy[row, cell]:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"video ring cell {row}/{cell} still busy after {self.WAIT_SECONDS} s")
-            time.sleep(0.001)
-        busy[row, cell] = 1
-        self.buffers[row, cell, : video.nbytes].numpy()[:] = video.reshape(-1)
-        return row, cell, video.shape
-
-    def take(self, row: int, cell: int, shape: tuple[int, ...]) -> torch.Tensor:
-        """(B, C, T, H, W) float32 in [-1, 1] of a cell's (B, T, H, W, 3) batch; frees the cell."""
-        pixels = self.buffers[row, cell, : math.prod(shape)].numpy().reshape(shape)
-        video = to_unit_range(pixels)
-        self.busy[row, cell] = 0
-        return video
 
 
 class _SlotDataset(IterableDataset):
@@ -387,17 +319,6 @@ class VideoLoader:
             for worker in range(self.dataset.workers)
         }
         self.batches = 0
-
-
-def build_buckets(cfg: DataConfig, batch_size: int) -> list[Bucket]:
-    shapes = cfg.bucket_shapes() or [(cfg.frames, cfg.height, cfg.width, batch_size)]
-    return [
-        Bucket(
-            shape=ClipShape(frames=frames, frame_stride=cfg.frame_stride, height=height, width=width),
-            batch_size=batch,
-        )
-        for frames, height, width, batch in shapes
-    ]
 
 
 def build_loader(

@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from data_pipeline.inputs import list_inputs
-from data_pipeline.latents import TextEncoder, VideoEncoder, shard_latents
+from data_pipeline.latents import PosteriorEncoder, TextEncoder, VideoEncoder, shard_latents
 from data_pipeline.pseudo_video import PseudoOptions, process_image
 from data_pipeline.shard_writer import JobMismatchError, ShardJob
 from data_pipeline.stages import ClipShape
 from data_pipeline.stream import expand_shard_sets
 from data_pipeline.video_shards import CutOptions, process_video
 
-EncoderLoader = Callable[[str], tuple[VideoEncoder, TextEncoder | None]]
+EncoderLoader = Callable[[str], tuple[VideoEncoder | PosteriorEncoder, TextEncoder | None]]
 """Given the --vae folder, returns (encode_video, encode_text or None); supplied by the CLI layer."""
 
 
@@ -31,25 +31,28 @@ def _common(parser: argparse.ArgumentParser, *, input_help: str) -> None:
     parser.add_argument("--shard-size-mb", type=float, default=256.0, help="maximum shard size (MiB)")
 
 
+def _media(parser: argparse.ArgumentParser, *, input_help: str) -> None:
+    """The options of the commands that read raw media (videos, images)."""
+    _common(parser, input_help=input_help)
+    parser.add_argument("--size", type=int, default=256, help="short side of the clips in pixels")
+    parser.add_argument("--workers", type=int, default=1, help="parallel processes")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lvd shard", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     media = "a folder (captions in sidecar name.txt), a .csv or a .jsonl with columns path, caption"
     videos = commands.add_parser("videos", help="cut videos into captioned clips")
-    _common(videos, input_help=media)
+    _media(videos, input_help=media)
     videos.add_argument("--clip-frames", type=int, default=16, help="frames per clip")
     videos.add_argument("--frame-stride", type=int, default=1, help="source frames between clip frames")
-    videos.add_argument("--size", type=int, default=256, help="short side of the clips in pixels")
     videos.add_argument("--scene-split", action="store_true", help="no clip spans a PySceneDetect cut")
-    videos.add_argument("--workers", type=int, default=1, help="parallel processes")
     images = commands.add_parser("images", help="VidRD pseudo-videos from captioned images")
-    _common(images, input_help=media + " (sidecar: first line)")
+    _media(images, input_help=media + " (sidecar: first line)")
     images.add_argument("--frames", type=int, default=16, help="frames per pseudo-video")
-    images.add_argument("--size", type=int, default=256, help="short side of the clips in pixels")
     images.add_argument("--fps", type=float, default=8.0, help="frame rate written into the clip")
     images.add_argument("--seed", type=int, default=0, help="base seed of the zoom/pan paths")
     images.add_argument("--min-scale", type=float, default=0.6, help="smallest crop window (strongest zoom)")
-    images.add_argument("--workers", type=int, default=1, help="parallel processes")
     latents = commands.add_parser("latents", help="encode pixel shards into latent shards")
     _common(latents, input_help="pixel shards: brace glob, shard folder or manifest.json")
     latents.add_argument(
@@ -60,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     latents.add_argument("--height", type=int, default=256, help="clip height given to the VAE")
     latents.add_argument("--width", type=int, default=256, help="clip width given to the VAE")
     latents.add_argument("--batch-size", type=int, default=4, help="clips per encoder call")
+    latents.add_argument(
+        "--seed", type=int, default=0, help="seed of the posterior draws (each clip's draw: this seed and its key)"
+    )
     return parser
 
 
@@ -123,6 +129,7 @@ def _latent_job(args: argparse.Namespace, load_encoder: EncoderLoader | None) ->
         shard_size_mb=args.shard_size_mb,
         batch_size=args.batch_size,
         params=_params(args),
+        seed=args.seed,
     )
 
 

@@ -2,7 +2,7 @@
 
 Heavy imports (torch, deepspeed) happen inside the subcommand that needs them, so `lvd --help`
 is instant. Exit codes: 0 ok, 1 failure or not implemented, 2 bad usage or bad config,
-and trainer.PREEMPTED_EXIT_CODE when a run stopped on SIGUSR1/SIGTERM after checkpointing.
+and common.launch.PREEMPTED_EXIT_CODE when a run stopped on SIGUSR1/SIGTERM after checkpointing.
 """
 
 from __future__ import annotations

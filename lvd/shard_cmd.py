@@ -1,24 +1,22 @@
 """`lvd shard`: the data pipeline's sharder, plus the model loading that `shard latents` needs.
 
 data_pipeline never imports model_zoo (the layering of tests/layering.py), so the encoders for
-the latent cache are loaded here and handed to it as plain callables.
+the latent cache are loaded here and handed to it as callables: the VAE's as a `PosteriorEncoder`,
+whose draw the sharder seeds per clip from `--seed` and the clip's key.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from common.pipeline_folder import is_pipeline_folder
+from data_pipeline.latents import PosteriorEncoder, TextEncoder
 from data_pipeline.shard_cli import main as shard_main
 
-VideoEncoder = Callable[[torch.Tensor], torch.Tensor]
-TextEncoder = Callable[[list[str]], torch.Tensor]
 
-
-def load_encoder(folder: str) -> tuple[VideoEncoder, TextEncoder | None]:
+def load_encoder(folder: str) -> tuple[PosteriorEncoder, TextEncoder | None]:
     """`--vae` is an exported pipeline folder (vae/ and text_encoder/ are used) or one VAE folder."""
     import model_zoo
 
@@ -28,14 +26,15 @@ def load_encoder(folder: str) -> tuple[VideoEncoder, TextEncoder | None]:
     text = model_zoo.from_pretrained(root / "text_encoder").eval() if pipeline and (root / "text_encoder").is_dir() else None
 
     @torch.no_grad()
-    def encode_video(video: torch.Tensor) -> torch.Tensor:
-        return vae.to_latents(video.contiguous())  # the posterior sample, scaled and shifted for diffusion
+    def encode_video(video: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        # the posterior sample (clip i's from generators[i]), scaled and shifted for diffusion
+        return vae.to_latents(video.contiguous(), generators)
 
     @torch.no_grad()
     def encode_text(captions: list[str]) -> torch.Tensor:
         return text(text.tokenize(captions))
 
-    return encode_video, (encode_text if text is not None else None)
+    return PosteriorEncoder(encode_video), (encode_text if text is not None else None)
 
 
 def main(argv: list[str]) -> int:

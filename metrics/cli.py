@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from common.config import field_default
 from metrics import (
     FrameSelection,
     MaweConfig,
@@ -37,6 +38,7 @@ from metrics import (
     window_descriptors,
 )
 from metrics.i3d import i3d_clip_features, load_i3d
+from metrics.mawe import DIS_PRESETS
 
 PROXY_NAME = (
     "fvd-proxy: NOT FVD. Frechet distance of window descriptors concat(mean_t f_t, mean_t |f_t+1 - f_t|) "
@@ -283,16 +285,28 @@ def _parser() -> argparse.ArgumentParser:
         "--chunk-frames", type=_positive(2), default=16, help="frames per drift chunk and proxy window"
     )
     parser.add_argument(
-        "--frame-stride", type=_positive(1), default=1, help="keep every n-th decoded frame (not SCuts)"
+        "--frame-stride",
+        type=_positive(1),
+        default=field_default(FrameSelection, "stride"),
+        help="keep every n-th decoded frame (not SCuts)",
     )
     parser.add_argument(
-        "--max-frames", type=_positive(1), default=None, help="at most this many kept frames per video"
+        "--max-frames",
+        type=_positive(1),
+        default=field_default(FrameSelection, "max_frames"),
+        help="at most this many kept frames per video",
     )
     parser.add_argument(
-        "--flow-size", type=_positive(16), default=720, help="MAWE frame size (square), 720 as the paper"
+        "--flow-size",
+        type=_positive(16),
+        default=field_default(MaweConfig, "size"),
+        help="MAWE frame size (square), 720 as the paper",
     )
     parser.add_argument(
-        "--flow-preset", choices=["ultrafast", "fast", "medium"], default="medium", help="OpenCV DIS preset"
+        "--flow-preset",
+        choices=list(DIS_PRESETS),
+        default=field_default(MaweConfig, "preset"),
+        help="OpenCV DIS preset",
     )
     parser.add_argument(
         "--i3d", type=_existing_file, help="TorchScript I3D (i3d_torchscript.pt format) for FVD"

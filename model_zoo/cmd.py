@@ -56,8 +56,8 @@ class CMDConfig:
 
 FLAVORS: dict[str, dict[str, Any]] = {
     "tiny": dict(patch_size=4, hidden_size=64, encoder_depth=2, decoder_depth=2, num_heads=4),
-    # TimeSformer-B-size encoder and decoder (CMD's autoencoder is TimeSformer-based).
-    "paper": dict(patch_size=8, hidden_size=768, encoder_depth=12, decoder_depth=12, num_heads=12),
+    # TimeSformer-B-size encoder and decoder (CMD's autoencoder is TimeSformer-based): CMDConfig's defaults.
+    "paper": {},
 }
 
 

@@ -50,10 +50,10 @@ FLAVORS: dict[str, dict[str, Any]] = {
     # CMD motion-model sizes (DiT-S/B/L/XL).
     "S": dict(hidden_size=384, depth=12, num_heads=6),
     "B": dict(hidden_size=768, depth=12, num_heads=12),
-    "L": dict(hidden_size=1024, depth=24, num_heads=16),
-    "XL": dict(hidden_size=1152, depth=28, num_heads=16),
+    "L": dict(hidden_size=1024, depth=24),
+    "XL": {},  # DiTConfig's defaults
     # Billion-parameter video DiT with OpenCLIP ViT-H text context.
-    "1b": dict(hidden_size=1536, depth=28, num_heads=24, context_dim=1024),
+    "1b": dict(hidden_size=1536, num_heads=24, context_dim=1024),
 }
 
 

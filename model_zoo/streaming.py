@@ -61,8 +61,9 @@ class StreamingT2VConfig:
 
 FLAVORS: dict[str, dict[str, Any]] = {
     "tiny": dict(base=UNet3DConfig(**unet3d.FLAVORS["tiny"]), cond_frames=2, image_embed_dim=32, cam_heads=2),
-    # The paper: ModelScope-size t2v U-Net with OpenCLIP ViT-H text/image embeddings.
-    "paper": dict(base=UNet3DConfig(**unet3d.FLAVORS["1b"])),
+    # The paper: ModelScope-size t2v U-Net with OpenCLIP ViT-H text/image embeddings
+    # (StreamingT2VConfig's defaults).
+    "paper": {},
 }
 
 

@@ -57,8 +57,9 @@ class TemporalDecoderVAEConfig:
 
 FLAVORS = {
     "tiny": dict(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8),
-    # Stable Diffusion 1.x / 2.x VAE (diffusers `AutoencoderKL` config of those checkpoints).
-    "sd": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32),
+    # Stable Diffusion 1.x / 2.x VAE (diffusers `AutoencoderKL` config of those checkpoints):
+    # TemporalDecoderVAEConfig's defaults.
+    "sd": {},
 }
 
 

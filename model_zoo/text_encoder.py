@@ -79,14 +79,14 @@ class ImageEncoderConfig:
 
 
 TEXT_FLAVORS: dict[str, dict[str, Any]] = {
-    "tiny": dict(arch=None, context_dim=32, layers=2, heads=2),
-    "vit-h-14": dict(arch="ViT-H-14", context_dim=1024),
+    "tiny": dict(arch=None, context_dim=32),
+    "vit-h-14": {},  # TextEncoderConfig's defaults
     "vit-l-14": dict(arch="ViT-L-14", context_dim=768, quick_gelu=True),
 }
 
 IMAGE_FLAVORS: dict[str, dict[str, Any]] = {
-    "tiny": dict(arch=None, context_dim=32, image_size=32, patch_size=8, width=32, layers=2, heads=2),
-    "vit-h-14": dict(arch="ViT-H-14", context_dim=1024),
+    "tiny": dict(arch=None, context_dim=32, image_size=32, patch_size=8, width=32),
+    "vit-h-14": {},  # ImageEncoderConfig's defaults
     "vit-l-14": dict(arch="ViT-L-14", context_dim=768, quick_gelu=True),
 }
 

@@ -96,19 +96,10 @@ FLAVORS: dict[str, dict[str, Any]] = {
         num_levels=251,
         num_groups=8,
     ),
-    # LVDM short-video model, unconditional.
-    "lvdm-256": dict(
-        model_channels=256, channel_mult=(1, 2, 3, 4), num_res_blocks=3, attention_resolutions=(8, 4, 2)
-    ),
+    # LVDM short-video model, unconditional: UNet3DConfig's defaults.
+    "lvdm-256": {},
     # LVDM long-video prediction / interpolation model: latent + mask, perturbation level s.
-    "lvdm-256-pred": dict(
-        in_channels=5,
-        model_channels=256,
-        channel_mult=(1, 2, 3, 4),
-        num_res_blocks=3,
-        attention_resolutions=(8, 4, 2),
-        num_levels=251,
-    ),
+    "lvdm-256-pred": dict(in_channels=5, num_levels=251),
     # Text-to-video (SD-style layout, CLIP ViT-L text context).
     "lvdm-t2v": dict(
         model_channels=320,

@@ -56,13 +56,7 @@ FLAVORS = {
         base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, downsample=(2, 4, 4), norm_groups=8
     ),
     # LVDM's sky-timelapse autoencoder: 16x256x256 -> 4x4x32x32; scale/shift are LVDM's constants.
-    "lvdm": dict(
-        base_channels=128,
-        channel_mult=(1, 2, 2, 4),
-        downsample=(4, 8, 8),
-        scale_factor=0.334,
-        shift_factor=1.46,
-    ),
+    "lvdm": dict(scale_factor=0.334, shift_factor=1.46),
 }
 
 
@@ -249,8 +243,8 @@ class VideoDiscriminatorConfig:
 
 DISCRIMINATOR_FLAVORS = {
     "tiny": dict(base_channels=8, num_layers=2, norm_groups=4),
-    # The 3D PatchGAN used with LVDM/TATS video autoencoders: ndf 64, 3 layers.
-    "paper": dict(base_channels=64, num_layers=3),
+    # The 3D PatchGAN used with LVDM/TATS video autoencoders: VideoDiscriminatorConfig's defaults.
+    "paper": {},
 }
 
 

@@ -16,8 +16,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from common.config import field_default
 from sampler.config import SampleConfig, trained_size
-from sampler.flags import add_flags, dataclass_flags, field_default, given, merged_flags
+from sampler.flags import add_flags, dataclass_flags, given, merged_flags
 from sampler.state import ParamsMismatch
 from sampler.strategies import STRATEGIES
 

@@ -8,11 +8,11 @@ needs ⌈frames / f_t⌉ latent frames).
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from common.pipeline_folder import is_pipeline_folder, read_index
 from sampler.strategies import STRATEGIES
 
 RUNTIME_FIELDS = ("nproc", "progress")
@@ -90,8 +90,7 @@ class SampleConfig:
 
 def trained_size(folder: str | Path) -> tuple[int, int] | None:
     """(height, width) of the clips the pipeline was trained on (`lvd export` records it), if known."""
-    index_file = Path(folder) / "model_index.json"
-    if not index_file.is_file():
+    if not is_pipeline_folder(folder):
         return None
-    size = json.loads(index_file.read_text()).get("sample_size")
+    size = read_index(folder).entries.get("sample_size")
     return None if not size else (int(size["height"]), int(size["width"]))

@@ -54,14 +54,6 @@ def field_kind(annotation: Any) -> type:
     return annotation
 
 
-def field_default(cls: type, name: str) -> Any:
-    """The default of field `name` of dataclass `cls`."""
-    default = cls.__dataclass_fields__[name].default
-    if default is MISSING:
-        raise KeyError(f"{cls.__name__}.{name} has no default")
-    return default
-
-
 def help_for(spec: Field, doc: str) -> str:
     """The field's docstring, with its default (or `metadata["flag_default"]`) when that says something."""
     if spec.default is True:

@@ -10,7 +10,7 @@
 # shellcheck source=slurm/env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
-# The exit code of a run that checkpointed on a signal (trainer.preemption.PREEMPTED_EXIT_CODE).
+# The exit code of a run that checkpointed on a signal (common.launch.PREEMPTED_EXIT_CODE).
 LVD_PREEMPTED_EXIT_CODE=75
 
 # lvd_rendezvous: export MASTER_ADDR (first node of the job), MASTER_PORT (from the job id, so a

@@ -19,6 +19,7 @@ submitit requeues the job; the rerun resumes from the run folder.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shlex
 import signal
@@ -29,10 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.config import field_default
+from common.launch import PREEMPTED_EXIT_CODE
+
 REPO = Path(__file__).resolve().parent.parent
 ENV_SH = REPO / "slurm" / "env.sh"
-PREEMPTED_EXIT_CODE = 75
-"""trainer.preemption.PREEMPTED_EXIT_CODE (not imported: it would pull torch into `lvd submit`)."""
 REQUEUE_GRACE_S = 300
 """How long a preempted rank waits for the requeue (which stops it) before it reports an error."""
 
@@ -278,6 +280,9 @@ def submit_shard(options: SubmitOptions) -> int:
 
 
 def build_parser(defaults: dict[str, str]) -> argparse.ArgumentParser:
+    """`lvd submit`'s parser: slurm/env.sh's values (`defaults`) where it sets them, else the
+    defaults of SubmitOptions."""
+    default = functools.partial(field_default, SubmitOptions)
     parser = argparse.ArgumentParser(
         prog="lvd submit",
         description="Submit lvd train / shard / sample to Slurm through submitit (defaults from slurm/env.sh).",
@@ -285,36 +290,45 @@ def build_parser(defaults: dict[str, str]) -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("command", choices=("train", "shard", "sample"), help="the lvd subcommand to run in the job")
-    add("--nodes", type=int, default=1, help="nodes (train, sample)")
+    add("--nodes", type=int, default=default("nodes"), help="nodes (train, sample)")
     add(
         "--gpus-per-node",
         type=int,
-        default=int(defaults.get("LVD_GPUS_PER_NODE", "0")),
+        default=int(defaults.get("LVD_GPUS_PER_NODE", default("gpus_per_node"))),
         help="one rank per GPU; 0 = one rank per node (CPU)",
     )
     add(
         "--partition",
-        default=defaults.get("LVD_PARTITION", ""),
+        default=defaults.get("LVD_PARTITION", default("partition")),
         help="Slurm partition (env.sh: LVD_PARTITION)",
     )
-    add("--account", default=defaults.get("LVD_ACCOUNT", ""), help="Slurm account (env.sh: LVD_ACCOUNT)")
-    add("--time", type=parse_minutes, default=60, help="time limit per run: minutes, h:m:s or d-h:m:s")
+    add(
+        "--account",
+        default=defaults.get("LVD_ACCOUNT", default("account")),
+        help="Slurm account (env.sh: LVD_ACCOUNT)",
+    )
+    add(
+        "--time",
+        type=parse_minutes,
+        default=default("time_min"),
+        help="time limit per run: minutes, h:m:s or d-h:m:s",
+    )
     add(
         "--cpus-per-task",
         type=int,
-        default=int(defaults.get("LVD_CPUS_PER_TASK", "1")),
+        default=int(defaults.get("LVD_CPUS_PER_TASK", default("cpus_per_task"))),
         help="CPU cores per rank",
     )
-    add("--tasks", type=int, default=2, help="shard: array tasks (input slices)")
+    add("--tasks", type=int, default=default("tasks"), help="shard: array tasks (input slices)")
     add(
         "--signal-lead",
         type=int,
-        default=int(defaults.get("LVD_SIGNAL_LEAD_S", "120")),
+        default=int(defaults.get("LVD_SIGNAL_LEAD_S", default("signal_lead_s"))),
         help="seconds of warning before the time limit",
     )
     add(
         "--logs",
-        default="slurm-logs/%j",
+        default=default("logs"),
         help="folder for job scripts and logs, on a shared filesystem (%%j = job id)",
     )
     add("--dry-run", action="store_true", help="print the sbatch script instead of submitting it")
@@ -350,7 +364,7 @@ def main(argv: list[str]) -> int:
         tasks=args.tasks,
         signal_lead_s=args.signal_lead,
         logs=args.logs,
-        python=defaults.get("LVD_PYTHON", sys.executable),
+        python=defaults.get("LVD_PYTHON", field_default(SubmitOptions, "python")),
         dry_run=args.dry_run,
     )
     return submit_shard(options) if options.command == "shard" else submit_ranks(options)

@@ -22,12 +22,22 @@ class DiagonalGaussian:
         self.logvar = logvar.clamp(*LOGVAR_RANGE)
         self.std = torch.exp(0.5 * self.logvar)
 
-    def sample(self, generator: torch.Generator | None = None) -> Tensor:
-        """A reparameterised draw `mean + std · eps` (differentiable in mean and std)."""
-        noise = torch.randn(
-            self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
-        )
+    def sample(self, generator: torch.Generator | list[torch.Generator] | None = None) -> Tensor:
+        """A reparameterised draw `mean + std · eps` (differentiable in mean and std).
+
+        With a list of generators, one per batch element, element i's `eps` comes from the i-th:
+        each element's draw then depends on its own generator only, not on the batch around it.
+        """
+        if isinstance(generator, list):
+            if len(generator) != self.mean.shape[0]:
+                raise ValueError(f"{len(generator)} generators for a batch of {self.mean.shape[0]}")
+            noise = torch.stack([self._noise(self.mean.shape[1:], each) for each in generator])
+        else:
+            noise = self._noise(self.mean.shape, generator)
         return self.mean + self.std * noise
+
+    def _noise(self, shape: torch.Size, generator: torch.Generator | None) -> Tensor:
+        return torch.randn(shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
 
     def mode(self) -> Tensor:
         return self.mean
@@ -48,8 +58,11 @@ class LatentScalingMixin:
     encode: Any
     decode: Any
 
-    def to_latents(self, video: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Video (B, 3, T, H, W) in [-1, 1] -> scaled, shifted posterior sample for diffusion."""
+    def to_latents(
+        self, video: Tensor, generator: torch.Generator | list[torch.Generator] | None = None
+    ) -> Tensor:
+        """Video (B, 3, T, H, W) in [-1, 1] -> scaled, shifted posterior sample for diffusion
+        (`generator`: one, or one per clip, as `DiagonalGaussian.sample` takes it)."""
         z = self.encode(video).sample(generator)
         return (z - self.config.shift_factor) * self.config.scale_factor
 

@@ -1,0 +1,48 @@
+"""Aspect-ratio buckets: the clip shapes a loader batches, and which one a clip goes to.
+
+A batch holds clips of one shape. With several buckets configured (`data.buckets`), each clip
+goes to the bucket closest to its aspect ratio among those it is long enough for; without, there
+is one bucket of the configured clip shape.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from data_pipeline.config import DataConfig
+from data_pipeline.stages import ClipShape
+
+
+@dataclass(frozen=True, kw_only=True)
+class Bucket:
+    shape: ClipShape
+    """Clip shape of the bucket's batches."""
+    batch_size: int
+    """Samples per batch of this bucket."""
+
+
+def choose_bucket(buckets: list[Bucket], meta: dict[str, Any]) -> int:
+    """Closest aspect ratio (log scale) among the buckets the clip is long enough for."""
+    frames = int(meta.get("num_frames", 0) or 0)
+    fits = [number for number, bucket in enumerate(buckets) if frames == 0 or frames >= bucket.shape.span]
+    if len(buckets) == 1 or not fits or not meta.get("width"):
+        return fits[0] if fits else 0
+    aspect = math.log(float(meta["width"]) / float(meta["height"]))
+    return min(
+        fits,
+        key=lambda number: abs(math.log(buckets[number].shape.width / buckets[number].shape.height) - aspect),
+    )
+
+
+def build_buckets(cfg: DataConfig, batch_size: int) -> list[Bucket]:
+    """The buckets of `data.buckets`, or one bucket of the configured clip shape and `batch_size`."""
+    shapes = cfg.bucket_shapes() or [(cfg.frames, cfg.height, cfg.width, batch_size)]
+    return [
+        Bucket(
+            shape=ClipShape(frames=frames, frame_stride=cfg.frame_stride, height=height, width=width),
+            batch_size=batch,
+        )
+        for frames, height, width, batch in shapes
+    ]
