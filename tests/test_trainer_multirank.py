@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from common.launch import PREEMPTED_EXIT_CODE
 from trainer.monitor import read_metrics
-from trainer.preemption import PREEMPTED_EXIT_CODE
 
 pytestmark = pytest.mark.multirank
 REPO = Path(__file__).resolve().parent.parent

@@ -13,10 +13,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from common.launch import PREEMPTED_EXIT_CODE
 from trainer.config import TrainJobConfig
 from trainer.engine import init_distributed, restore_torch_linear
 from trainer.monitor import Monitor, stderr
-from trainer.preemption import PREEMPTED_EXIT_CODE, PreemptionFlag
+from trainer.preemption import PreemptionFlag
 from trainer.session import (
     TrainingError,
     any_rank,

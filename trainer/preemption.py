@@ -1,4 +1,4 @@
-"""SIGUSR1 / SIGTERM: finish the current step, checkpoint, exit with PREEMPTED_EXIT_CODE.
+"""SIGUSR1 / SIGTERM: finish the current step, checkpoint, exit with `common.launch.PREEMPTED_EXIT_CODE`.
 
 Slurm sends `--signal=B:USR1@<s>` before the time limit (slurm/train.sbatch forwards it to the
 ranks), and SIGTERM on preemption. The flag is only read between steps, and all ranks agree on
@@ -8,9 +8,6 @@ it with one all-reduce, so every rank checkpoints at the same step.
 from __future__ import annotations
 
 import signal
-
-PREEMPTED_EXIT_CODE = 75
-"""Exit code of a run that stopped on a signal after a complete checkpoint (EX_TEMPFAIL): requeue it."""
 
 
 class PreemptionFlag:
