@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError, diff_from_defaults, dump_yaml, field_docs, from_dict, load_config
+from common.config import (
+    ConfigError,
+    diff_from_defaults,
+    dump_yaml,
+    field_docs,
+    from_dict,
+    load_config,
+    to_dict,
+)
 from data_pipeline.config import DataConfig
 from trainer.config import (
     AutoencoderObjective,
@@ -146,7 +154,6 @@ def test_objective_is_a_union_tagged_by_the_task():
 
 
 def test_objective_round_trips_through_the_checkpoint_dict(tmp_path):
-    from common.config import to_dict
 
     cfg = load_config(TrainJobConfig, REPO / "configs/tiny/lvdm_prediction.yaml", ["objective.conditioning.s_max=100"])
     assert from_dict(TrainJobConfig, to_dict(cfg)) == cfg
@@ -192,3 +199,32 @@ def test_prediction_and_interpolation_objectives_hold_only_their_own_terms():
 def test_from_dict_rejects_section_as_scalar():
     with pytest.raises(ConfigError, match="^train: expected a section"):
         from_dict(TrainJobConfig, {"train": 3})
+
+
+LEGACY = REPO / "tests" / "golden" / "resolved_configs_before_tagged_objective"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in LEGACY.glob("*.yaml")))
+def test_a_resolved_config_of_the_flat_objective_reads_as_todays_config(name):
+    """`lvd export` reads runs that an older `lvd train` wrote: their resolved config (recorded in
+    tests/golden/ with that version's `--print-config`) upgrades to exactly today's config."""
+    import yaml
+
+    from trainer.config import upgrade_resolved_config
+
+    old = yaml.safe_load((LEGACY / name).read_text())
+    assert "task" in old["train"]
+    assert from_dict(TrainJobConfig, upgrade_resolved_config(old)) == load_config(TrainJobConfig, REPO / "configs" / "tiny" / name)
+    today = to_dict(load_config(TrainJobConfig, REPO / "configs" / "tiny" / name))
+    assert upgrade_resolved_config(today) == today
+
+
+def test_an_upgraded_videofusion_config_keeps_a_changed_lambda():
+    import yaml
+
+    from trainer.config import upgrade_resolved_config
+
+    old = yaml.safe_load((LEGACY / "videofusion.yaml").read_text())
+    old["objective"]["videofusion_lambda"] = 0.3
+    cfg = from_dict(TrainJobConfig, upgrade_resolved_config(old))
+    assert cfg.model.overrides == {"lam": 0.3} and cfg.objective.task == "videofusion"

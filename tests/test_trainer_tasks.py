@@ -525,6 +525,24 @@ def test_rank_state_round_trips_and_refuses_a_state_without_a_field():
         RankState.from_dict(incomplete)
 
 
+def test_a_rank_state_of_the_older_layout_resumes_with_its_counters(tmp_path):
+    """Rank files written before the counters had a type (loose keys, the step only in the tag)
+    still resume: `read_rank_state` upgrades them."""
+    from trainer.checkpoint import rank_state_path, read_rank_state
+
+    path = rank_state_path(tmp_path, "step_00000012", 0)
+    path.parent.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(3).get_state()
+    older = {
+        "generator": generator, "torch_rng": torch.get_rng_state(), "cuda_rng": None, "loader": {"batches": 5},
+        "ema": None, "bad_streak": 1, "skipped_total": 2, "flops_per_step": 9.0, "world_size": 1,
+    }
+    torch.save(older, path)
+    state = read_rank_state(tmp_path, "step_00000012", 0)
+    assert (state.counters.step, state.counters.bad_streak, state.counters.skipped_total, state.counters.flops_per_step) == (12, 1, 2, 9.0)
+    assert state.loader == {"batches": 5} and torch.equal(state.generator, generator)
+
+
 def test_the_registry_has_a_task_for_every_objective_and_no_other():
     import typing
 

@@ -120,7 +120,17 @@ def read_rank_state(directory: Path, tag: str, rank: int) -> RankState:
     path = rank_state_path(directory, tag, rank)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; was the checkpoint written with another world size?")
-    return RankState.from_dict(torch.load(path, map_location="cpu", weights_only=False))
+    return RankState.from_dict(upgrade_rank_state(torch.load(path, map_location="cpu", weights_only=False), step_of(tag)))
+
+
+def upgrade_rank_state(state: dict[str, Any], step: int) -> dict[str, Any]:
+    """A rank state as an older `lvd train` wrote it (the counters loose at the top level, the step
+    only in the tag) in today's shape; today's comes back unchanged."""
+    if "counters" in state or "bad_streak" not in state:
+        return state
+    loose = ("bad_streak", "skipped_total", "flops_per_step")
+    counters = {"step": step, **{name: state[name] for name in loose if name in state}}
+    return {key: value for key, value in state.items() if key not in loose} | {"counters": counters}
 
 
 def commit(directory: Path, tag: str, meta: dict[str, Any], *, keep_last: int) -> None:

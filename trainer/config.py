@@ -12,8 +12,9 @@ loader and the dotted command-line overrides. The `objective` section is a tagge
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal
+import copy
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, get_args, get_type_hints
 
 from data_pipeline.config import DataConfig
 
@@ -322,3 +323,33 @@ class TrainJobConfig:
     """The trained network and its frozen helpers."""
     objective: Objective = field(default_factory=DiffusionObjective)
     """The task and its loss (`objective.task` picks which; each task has its own terms)."""
+
+
+LEGACY_VIDEOFUSION_LAMBDA = 0.5
+"""`objective.videofusion_lambda` of the older flat objective when not set: the same λ the
+VideoFusion model has by default, so an upgraded config only overrides λ when it was changed."""
+
+
+def upgrade_resolved_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """A resolved config as an older `lvd train` wrote it into a checkpoint (`train.task` and one
+    flat `objective` section holding every task's terms), in today's shape: `objective.task`,
+    only that task's terms, the diffusion terms under `objective.diffusion`, LVDM's under
+    `objective.conditioning`, VideoFusion's λ in `model.overrides.lam`. A config already in
+    today's shape comes back unchanged, so `lvd export` reads runs of either version."""
+    if "task" not in raw.get("train", {}):
+        return raw
+    upgraded = copy.deepcopy(raw)
+    task = upgraded["train"].pop("task")
+    old = upgraded.get("objective") or {}
+    member = {get_args(get_type_hints(cls)["task"])[0]: cls for cls in get_args(Objective)}[task]
+    names = {spec.name for spec in fields(member)}
+    objective: dict[str, Any] = {"task": task, **{name: old[name] for name in names if name in old}}
+    if "diffusion" in names:
+        objective["diffusion"] = {spec.name: old[spec.name] for spec in fields(DiffusionConfig) if spec.name in old}
+    if "conditioning" in names:
+        objective["conditioning"] = {spec.name: old[spec.name] for spec in fields(LVDMConditioning) if spec.name in old}
+    if task == "videofusion" and old.get("videofusion_lambda", LEGACY_VIDEOFUSION_LAMBDA) != LEGACY_VIDEOFUSION_LAMBDA:
+        model = upgraded.setdefault("model", {})
+        model["overrides"] = {**(model.get("overrides") or {}), "lam": old["videofusion_lambda"]}
+    upgraded["objective"] = objective
+    return upgraded

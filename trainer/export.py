@@ -26,6 +26,7 @@ from trainer.config import (
     LVDMPredictionObjective,
     TemporalDecoderObjective,
     TrainJobConfig,
+    upgrade_resolved_config,
 )
 from trainer.ema import assemble
 from trainer.engine import consolidated_state_dict
@@ -44,7 +45,7 @@ def export(
     if tag is None or not checkpoint.is_complete(ckpt_dir, tag):
         raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint" + (f" for step {step}" if step is not None else ""))
     meta = json.loads((ckpt_dir / tag / "meta.json").read_text())
-    cfg: TrainJobConfig = from_dict(TrainJobConfig, meta["config"])
+    cfg: TrainJobConfig = from_dict(TrainJobConfig, upgrade_resolved_config(meta["config"]))
     task = cfg.objective.task
     names = TASKS[task].components
     # The pixel clip size the run trained on: `lvd sample`'s default height and width.
