@@ -40,8 +40,6 @@ ECHO_EVERY = 5.0
 """At most one progress line per stage every this many seconds (the last one always)."""
 HELD_OUT_EVERY = 4
 """Every 4th clip of each source video is held out of all training."""
-PROMPTS_PER_CAPTION = 2
-"""Short clips sampled per training caption for the FID and motion figures."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +72,10 @@ class Sizes:
     """DDIM steps of every sampled video."""
     guidance: float
     """Text CFG scale of the sampled videos."""
+    prompts_per_caption: int
+    """Short clips sampled per training caption for the FID and motion figures."""
+    fid_reference_clips: int | None
+    """Held-out clips whose frames are the FID's reference (None: every held-out clip)."""
     long_frames: int
     eval_metrics: str
 
@@ -81,7 +83,7 @@ class Sizes:
 FULL = Sizes(
     shard_size=64, size=32, clip_frames=16, vae_steps=1500, vae_frames=8, vae_crop=32, vae_crops_per_clip=8, vae_batch=4,
     vae_lr=2e-3, vae_latent_channels=8, t2v_steps=600, t2v_lr=3e-3, lvdm_steps=250, lvdm_lr=3e-3, ema_decay=0.99,
-    sample_steps=25, guidance=3.0, long_frames=128, eval_metrics="scuts,mawe",
+    sample_steps=25, guidance=3.0, prompts_per_caption=2, fid_reference_clips=None, long_frames=128, eval_metrics="scuts,mawe",
 )
 """The recipe measured in benchmarks/RESULTS.md ('The demo'): the VAE trains 1500 steps with the
 squared error because held-out PSNR rose with steps and L2 (a 1-rank probe: 25.3 dB at 64x64,
@@ -90,8 +92,12 @@ where a text-to-video step costs a quarter of one at 64x64."""
 QUICK = Sizes(
     shard_size=32, size=32, clip_frames=8, vae_steps=10, vae_frames=8, vae_crop=16, vae_crops_per_clip=2, vae_batch=2, vae_lr=1e-3,
     vae_latent_channels=4, t2v_steps=12, t2v_lr=5e-4, lvdm_steps=8, lvdm_lr=5e-4, ema_decay=0.9,
-    sample_steps=4, guidance=3.0, long_frames=128, eval_metrics="scuts,mawe",
+    sample_steps=4, guidance=3.0, prompts_per_caption=1, fid_reference_clips=3, long_frames=128, eval_metrics="scuts,mawe",
 )
+"""Proves the chain only: every stage and figure runs, at sizes where process starts dominate.
+The Inception features of the frame FID are the costliest part at these sizes (about 1 s per
+frame on 2 busy cores), so the FID compares few frames: one clip per caption against 3
+held-out clips."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,22 +208,16 @@ class Stage:
         if not self.quiet:
             print(f"    {text}", flush=True)
 
-    def announce(self, title: str) -> None:
-        """Number and announce an in-process stage that always runs (timed until the next stage
-        or `close`)."""
+    def step(self, title: str, done: Path) -> bool:
+        """Number and announce an in-process stage (timed until the next stage or `close`);
+        False when `done` exists (skip it)."""
         self.close()
         self.number += 1
-        print(f"[{self.number}] {title} ...", flush=True)
-        self._open = (title, time.perf_counter())
-
-    def step(self, title: str, done: Path) -> bool:
-        """Number and announce an in-process stage; False when `done` exists (skip it)."""
         if done.exists():
-            self.close()
-            self.number += 1
             print(f"[{self.number}] {title}: already done ({done})", flush=True)
             return False
-        self.announce(title)
+        print(f"[{self.number}] {title} ...", flush=True)
+        self._open = (title, time.perf_counter())
         return True
 
 
@@ -362,13 +362,13 @@ class Videos:
     vidrd: Path
 
 
-def caption_prompts(paths: Paths) -> list[str]:
-    """Each training caption `PROMPTS_PER_CAPTION` times, in a fixed order."""
+def caption_prompts(paths: Paths, sizes: Sizes) -> list[str]:
+    """Each training caption `sizes.prompts_per_caption` times, in a fixed order."""
     from data_pipeline.tario import iter_samples
     from lvd.demo_data import shard_paths
 
     captions = sorted({s.files.get("txt", b"").decode() for p in shard_paths(paths.held_out) for s in iter_samples(p)} - {""})
-    return [caption for caption in captions for _ in range(PROMPTS_PER_CAPTION)]
+    return [caption for caption in captions for _ in range(sizes.prompts_per_caption)]
 
 
 def sample_all(stage: Stage, paths: Paths, sizes: Sizes) -> Videos:
@@ -378,7 +378,7 @@ def sample_all(stage: Stage, paths: Paths, sizes: Sizes) -> Videos:
     videos.mkdir(parents=True, exist_ok=True)
     if stage.step("an untrained copy of the text-to-video denoiser (FID baseline)", export / "t2v_untrained" / "model_index.json"):
         untrained_copy(export / "t2v", export / "t2v_untrained")
-    prompts = caption_prompts(paths)
+    prompts = caption_prompts(paths, sizes)
     (samples / "prompts.txt").write_text("\n".join(prompts) + "\n")
     size = ["--height", str(sizes.size), "--width", str(sizes.size), "--nproc", "2", "--seed", "0"]
     short = ["--frames", str(sizes.clip_frames), "--steps", str(sizes.sample_steps), "--guidance", str(sizes.guidance), *size]
@@ -435,8 +435,9 @@ def write_report(stage: Stage, paths: Paths, sizes: Sizes, videos: Videos, metri
     from lvd import demo_figures
     from lvd.demo_report import write_report as write
 
-    title = "figures and report (report.json, report.html)"
-    stage.announce(title)
+    json_path = paths.out / "report.json"
+    if not stage.step("figures and report (report.json, report.html)", paths.out / "report.html"):
+        return json_path
     figures, sheets = demo_figures.compute(paths, sizes, videos, json.loads(metrics.read_text()), stage.say)
     runs = {name: paths.runs / name for name in ("vae", "t2v", "lvdm_prediction", "lvdm_interpolation")}
     stage.close()
@@ -444,7 +445,7 @@ def write_report(stage: Stage, paths: Paths, sizes: Sizes, videos: Videos, metri
         "mode": "quick" if sizes is QUICK else "full", "recipe": asdict(sizes), "stage_seconds": stage.seconds,
         "wall_seconds": time.perf_counter() - start, "load_average": list(os.getloadavg()), "cpus": os.cpu_count(),
     }
-    json_path, _ = write(paths.out, figures, sheets, runs, extra)
+    write(paths.out, figures, sheets, runs, extra)
     return json_path
 
 

@@ -56,7 +56,7 @@ def vae_figures(paths: Paths, sizes: Sizes, full: bool, say: Say) -> tuple[list[
 
 def sample_figures(paths: Paths, sizes: Sizes, videos: Videos, full: bool, say: Say) -> tuple[list[Figure], list[np.ndarray], list[np.ndarray]]:
     """FID of the trained and untrained samples against the held-out frames, and their motion."""
-    held_out, _ = real_clips(paths.held_out, sizes.clip_frames, sizes.size)
+    held_out, _ = real_clips(paths.held_out, sizes.clip_frames, sizes.size, limit=sizes.fid_reference_clips)
     train, _ = real_clips(paths.train, sizes.clip_frames, sizes.size)
     trained = [read_mp4(p)[: sizes.clip_frames] for p in videos.trained]
     untrained = [read_mp4(p)[: sizes.clip_frames] for p in videos.untrained]

@@ -1,13 +1,23 @@
 #!/usr/bin/env bash
 # The test command (README, .ci/run): lint, then the whole default suite, with the local Slurm
 # cluster up for the `slurm` tests. Any failure, including "no tests collected" (pytest exit
-# code 5), fails the command. Extra arguments go to pytest (e.g. -m "not slow").
+# code 5), fails the command. Extra arguments go to pytest (e.g. -k trainer).
+#
+#   ./scripts/test.sh           # the default suite (what CI runs)
+#   ./scripts/test.sh --fast    # the fast lane: -m "not slow" (no rank launches, no Slurm, no
+#                               # demo, no memorisation chain), without bringing Slurm up
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 DS_ACCELERATOR=cpu TOKENIZERS_PARALLELISM=false
+fast=0
+if [ "${1:-}" = --fast ]; then
+  fast=1
+  shift
+  set -- -m "not slow" "$@"
+fi
 .venv/bin/ruff check .
 slurm_up=0
-if [ -x slurm/local/up.sh ] && [ "$(id -u)" = 0 ] && [ "${LVD_SKIP_SLURM:-0}" != 1 ]; then
+if [ "$fast" = 0 ] && [ -x slurm/local/up.sh ] && [ "$(id -u)" = 0 ] && [ "${LVD_SKIP_SLURM:-0}" != 1 ]; then
   slurm/local/up.sh
   slurm_up=1
   trap 'slurm/local/down.sh || true' EXIT
@@ -17,5 +27,5 @@ set +e
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then echo "test.sh: pytest collected no tests: failing" >&2; exit 1; fi
-[ "$slurm_up" = 1 ] || echo "test.sh: note: local Slurm not started (not root, or LVD_SKIP_SLURM=1)" >&2
+[ "$slurm_up" = 1 ] || [ "$fast" = 1 ] || echo "test.sh: note: local Slurm not started (not root, or LVD_SKIP_SLURM=1)" >&2
 exit "$rc"

@@ -22,6 +22,14 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that launches ranks or Slurm jobs is also `slow`, so that `-m "not slow"` is the
+    fast lane: one process, no launches."""
+    for item in items:
+        if item.get_closest_marker("multirank") or item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def torch_linear_left_in_place():
     """No test may leave `torch.nn.functional.linear` replaced (ZeRO-3 does that process-wide, see

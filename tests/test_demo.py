@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import av
 import numpy as np
@@ -161,7 +162,12 @@ def test_quick_demo_runs_the_whole_chain_writes_its_report_and_resumes(tmp_path,
     assert "TensorBoard" in result.stdout and str(out / "report.html") in result.stdout
     assert "lvd train: step" in result.stdout  # the training stages' progress reaches the console
 
+    report_bytes = (out / "report.json").read_bytes()
+    stages = re.findall(r"^\[(\d+)\] .* \.\.\.$", result.stdout, re.MULTILINE)
     again = run_lvd("demo", "--quick", "--quiet", "--out", str(out), timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("already done") >= 12
-    assert "lvd train: step" not in again.stdout and "report.html" in again.stdout
+    # Every stage of the first run, the figures included, is skipped: nothing is redone.
+    assert re.findall(r"^\[(\d+)\] .*: already done \(", again.stdout, re.MULTILINE) == stages
+    assert len(stages) >= 20 and " ..." not in again.stdout
+    assert (out / "report.json").read_bytes() == report_bytes
+    assert "lvd train: step" not in again.stdout and str(out / "report.html") in again.stdout

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_lvd
 
 from common.config import load_config
 from trainer.config import TrainJobConfig
@@ -52,10 +51,14 @@ def test_meta_counts_of_a_1b_config():
     assert counts.train_flops_per_sample > 1e12
 
 
-def test_plan_cli_json_for_dit_1b_on_8x8_h100():
-    result = run_lvd("plan", "--config", "configs/scale/dit-1b.yaml", "--nodes", "8", "--gpus-per-node", "8", "--gpu", "h100", "--json")
-    assert result.returncode == 0, result.stderr[-2000:]
-    plan = json.loads(result.stdout)
+def test_plan_cli_json_for_dit_1b_on_8x8_h100(capsys, monkeypatch):
+    from lvd.cli import main
+
+    monkeypatch.chdir(REPO)  # in-process through the entry point's main (a process start saved)
+    code = main(["plan", "--config", "configs/scale/dit-1b.yaml", "--nodes", "8", "--gpus-per-node", "8", "--gpu", "h100", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-2000:]
+    plan = json.loads(captured.out)
     assert plan["fits"] is True
     assert plan["trainable_params"] >= 1.0e9
     assert plan["max_micro_batch"] >= plan["micro_batch_size"]

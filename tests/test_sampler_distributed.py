@@ -127,6 +127,7 @@ def test_one_prompt_on_two_ranks_splits_the_guidance_branches(pipelines, tmp_pat
     assert report["units_computed"] == len(list((tmp_path / "one" / "v.parts").glob("chunk-*")))
 
 
+@pytest.mark.slow
 def test_kill_and_resume_gives_the_same_video(pipelines, tmp_path):
     argv = ["--model", pipelines["lvdm_prediction"], "--strategy", "lvdm-autoregressive", "--frames", "160"]
     argv += ["--prompt", "a red bicycle", *COMMON]
