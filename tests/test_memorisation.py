@@ -39,9 +39,11 @@ CLIPS = {"carphone_pristine": "a man talking on a phone in a car"}
 CAPTION = CLIPS["carphone_pristine"]
 FRAMES, SIZE = 8, 32
 VAE_STEPS = 100
-DENOISER_STEPS = 300
+DENOISER_STEPS = 450
 DENOISER = ["train.lr=3e-3", "train.min_lr_ratio=0.3", "data.p_uncond=0"]
-"""Recipe of the memorising denoisers (one clip, batch 2)."""
+"""Recipe of the memorising denoisers (one clip, batch 2). With 300 steps the U-Net gave 22.6 dB on one
+machine and 20.4 dB (and a vidrd frame at 17.7 dB) on another, too close to the bars below;
+450 steps gave 25.6 dB and 25.9 dB."""
 MEMORISED_DB = 20.0
 """A sample of a clip's caption must match the clip's VAE reconstruction this well (PSNR)."""
 UNTRAINED_GAP_DB = 5.0
@@ -207,6 +209,7 @@ def test_vidrd_long_video_stays_on_the_memorised_clip(chain: Chain, unet3d_eps: 
     recon = chain.recon[CAPTION]
     nearest = [max(psnr(frame, ref) for ref in recon) for frame in frames]
     assert min(nearest) >= LONG_DB, f"frames far from the clip (dB per frame): {[round(x, 1) for x in nearest]}"
+    print(f"vidrd long video: the farthest frame {min(nearest):.2f} dB from the clip")
 
 
 def run_task(run_dir: Path, *overrides: str):
@@ -319,5 +322,5 @@ def test_train_prints_progress_lines_without_a_tty(chain: Chain, unet3d_eps: Pat
     import re
 
     lines = [line for line in chain.logs["unet3d"].splitlines() if line.startswith("lvd train: step")]
-    pattern = r"lvd train: step (\d+)/300 loss=\S+ .*\| [\d.]+ (step/s|s/step) \| ETA \S+$"
-    assert [int(re.match(pattern, line).group(1)) for line in lines] == list(range(50, 301, 50)), lines
+    pattern = rf"lvd train: step (\d+)/{DENOISER_STEPS} loss=\S+ .*\| [\d.]+ (step/s|s/step) \| ETA \S+$"
+    assert [int(re.match(pattern, line).group(1)) for line in lines] == list(range(50, DENOISER_STEPS + 1, 50)), lines
