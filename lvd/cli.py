@@ -14,9 +14,8 @@ from collections.abc import Callable
 
 from common.config import ConfigError
 
-# subcommand -> (one-line help, "module:function" taking argv and returning an exit code, or
-# None for a subcommand that is not implemented yet).
-SUBCOMMANDS: dict[str, tuple[str, str | None]] = {
+# subcommand -> (one-line help, "module:function" taking argv and returning an exit code).
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "shard": ("turn videos, images or clips into WebDataset shards (videos | images | latents)", "lvd.shard_cmd:main"),
     "train": ("train a model with DeepSpeed ZeRO from a YAML config and dotted overrides", "trainer.cli:main"),
     "export": ("consolidate a run's checkpoint into a diffusers-style pipeline folder", "trainer.export_cli:main"),
@@ -28,22 +27,8 @@ SUBCOMMANDS: dict[str, tuple[str, str | None]] = {
 }
 
 
-def _not_implemented(name: str) -> Callable[[list[str]], int]:
-    def run(argv: list[str]) -> int:
-        if any(arg in ("-h", "--help") for arg in argv):
-            print(f"usage: lvd {name} ...\n\n{SUBCOMMANDS[name][0]}\n\nnot implemented yet (see README)")
-            return 0
-        print(f"lvd {name}: not implemented yet (see README)", file=sys.stderr)
-        return 1
-
-    return run
-
-
 def _resolve(name: str) -> Callable[[list[str]], int]:
-    target = SUBCOMMANDS[name][1]
-    if target is None:
-        return _not_implemented(name)
-    module, func = target.split(":")
+    module, func = SUBCOMMANDS[name][1].split(":")
     return getattr(importlib.import_module(module), func)
 
 

@@ -325,6 +325,7 @@ def _claim_all(folder: str, names: list[str], queue) -> None:
     queue.put([name for name in names if store.claim(name)])
 
 
+@pytest.mark.slow
 def test_claims_hand_each_unit_to_exactly_one_of_racing_processes(tmp_path):
     import multiprocessing
 

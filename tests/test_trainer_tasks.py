@@ -221,6 +221,7 @@ def test_bf16_training_computes_in_bf16_close_to_fp32(config, tmp_path, video_sh
     assert bf16 == pytest.approx(fp32[:2], rel=0.02) and bf16[1] != fp32[1]
 
 
+@pytest.mark.slow
 def test_compiled_blocks_train_like_eager(tmp_path, video_shards):
     """train.compile=true (regional torch.compile, here with activation checkpointing) gives the
     eager run's losses, really compiles, and leaves the checkpoint's parameter names alone."""
