@@ -23,21 +23,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO
+
+from common.files import replacing_folder
+from common.pipeline_folder import read_index, write_index
+from lvd.demo_stages import Echo, Job, Stage
 
 REPO = Path(__file__).resolve().parent.parent
-PROGRESS = re.compile(r"^\s*(lvd [a-z]+: |step \d+|\[rank ?\d+\] step \d+)", re.IGNORECASE)
-"""Lines of a stage's output echoed to the console (everything goes to the stage's log)."""
-ECHO_EVERY = 5.0
-"""At most one progress line per stage every this many seconds (the last one always)."""
 HELD_OUT_EVERY = 4
 """Every 4th clip of each source video is held out of all training."""
 
@@ -109,118 +106,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class Echo:
-    """Copies a stage's output into its log and echoes its progress lines, throttled."""
-
-    def __init__(self, prefix: str, log: IO[str], quiet: bool):
-        self.prefix, self.log, self.quiet = prefix, log, quiet
-        self.last_time, self.pending = 0.0, ""
-
-    def line(self, text: str) -> None:
-        if self.quiet or not PROGRESS.match(text):
-            return
-        now = time.monotonic()
-        if now - self.last_time >= ECHO_EVERY:
-            self.last_time, self.pending = now, ""
-            print(f"    {self.prefix}{text.strip()}", flush=True)
-        else:
-            self.pending = text
-
-    def pump(self, stream: IO[str]) -> None:
-        """Read `stream` to its end; lines end at '\\n' or '\\r' (progress bars)."""
-        buffer = ""
-        while chunk := stream.read1(4096) if hasattr(stream, "read1") else stream.read(4096):
-            text = chunk.decode("utf-8", "replace") if isinstance(chunk, bytes) else chunk
-            self.log.write(text)
-            buffer += text
-            *lines, buffer = re.split(r"[\r\n]", buffer)
-            for line in lines:
-                self.line(line)
-        self.line(buffer)
-        if self.pending and not self.quiet:
-            print(f"    {self.prefix}{self.pending.strip()}", flush=True)
-        self.log.flush()
-
-
-@dataclass(frozen=True)
-class Job:
-    title: str
-    done: Path
-    args: list[str]
-
-
-class Stage:
-    def __init__(self, out: Path, quiet: bool):
-        self.out = out
-        self.quiet = quiet
-        self.log_dir = out / "logs"
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.number = 0
-        self.seconds: dict[str, float] = {}
-        """Wall seconds of every stage that ran (not of skipped ones), by title."""
-        self._open: tuple[str, float] | None = None
-
-    def close(self) -> None:
-        """End the timing of the in-process stage announced last, if any."""
-        if self._open is not None:
-            title, start = self._open
-            self.seconds[title] = time.perf_counter() - start
-            self._open = None
-
-    def run(self, title: str, done: Path, args: list[str]) -> None:
-        """Run `lvd <args>` unless `done` exists; its output goes to logs/<n>-<name>.log."""
-        self.together([Job(title, done, args)])
-
-    def together(self, jobs: list[Job]) -> None:
-        """Run several `lvd` jobs at the same time (each skipped when its `done` exists)."""
-        self.close()
-        started = []
-        for job in jobs:
-            self.number += 1
-            if job.done.exists():
-                print(f"[{self.number}] {job.title}: already done ({job.done})", flush=True)
-                continue
-            print(f"[{self.number}] {job.title} ...", flush=True)
-            started.append((self.number, job, self._start(self.number, job, len(jobs) > 1)))
-        for number, job, (proc, thread, log, start) in started:
-            proc.wait()
-            thread.join()
-            if proc.returncode != 0:
-                tail = log.read_text(errors="replace").splitlines()[-25:]
-                raise SystemExit(f"lvd demo: stage '{job.title}' failed (exit {proc.returncode}); log: {log}\n" + "\n".join(tail))
-            self.seconds[job.title] = time.perf_counter() - start
-            print(f"    [{number}] done in {self.seconds[job.title]:.0f} s (log: {log})", flush=True)
-
-    def _start(self, number: int, job: Job, tagged: bool) -> tuple[subprocess.Popen[bytes], threading.Thread, Path, float]:
-        log = self.log_dir / f"{number:02d}-{job.args[0]}.log"
-        handle = open(log, "w")  # noqa: SIM115 (closed by the pump thread's owner at exit)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "lvd", *job.args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
-        )
-        echo = Echo(f"[{number}] " if tagged else "", handle, self.quiet)
-        thread = threading.Thread(target=echo.pump, args=(proc.stdout,), daemon=True)
-        thread.start()
-        return proc, thread, log, time.perf_counter()
-
-    def say(self, text: str) -> None:
-        """A progress line of an in-process stage (silenced by --quiet)."""
-        if not self.quiet:
-            print(f"    {text}", flush=True)
-
-    def step(self, title: str, done: Path) -> bool:
-        """Number and announce an in-process stage (timed until the next stage or `close`);
-        False when `done` exists (skip it)."""
-        self.close()
-        self.number += 1
-        if done.exists():
-            print(f"[{self.number}] {title}: already done ({done})", flush=True)
-            return False
-        print(f"[{self.number}] {title} ...", flush=True)
-        self._open = (title, time.perf_counter())
-        return True
-
-
 def final_checkpoint(run_dir: Path, steps: int) -> Path:
     """Exists once the run has finished (an interrupted run is resumed by the same stage)."""
     return run_dir / "checkpoints" / f"step_{steps:08d}" / "COMPLETE"
@@ -237,12 +122,11 @@ def brace(manifest: Path) -> str:
 
 def add_vae(pipeline: Path, vae_export: Path) -> None:
     """Put the exported VAE into a pipeline trained on cached latents (its run had no VAE)."""
-    index_path = pipeline / "model_index.json"
-    index = json.loads(index_path.read_text())
-    if "vae" not in index:
+    index = read_index(pipeline)
+    if "vae" not in index.components:
         shutil.copytree(vae_export / "vae", pipeline / "vae", dirs_exist_ok=True)
-        index["vae"] = json.loads((vae_export / "model_index.json").read_text())["vae"]
-        index_path.write_text(json.dumps(index, indent=2) + "\n")
+        components = {**index.components, "vae": read_index(vae_export).components["vae"]}
+        write_index(pipeline, task=index.task, components=components, scheduler=index.scheduler, entries=index.entries)
 
 
 def untrained_copy(pipeline: Path, out: Path, seed: int = 0) -> None:
@@ -251,15 +135,13 @@ def untrained_copy(pipeline: Path, out: Path, seed: int = 0) -> None:
 
     from model_zoo.pretrained import build_from_config, load_config, save_pretrained
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(pipeline, tmp)
-    torch.manual_seed(seed)
-    save_pretrained(build_from_config(load_config(pipeline / "denoiser")), tmp / "denoiser")
-    index = json.loads((tmp / "model_index.json").read_text())
-    (tmp / "model_index.json").write_text(json.dumps({**index, "untrained": True}, indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    index = read_index(pipeline)
+    with replacing_folder(out) as folder:
+        shutil.copytree(pipeline, folder, dirs_exist_ok=True)
+        torch.manual_seed(seed)
+        save_pretrained(build_from_config(load_config(pipeline / "denoiser")), folder / "denoiser")
+        entries = {**index.entries, "untrained": True}
+        write_index(folder, task=index.task, components=index.components, scheduler=index.scheduler, entries=entries)
 
 
 def main(argv: list[str]) -> int:
