@@ -178,6 +178,16 @@ class CMDAutoencoder(PretrainedMixin, nn.Module):
     def decode(self, content: Tensor, motion: Motion) -> Tensor:
         return self.decoder(content, motion)  # (B, 3, L, H, W)
 
+    @property
+    def downsample_factors(self) -> tuple[int, int, int]:
+        """(time, height, width) factors from the clip to the packed motion latent's grid."""
+        return (1, self.config.patch_size, self.config.patch_size)
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the packed motion latent the motion DiT denoises (`pack_motion`: 2m)."""
+        return 2 * self.config.motion_dim
+
     def forward(self, video: Tensor) -> tuple[Tensor, Tensor, Motion]:
         """-> (reconstruction (B, 3, L, H, W), content frame, motion latent)."""
         content, motion = self.encode(video)

@@ -48,6 +48,11 @@ class LatentScalingMixin:
     encode: Any
     decode: Any
 
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the diffusion latents."""
+        return self.config.latent_channels
+
     def to_latents(self, video: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Video (B, 3, T, H, W) in [-1, 1] -> scaled, shifted posterior sample for diffusion."""
         z = self.encode(video).sample(generator)
