@@ -61,7 +61,7 @@ def tiny_cmd_pipeline(folder: str | Path, *, seed: int = 0, clip_frames: int = 4
         autoencoder = model_zoo.build_model("cmd", "tiny")
         text_encoder = model_zoo.build_model("text_encoder", "tiny")
         context_dim = text_encoder.config.context_dim
-        content = content_model_config("tiny", in_channels=3, out_channels=3, context_dim=context_dim, num_levels=0)
+        content = content_model_config(autoencoder.config, "tiny", context_dim=context_dim)
         networks = {
             "denoiser": wake_zero_parameters(model_zoo.build_from_config(motion_model_config(autoencoder.config, "tiny", context_dim=context_dim)), seed),
             "content_denoiser": wake_zero_parameters(model_zoo.build_from_config(content), seed + 1),

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from model_zoo.cmd import content_condition, unpack_motion
 from sampler.config import SampleConfig
 from sampler.denoisers import conditioned_denoiser
 from sampler.pipeline import load_pipeline
@@ -41,24 +42,29 @@ def decoded_frames(path: Path) -> np.ndarray:
 
 
 def reference(config: SampleConfig, num_frames: int, clip_frames: int) -> torch.Tensor:
+    """`cmd_video` with the setups and bound networks written out by hand (16 x 16 px, p = 4)."""
     pipeline = load_pipeline(config.model)
     setup = make_setup(config, pipeline, "cpu")
     schedule = pipeline.content_schedule
     content_setup = SamplingSetup(
-        timesteps=schedule.timesteps(config.steps), alphas_cumprod=schedule.alphas_cumprod, frame_shape=(1, 3, 16, 16),
+        timesteps=schedule.timesteps(config.steps), alphas_cumprod=schedule.alphas_cumprod, frame_shape=(1, 48, 4, 4),
         eta=config.eta, parameterization=schedule.parameterization, final_alpha_cumprod=schedule.final_alpha_cumprod,
     )
-    patch = pipeline.vae.config.patch_size
+    motion_setup = SamplingSetup(
+        timesteps=setup.timesteps, alphas_cumprod=setup.alphas_cumprod, frame_shape=(1, 8, 1, 8), eta=config.eta,
+        parameterization=setup.parameterization, final_alpha_cumprod=setup.final_alpha_cumprod,
+    )
 
     def motion_fns(content: torch.Tensor):
-        cond_frame = torch.nn.functional.pixel_unshuffle(content, patch)
+        cond_frame = content_condition(content, 4)
         return conditioned_denoiser(pipeline.denoiser, pipeline, PROMPT, config.guidance, cond_frame=cond_frame)
 
     return cmd.cmd_video(
         conditioned_denoiser(pipeline.networks["content_denoiser"], pipeline, PROMPT, config.guidance),
+        lambda patches: torch.nn.functional.pixel_shuffle(patches, 4),
         motion_fns,
-        lambda content, motion: pipeline.vae.decode(content, cmd.unpack_motion(motion)),
-        num_frames=num_frames, clip_frames=clip_frames, content_setup=content_setup, setup=setup,
+        lambda content, motion: pipeline.vae.decode(content, unpack_motion(motion, 4)),
+        num_frames=num_frames, clip_frames=clip_frames, content_setup=content_setup, setup=motion_setup,
         config=config.strategy_config, seed=config.seed,
     )
 
@@ -98,8 +104,8 @@ def test_content_strength_zero_keeps_the_content_frame_and_one_redraws_it(bundle
     pipeline = load_pipeline(bundle)
     content_fn = conditioned_denoiser(pipeline.networks["content_denoiser"], pipeline, PROMPT, 3.0)
     schedule = pipeline.content_schedule
-    setup = SamplingSetup(timesteps=schedule.timesteps(4), alphas_cumprod=schedule.alphas_cumprod, frame_shape=(1, 3, 16, 16))
-    previous = torch.rand(1, 3, 1, 16, 16)
+    setup = SamplingSetup(timesteps=schedule.timesteps(4), alphas_cumprod=schedule.alphas_cumprod, frame_shape=(1, 48, 4, 4))
+    previous = torch.rand(1, 48, 1, 4, 4)
     with torch.no_grad():
         kept = cmd.content_frame(content_fn, 1, previous, setup=setup, strength=0.0, seed=0)
         edited = cmd.content_frame(content_fn, 1, previous, setup=setup, strength=0.5, seed=0)

@@ -64,18 +64,19 @@ def test_stages_refuse_an_autoencoder_of_another_family(tmp_path):
     cfg = _config("cmd_motion.yaml", tmp_path, "unused", "model.vae=video_vae/tiny")
     with pytest.raises(ValueError, match="model.vae=video_vae/tiny: the CMD stages need the CMD autoencoder"):
         build_task(cfg, torch.device("cpu"))
-    cfg = _config("cmd_content.yaml", tmp_path, "unused", "model.family=dit")
-    with pytest.raises(ValueError, match="the cmd_content task trains a 'unet3d' network, not 'dit'"):
+    cfg = _config("cmd_content.yaml", tmp_path, "unused", "model.family=unet3d")
+    with pytest.raises(ValueError, match="the cmd_content task trains a 'dit' network, not 'unet3d'"):
         build_task(cfg, torch.device("cpu"))
 
 
 def test_content_model_is_an_image_model_of_content_frames(tmp_path):
-    """Stage 2's network has no temporal layers and denoises 3-channel 1-frame clips; stage 3's
-    DiT takes the packed motion latent and the content frame as its dense condition."""
-    content = build_task(_config("cmd_content.yaml", tmp_path, "unused"), torch.device("cpu")).trained["model"]
-    assert (content.config.temporal_conv, content.config.temporal_attention) == (False, False)
-    assert (content.config.in_channels, content.config.out_channels, content.config.num_levels) == (3, 3, 0)
-    motion = build_task(_config("cmd_motion.yaml", tmp_path, "unused"), torch.device("cpu")).trained["model"]
+    """Stage 2's network is an image DiT of the content frame's space-to-depth (3p² channels) as a
+    1-frame clip, with no dense condition; stage 3's DiT takes the packed motion latent and the
+    content frame as its dense condition."""
     autoencoder = model_zoo.build_model("cmd", "tiny").config
-    assert motion.config.in_channels == 2 * autoencoder.motion_dim
+    content = build_task(_config("cmd_content.yaml", tmp_path, "unused"), torch.device("cpu")).trained["model"]
+    assert (content.family, content.config.patch_size[0], content.config.cond_channels) == ("dit", 1, 0)
+    assert content.config.in_channels == 3 * autoencoder.patch_size**2
+    motion = build_task(_config("cmd_motion.yaml", tmp_path, "unused"), torch.device("cpu")).trained["model"]
+    assert motion.config.in_channels == autoencoder.motion_dim
     assert motion.config.cond_channels == 3 * autoencoder.patch_size**2

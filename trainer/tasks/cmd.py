@@ -3,7 +3,7 @@ via Content-Frame Motion-Latent Decomposition", §3; docs/methods.md, 'CMD: trai
 
 - `cmd_autoencoder`: the content-motion autoencoder, on reconstruction;
 - `cmd_content`: a text-conditioned image diffusion model of the content frames of the frozen
-  autoencoder (`model.vae`), a `unet3d` without temporal layers on 1-frame clips;
+  autoencoder (`model.vae`), an image `dit` on the frames' space-to-depth as 1-frame clips;
 - `cmd_motion`: the motion DiT on the frozen autoencoder's motion latents, conditioned on its
   content frame and the text.
 
@@ -18,7 +18,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from model_zoo.cmd import Motion, content_condition, content_model_config, motion_model_config, pack_motion
+from model_zoo.cmd import (
+    Motion,
+    content_condition,
+    content_model_config,
+    motion_model_config,
+    pack_motion,
+    patchify_content,
+)
 from trainer.config import CMDAutoencoderObjective, CMDContentObjective, CMDMotionObjective, ModelConfig
 from trainer.tasks.denoising import build_denoising
 from trainer.tasks.encoders import TEXT_ENCODER_SEED, VAE_SEED
@@ -89,15 +96,14 @@ class CMDContentTask:
     components = {"model": "content_denoiser"}
 
     def __init__(self, objective: CMDContentObjective, model: ModelConfig, *, latent: bool, seed: int, device: torch.device):
-        check_family(model, "unet3d", objective.task)
+        check_family(model, "dit", objective.task)
         self.device = device
         self.encoders = FrozenAutoencoder(model, seed=seed, device=device)
         self.diffusion = build_denoising(objective.diffusion, device)
         self.frozen = self.encoders.helpers()
-        channels = self.encoders.autoencoder.config.in_channels
+        self.patch_size = self.encoders.autoencoder.config.patch_size
         config = content_model_config(
-            model.flavor,
-            **{"in_channels": channels, "out_channels": channels, "context_dim": self.encoders.context_dim(), "num_levels": 0, **model.overrides},
+            self.encoders.autoencoder.config, model.flavor, **{"context_dim": self.encoders.context_dim(), **model.overrides}
         )
         self.trained: dict[str, nn.Module] = {"model": init_from_or_build(model, config)}
 
@@ -106,7 +112,7 @@ class CMDContentTask:
 
     def losses(self, engines: Engines, batch: Batch, generator: torch.Generator, step: int) -> StepOutput:
         content, _, context = self.encoders.encode(batch)
-        x0 = content[:, :, None]  # (B, 3, 1, H, W): an image is a 1-frame clip
+        x0 = patchify_content(content, self.patch_size)[:, :, None]  # (B, 3p², 1, h, w): a 1-frame clip
         t, noise = self.diffusion.draw(x0, generator)
         return self.diffusion.loss(engines["model"], x0, t, noise, context=context)
 
@@ -136,8 +142,8 @@ class CMDMotionTask:
 
     def losses(self, engines: Engines, batch: Batch, generator: torch.Generator, step: int) -> StepOutput:
         content, motion, context = self.encoders.encode(batch)
-        x0 = pack_motion(motion)  # (B, 2m, L, h, w)
-        cond_frame = content_condition(content, self.encoders.autoencoder.config.patch_size)  # (B, 3p², h, w)
+        x0 = pack_motion(motion)  # (B, m, L, 1, h + w)
+        cond_frame = content_condition(content, self.encoders.autoencoder.config.patch_size)  # (B, 3p², 1, h + w)
         t, noise = self.diffusion.draw(x0, generator)
         return self.diffusion.loss(engines["model"], x0, t, noise, context=context, cond_frame=cond_frame)
 
