@@ -452,6 +452,7 @@ def test_lvdm_loss_ignores_the_conditioned_frames(tmp_path):
     assert loss(0.0, 100.0)[0] > 100 * plain
 
 
+@pytest.mark.parametrize("lam", [1.0, 0.5])
 def test_videofusion_frames_share_their_base_noise(tmp_path, lam):
     """The noise the generators learn to remove has the model's λ share common to all frames of
     a clip: identical frames at λ = 1, a frame-to-frame correlation of λ otherwise."""
