@@ -237,6 +237,12 @@ def motion_grid(config: CMDConfig, height: int, width: int) -> tuple[int, int, i
     return (config.motion_dim, 1, (height + width) // config.patch_size)
 
 
+def content_grid(config: CMDConfig, height: int, width: int) -> tuple[int, int, int]:
+    """(channels, rows, columns) of the content frame's space-to-depth for H x W clips."""
+    p = config.patch_size
+    return (config.in_channels * p * p, height // p, width // p)
+
+
 def motion_model_config(config: CMDConfig, size: str = "S", **overrides: Any) -> DiTConfig:
     """The `dit` config of CMD's motion model for this autoencoder (size: tiny/S/B/L/XL): patches
     of 2 motion positions along the packed axis."""

@@ -80,3 +80,15 @@ def test_content_model_is_an_image_model_of_content_frames(tmp_path):
     motion = build_task(_config("cmd_motion.yaml", tmp_path, "unused"), torch.device("cpu")).trained["model"]
     assert motion.config.in_channels == autoencoder.motion_dim
     assert motion.config.cond_channels == 3 * autoencoder.patch_size**2
+
+
+def test_plan_measures_each_stage_on_its_own_input(tmp_path):
+    """`lvd plan` counts the content DiT on one space-to-depth frame and the motion DiT on the
+    packed motion latent: (H/p / 2)(W/p / 2) and T·(H/p + W/p)/2 tokens (p = 4, DiT patches of 2)."""
+    from trainer.plan import measure
+
+    content = measure(_config("cmd_content.yaml", tmp_path, "unused"), dtype=torch.float32)
+    motion = measure(_config("cmd_motion.yaml", tmp_path, "unused"), dtype=torch.float32)
+    assert content.tokens_per_sample == (32 // 4 // 2) ** 2
+    assert motion.tokens_per_sample == 8 * (32 // 4 + 32 // 4) // 2
+    assert content.train_flops_per_sample > 0 and motion.train_flops_per_sample > 0

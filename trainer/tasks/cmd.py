@@ -21,7 +21,9 @@ from torch import Tensor, nn
 from model_zoo.cmd import (
     Motion,
     content_condition,
+    content_grid,
     content_model_config,
+    motion_grid,
     motion_model_config,
     pack_motion,
     patchify_content,
@@ -32,6 +34,14 @@ from trainer.tasks.encoders import TEXT_ENCODER_SEED, VAE_SEED
 from trainer.tasks.interface import Batch, Engines, StepOutput
 from trainer.tasks.losses import reconstruction_loss
 from trainer.tasks.networks import build_helper, init_from_or_build, trained_model
+
+
+def stage_input_shape(task: str, autoencoder: nn.Module, frames: int, height: int, width: int) -> tuple[int, ...]:
+    """The trained network's input (1, C, T, rows, columns) for a clip of frames x height x width:
+    the content frame's space-to-depth as one frame (`cmd_content`), the packed motion (`cmd_motion`)."""
+    grid, length = (content_grid, 1) if task == "cmd_content" else (motion_grid, frames)
+    channels, rows, columns = grid(autoencoder.config, height, width)
+    return (1, channels, length, rows, columns)
 
 
 class CMDAutoencoderTask:
