@@ -5,15 +5,16 @@ docs/methods.md, 'CMD: sampling').
 A video is made in chunks of `clip_frames` frames (the autoencoder does not downsample time, so
 latent and pixel frames are the same). Chunk i:
 1. its content frame c_i: the content-frame model's DDIM run with text guidance on the frame's
-   space-to-depth (B, 3p², 1, H/p, W/p),
-   from noise for chunk 0; for later chunks from c_{i-1}, noised to the level of the last
-   ⌈s·S⌉ of the S DDIM steps and denoised through them (SDEdit, `content_strength` s), so each
-   chunk's content is conditioned on the previous chunk's (s = 0 keeps c_{i-1});
+   space-to-depth (B, 3p², 1, H/p, W/p), from noise for chunk 0; for later chunks from c_{i-1},
+   noised to the level of the last ⌈s·S⌉ of the S DDIM steps and denoised through them (SDEdit,
+   `content_strength` s), so each chunk's content is conditioned on the previous chunk's (s = 0
+   keeps c_{i-1});
 2. its motion latent: the motion DiT's DDIM run on the packed motion (B, m, L, 1, h + w) from noise,
    with c_i as its dense condition and text guidance;
 3. its pixels: the autoencoder decodes (c_i, unpack_motion(motion)).
-The unit of work is a chunk; its decoded pixels and content frame are saved, and the content
-frame is the state the next chunk starts from.
+The unit of work is a chunk; what `.parts/` keeps of it is its decoded pixels (in the unit's
+`latents` slot: CMD has no latent video to decode later, and its chunks need no decoding context)
+and its content frame, the state the next chunk starts from.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor
 
 from common.pipeline_folder import read_index
-from model_zoo.cmd import content_condition, motion_grid, unpack_motion, unpatchify_content
+from model_zoo.cmd import content_condition, content_grid, motion_grid, unpack_motion, unpatchify_content
 from model_zoo.diffusion.objectives import q_sample
 from model_zoo.diffusion.samplers import DenoiseFn
 from sampler.denoisers import conditioned_denoiser, counted
@@ -137,7 +138,7 @@ def sampling_setups(job: VideoJob) -> tuple[SamplingSetup, SamplingSetup]:
         alphas_cumprod=schedule.alphas_cumprod,
         parameterization=schedule.parameterization,
         final_alpha_cumprod=schedule.final_alpha_cumprod,
-        frame_shape=(batch, config.in_channels * config.patch_size**2, height // config.patch_size, width // config.patch_size),
+        frame_shape=(batch, *content_grid(config, height, width)),
     )
     return content, replace(job.setup, frame_shape=(batch, *motion_grid(config, height, width)))
 
