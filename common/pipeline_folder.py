@@ -5,6 +5,7 @@
                                           "scheduler": ["diffusers", "DDIMScheduler"]}
     DIR/<component>/                     config.json + model.safetensors (model_zoo.save_pretrained)
     DIR/scheduler/scheduler_config.json  a diffusers DDIMScheduler config
+    DIR/<name>/scheduler_config.json     more schedules of a bundle (CMD's content_scheduler)
 
 The entries besides the components describe the export (source checkpoint, step, EMA, the clip
 size trained on, the VAE's fitted latent statistics, LVDM's no-condition level). The scheduler
@@ -26,7 +27,9 @@ from common.files import atomic_write_json
 INDEX_FILE = "model_index.json"
 SCHEDULER = "scheduler"
 SCHEDULER_FILE = "scheduler_config.json"
-NETWORK_COMPONENTS = ("denoiser", "vae", "text_encoder", "image_encoder")
+DDIM_SCHEDULER = ["diffusers", "DDIMScheduler"]
+"""The index value of a scheduler folder."""
+NETWORK_COMPONENTS = ("denoiser", "vae", "text_encoder", "image_encoder", "content_denoiser")
 """The networks a sampler loads, when the folder has them."""
 
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "sqrt_linear", "squaredcos_cap_v2": "cosine"}
@@ -79,6 +82,9 @@ class PipelineIndex:
     """Component name -> model_zoo family, in the index's order."""
     scheduler: SchedulerSpec | None
     """The DDIM schedule; None for a folder without one (an exported autoencoder)."""
+    extra_schedulers: dict[str, SchedulerSpec]
+    """More DDIM schedules by folder name, for networks of a bundle that trained under their own
+    (CMD's `content_scheduler`, the content-frame model's)."""
     entries: dict[str, Any]
     """Every other key of model_index.json (source, step, ema, sample_size, latent_stats, ...)."""
 
@@ -116,15 +122,17 @@ def write_index(
     components: dict[str, str],
     scheduler: SchedulerSpec | None,
     entries: dict[str, Any] | None = None,
+    extra_schedulers: dict[str, SchedulerSpec] | None = None,
 ) -> None:
-    """Write model_index.json (and the scheduler config) into `folder`, whose component
+    """Write model_index.json (and the scheduler configs) into `folder`, whose component
     folders (name -> model_zoo family in `components`) are already written."""
     index: dict[str, Any] = {"_class_name": "LVDPipeline", "task": task, **(entries or {})}
     index.update((name, ["model_zoo", family]) for name, family in components.items())
-    if scheduler is not None:
-        (folder / SCHEDULER).mkdir(parents=True, exist_ok=True)
-        atomic_write_json(folder / SCHEDULER / SCHEDULER_FILE, scheduler_config(scheduler))
-        index[SCHEDULER] = ["diffusers", "DDIMScheduler"]
+    schedulers = ({} if scheduler is None else {SCHEDULER: scheduler}) | (extra_schedulers or {})
+    for name, spec in schedulers.items():
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / name / SCHEDULER_FILE, scheduler_config(spec))
+        index[name] = DDIM_SCHEDULER
     atomic_write_json(folder / INDEX_FILE, index)
 
 
@@ -156,6 +164,11 @@ def read_index(folder: str | Path) -> PipelineIndex:
     components = {
         name: value[1] for name, value in index.items() if isinstance(value, list) and value[:1] == ["model_zoo"]
     }
-    scheduler = read_scheduler(path / SCHEDULER) if SCHEDULER in index else None
-    entries = {k: v for k, v in index.items() if k not in components and k not in ("_class_name", "task", SCHEDULER)}
-    return PipelineIndex(path=path, task=index.get("task"), components=components, scheduler=scheduler, entries=entries)
+    schedulers = {name: read_scheduler(path / name) for name, value in index.items() if name == SCHEDULER or value == DDIM_SCHEDULER}
+    scheduler = schedulers.pop(SCHEDULER, None)
+    entries = {
+        k: v for k, v in index.items() if k not in components and k not in schedulers and k not in ("_class_name", "task", SCHEDULER)
+    }
+    return PipelineIndex(
+        path=path, task=index.get("task"), components=components, scheduler=scheduler, extra_schedulers=schedulers, entries=entries
+    )

@@ -9,11 +9,10 @@ maps a clip x_{1:L} (B, 3, L, H, W) to
   averaged along one spatial axis: z_x (B, m, L, H/p) and z_y (B, m, L, W/p).
 A transformer decoder reconstructs the clip from both.
 
-Generation reuses other families: the content frame comes from an image model (a `unet3d`
-without temporal layers on a 1-frame clip, `content_model_config`), the motion latent from a
-`dit` (`motion_model_config`) that takes the packed motion (`pack_motion`: z_x and z_y
-broadcast to a (B, 2m, L, H/p, W/p) grid) and the content frame as its dense condition
-(`content_condition`: space-to-depth to (B, 3p², H/p, W/p)).
+Generation reuses the `dit` family: the content frame comes from an image DiT on a 1-frame clip
+of the frame's space-to-depth (B, 3p², 1, H/p, W/p) (`content_model_config`), the motion latent from a `dit` (`motion_model_config`) that takes the
+packed motion (`pack_motion`: z_x and z_y side by side, (B, m, L, 1, H/p + W/p)) and the content
+frame as its dense condition (`content_condition`, aligned with the packed motion).
 
 See docs/methods.md, 'CMD: content frame and motion latent'.
 """
@@ -28,12 +27,11 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from model_zoo import dit, unet3d
+from model_zoo import dit
 from model_zoo.dit import DiTConfig
 from model_zoo.layers import FeedForward, SelfAttention, sincos_position_3d
 from model_zoo.pretrained import PretrainedMixin
 from model_zoo.registry import register_family
-from model_zoo.unet3d import UNet3DConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -178,6 +176,16 @@ class CMDAutoencoder(PretrainedMixin, nn.Module):
     def decode(self, content: Tensor, motion: Motion) -> Tensor:
         return self.decoder(content, motion)  # (B, 3, L, H, W)
 
+    @property
+    def downsample_factors(self) -> tuple[int, int, int]:
+        """(time, height, width) factors from the clip to the packed motion latent's grid."""
+        return (1, self.config.patch_size, self.config.patch_size)
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the packed motion latent the motion DiT denoises (`pack_motion`: m)."""
+        return self.config.motion_dim
+
     def forward(self, video: Tensor) -> tuple[Tensor, Tensor, Motion]:
         """-> (reconstruction (B, 3, L, H, W), content frame, motion latent)."""
         content, motion = self.encode(video)
@@ -195,35 +203,61 @@ class CMDAutoencoder(PretrainedMixin, nn.Module):
 
 
 def pack_motion(motion: Motion) -> Tensor:
-    """Motion latent -> the motion DiT's input (B, 2m, L, h, w): z_x broadcast over w, z_y over h."""
-    h, w = motion.z_x.shape[-1], motion.z_y.shape[-1]
-    along_x = motion.z_x[..., None].expand(-1, -1, -1, h, w)  # (B, m, L, h, w)
-    along_y = motion.z_y[..., None, :].expand(-1, -1, -1, h, w)  # (B, m, L, h, w)
-    return torch.cat([along_x, along_y], dim=1)  # (B, 2m, L, h, w)
+    """Motion latent -> the motion DiT's input (B, m, L, 1, h + w): z_x then z_y along the last
+    axis, so the DiT has L·(h + w)/2 tokens, not the L·h·w/4 of a full 3-D grid."""
+    return torch.cat([motion.z_x, motion.z_y], dim=-1)[:, :, :, None]  # (B, m, L, 1, h + w)
 
 
-def unpack_motion(packed: Tensor) -> Motion:
-    """Inverse of `pack_motion` (a projection for DiT outputs: averages the broadcast axis)."""
-    along_x, along_y = packed.chunk(2, dim=1)  # 2 x (B, m, L, h, w)
-    return Motion(along_x.mean(dim=-1), along_y.mean(dim=-2))  # (B, m, L, h), (B, m, L, w)
+def unpack_motion(packed: Tensor, rows: int) -> Motion:
+    """Inverse of `pack_motion`; `rows` is h = H/p, the length of z_x."""
+    flat = packed[:, :, :, 0]  # (B, m, L, h + w)
+    return Motion(flat[..., :rows], flat[..., rows:])  # (B, m, L, h), (B, m, L, w)
 
 
-def content_condition(content: Tensor, patch_size: int) -> Tensor:
-    """Content frame (B, 3, H, W) -> the motion DiT's dense condition (B, 3p², H/p, W/p)."""
+def patchify_content(content: Tensor, patch_size: int) -> Tensor:
+    """Content frame (B, 3, H, W) -> space-to-depth (B, 3p², H/p, W/p), what the content model denoises."""
     return F.pixel_unshuffle(content, patch_size)
 
 
+def unpatchify_content(patches: Tensor, patch_size: int) -> Tensor:
+    """Inverse of `patchify_content`: (B, 3p², H/p, W/p) -> (B, 3, H, W)."""
+    return F.pixel_shuffle(patches, patch_size)
+
+
+def content_condition(content: Tensor, patch_size: int) -> Tensor:
+    """Content frame (B, 3, H, W) -> the motion DiT's dense condition (B, 3p², 1, h + w), aligned
+    with `pack_motion`: the space-to-depth frame averaged over the columns (at z_x's positions),
+    then over the rows (at z_y's)."""
+    patches = patchify_content(content, patch_size)  # (B, 3p², h, w)
+    return torch.cat([patches.mean(dim=3), patches.mean(dim=2)], dim=-1)[:, :, None]  # (B, 3p², 1, h + w)
+
+
+def motion_grid(config: CMDConfig, height: int, width: int) -> tuple[int, int, int]:
+    """(channels, rows, columns) of one frame of the packed motion latent of H x W clips."""
+    return (config.motion_dim, 1, (height + width) // config.patch_size)
+
+
+def content_grid(config: CMDConfig, height: int, width: int) -> tuple[int, int, int]:
+    """(channels, rows, columns) of the content frame's space-to-depth for H x W clips."""
+    p = config.patch_size
+    return (config.in_channels * p * p, height // p, width // p)
+
+
 def motion_model_config(config: CMDConfig, size: str = "S", **overrides: Any) -> DiTConfig:
-    """The `dit` config of CMD's motion model for this autoencoder (size: tiny/S/B/L/XL)."""
+    """The `dit` config of CMD's motion model for this autoencoder (size: tiny/S/B/L/XL): patches
+    of 2 motion positions along the packed axis."""
     fields = {
         **dit.FLAVORS[size],
-        "in_channels": 2 * config.motion_dim,
+        "in_channels": config.motion_dim,
         "cond_channels": config.in_channels * config.patch_size**2,
+        "patch_size": (1, 1, 2),
     }
     return DiTConfig(**{**fields, **overrides})
 
 
-def content_model_config(flavor: str = "tiny", **overrides: Any) -> UNet3DConfig:
-    """The image model generating content frames (image latents): a `unet3d` without temporal layers."""
-    fields = {**unet3d.FLAVORS[flavor], "temporal_conv": False, "temporal_attention": False}
-    return UNet3DConfig(**{**fields, **overrides})
+def content_model_config(config: CMDConfig, size: str = "tiny", **overrides: Any) -> DiTConfig:
+    """The image model generating content frames as `patchify_content` gives them (B, 3p², 1, h, w):
+    a `dit` on 1-frame clips (attention over the frame's patches, text by cross-attention), the
+    family of the motion model, without a dense condition."""
+    fields = {**dit.FLAVORS[size], "in_channels": config.in_channels * config.patch_size**2, "cond_channels": 0}
+    return DiTConfig(**{**fields, **overrides})

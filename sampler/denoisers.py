@@ -45,6 +45,18 @@ def text_denoiser(pipeline: Pipeline, prompt: str, guidance: float, guide: Guide
     return with_text_guidance(branch, pipeline, prompt, guidance, guide)
 
 
+def conditioned_denoiser(
+    model: Callable[..., Tensor], pipeline: Pipeline, prompt: str, guidance: float, guide: Guide = cfg, **cond: Tensor
+) -> DenoiseFn:
+    """`model(x, t, context=..., **cond)` with the prompt bound and text CFG (CMD's content model
+    and motion DiT, whose dense condition is `cond_frame`)."""
+
+    def branch(context: Tensor | None) -> DenoiseFn:
+        return lambda x, t: model(x, t, context=context, **cond)
+
+    return with_text_guidance(branch, pipeline, prompt, guidance, guide)
+
+
 def streaming_denoiser(
     pipeline: Pipeline,
     prompt: str,

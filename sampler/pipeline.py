@@ -51,9 +51,11 @@ class Pipeline:
     task: str
     """model_index.json's task (diffusion, lvdm_prediction, lvdm_interpolation, streaming, ...)."""
     networks: dict[str, nn.Module]
-    """denoiser, vae and, when present, text_encoder and image_encoder."""
+    """denoiser, vae and, when present, text_encoder, image_encoder and (CMD) content_denoiser."""
     schedule: Schedule
     """The DDIM schedule."""
+    content_schedule: Schedule | None = None
+    """CMD bundles: the content-frame model's DDIM schedule (`content_scheduler`)."""
     model_id: dict[str, Any]
     """What identifies the models: folder, task, source checkpoint, and a hash per component config."""
     uncond_level: int | None = None
@@ -85,6 +87,11 @@ class Pipeline:
 def vae_factors(vae: nn.Module) -> tuple[int, int, int]:
     """(time, height, width) downsampling of a VAE, as its family declares it."""
     return vae.downsample_factors
+
+
+def latent_channels(vae: nn.Module) -> int:
+    """Channels of the latents the pipeline's denoiser works on, as the VAE's family declares them."""
+    return vae.latent_channels
 
 
 def _schedule(spec: SchedulerSpec) -> Schedule:
@@ -137,6 +144,7 @@ def load_pipeline(folder: str | Path, *, device: str = "cpu") -> Pipeline:
         uncond_level=uncond_level if has_levels else None,
         networks=networks,
         schedule=_schedule(index.scheduler),
+        content_schedule=_schedule(index.extra_schedulers["content_scheduler"]) if "content_scheduler" in index.extra_schedulers else None,
         model_id=model_id,
     )
 
@@ -148,15 +156,17 @@ def save_pipeline(
     *,
     scheduler: SchedulerSpec = TINY_SCHEDULER,
     uncond_level: int | None = None,
+    extra_schedulers: dict[str, SchedulerSpec] | None = None,
+    entries: dict[str, Any] | None = None,
 ) -> Path:
     """Write a pipeline folder of `networks` (tiny pipelines for tests and benchmarks)."""
     path = Path(folder)
     with replacing_folder(path) as tmp:
         for name, module in networks.items():
             model_zoo.save_pretrained(module, tmp / name)
-        entries = {} if uncond_level is None else {"uncond_level": uncond_level}
+        entries = (entries or {}) | ({} if uncond_level is None else {"uncond_level": uncond_level})
         families = {name: module.family for name, module in networks.items()}
-        write_index(tmp, task=task, components=families, scheduler=scheduler, entries=entries)
+        write_index(tmp, task=task, components=families, scheduler=scheduler, entries=entries, extra_schedulers=extra_schedulers)
     return path
 
 

@@ -29,7 +29,7 @@ import torch
 from sampler.config import SampleConfig
 from sampler.distributed import World, close_world, init_world
 from sampler.job import VideoJob
-from sampler.pipeline import Pipeline, load_pipeline, vae_factors
+from sampler.pipeline import Pipeline, latent_channels, load_pipeline, vae_factors
 from sampler.state import PartsStore
 from sampler.strategies import STRATEGIES
 from sampler.strategies.common import SamplingSetup
@@ -63,7 +63,7 @@ def make_setup(config: SampleConfig, pipeline: Pipeline, device: str) -> Samplin
     return SamplingSetup(
         timesteps=schedule.timesteps(config.steps),
         alphas_cumprod=schedule.alphas_cumprod,
-        frame_shape=(1, vae.config.latent_channels, config.height // fh, config.width // fw),
+        frame_shape=(1, latent_channels(vae), config.height // fh, config.width // fw),
         eta=config.eta,
         parameterization=schedule.parameterization,
         final_alpha_cumprod=schedule.final_alpha_cumprod,

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 import model_zoo
-from sampler.pipeline import save_pipeline
+from model_zoo.cmd import content_model_config, motion_model_config
+from sampler.pipeline import TINY_SCHEDULER, save_pipeline
 
 TASK_DENOISERS = {
     "diffusion": ("unet3d", {}),
@@ -50,3 +51,24 @@ def tiny_pipeline(folder: str | Path, task: str, *, seed: int = 0, vae: str = "v
             networks["image_encoder"] = model_zoo.build_model("image_encoder", "tiny")
     uncond_level = 251 if task.startswith("lvdm_") else None  # s in 0..250, then "no condition"
     return save_pipeline(folder, task, networks, uncond_level=uncond_level)
+
+
+def tiny_cmd_pipeline(folder: str | Path, *, seed: int = 0, clip_frames: int = 4) -> Path:
+    """A `cmd` bundle (`lvd export` of CMD's three stages) of tiny random networks, trained-size
+    clips of `clip_frames` frames."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        autoencoder = model_zoo.build_model("cmd", "tiny")
+        text_encoder = model_zoo.build_model("text_encoder", "tiny")
+        context_dim = text_encoder.config.context_dim
+        content = content_model_config(autoencoder.config, "tiny", context_dim=context_dim)
+        networks = {
+            "denoiser": wake_zero_parameters(model_zoo.build_from_config(motion_model_config(autoencoder.config, "tiny", context_dim=context_dim)), seed),
+            "content_denoiser": wake_zero_parameters(model_zoo.build_from_config(content), seed + 1),
+            "vae": autoencoder,
+            "text_encoder": text_encoder,
+        }
+    return save_pipeline(
+        folder, "cmd", networks,
+        extra_schedulers={"content_scheduler": TINY_SCHEDULER}, entries={"sample_size": {"frames": clip_frames}},
+    )

@@ -228,3 +228,10 @@ def test_an_upgraded_videofusion_config_keeps_a_changed_lambda():
     old["objective"]["videofusion_lambda"] = 0.3
     cfg = from_dict(TrainJobConfig, upgrade_resolved_config(old))
     assert cfg.model.overrides == {"lam": 0.3} and cfg.objective.task == "videofusion"
+
+
+def test_an_older_config_of_a_task_that_no_longer_exists_is_one_clear_error():
+    from trainer.config import upgrade_resolved_config
+
+    with pytest.raises(ValueError, match=r"train.task: 'cmd' of an older lvd has no objective today \(valid: .*cmd_autoencoder"):
+        upgrade_resolved_config({"train": {"task": "cmd"}, "objective": {}})

@@ -15,7 +15,9 @@ from model_zoo.cmd import (
     content_model_config,
     motion_model_config,
     pack_motion,
+    patchify_content,
     unpack_motion,
+    unpatchify_content,
 )
 from model_zoo.layers.time_padded_conv import Conv3d
 from model_zoo.temporal_decoder_vae import TemporalDecoderVAE
@@ -305,16 +307,18 @@ def test_cmd_latents_feed_the_reused_dit_and_image_unet() -> None:
     with torch.no_grad():
         content, motion = autoencoder.encode(video)
     packed = pack_motion(motion)
-    assert packed.shape == (2, 16, 4, 4, 4)
-    restored = unpack_motion(packed)
+    assert packed.shape == (2, 8, 4, 1, 8)  # (B, m, L, 1, h + w)
+    restored = unpack_motion(packed, rows=4)
     assert torch.equal(restored.z_x, motion.z_x) and torch.equal(restored.z_y, motion.z_y)
     motion_model = model_zoo.build_from_config(motion_model_config(autoencoder.config, "tiny"))
     condition = content_condition(content, autoencoder.config.patch_size)
-    assert condition.shape == (2, 48, 4, 4)
+    assert condition.shape == (2, 48, 1, 8)
     prediction = motion_model(
         packed, torch.tensor([10, 900]), context=torch.randn(2, 5, 32), cond_frame=condition
     )
     assert prediction.shape == packed.shape
-    content_model = model_zoo.build_from_config(content_model_config("tiny", num_levels=0))
-    image_latents = torch.randn(2, 4, 1, 8, 8, generator=_seeded(1))
-    assert content_model(image_latents, torch.tensor([1, 2])).shape == image_latents.shape
+    patches = patchify_content(content, autoencoder.config.patch_size)
+    assert patches.shape == (2, 48, 4, 4)
+    assert torch.equal(unpatchify_content(patches, autoencoder.config.patch_size), content)
+    content_model = model_zoo.build_from_config(content_model_config(autoencoder.config, "tiny"))
+    assert content_model(patches[:, :, None], torch.tensor([1, 2])).shape == (2, 48, 1, 4, 4)

@@ -206,6 +206,7 @@ def test_several_prompts_give_one_video_each(pipelines, tmp_path):
         ("videofusion", ["--lambda", "0.3", "--N", "8"], dict(lam=0.3, clip_frames=8)),
         ("streaming", ["--F", "16", "--O", "4", "--refine-t", "500", "--no-refine"], dict(blend_frames=16, blend_overlap=4, refine_t=500, refine=False)),
         ("ddim", ["--N", "3", "--M", "3"], dict(clip_frames=3)),
+        ("cmd", ["--N", "4", "--content-strength", "0.2"], dict(clip_frames=4, content_strength=0.2)),
     ],
 )
 def test_cli_paper_aliases_set_the_strategys_knobs(strategy, flags, knobs):
@@ -226,7 +227,7 @@ def test_the_flags_are_generated_and_repeat_no_default():
         "--decode-context", "--clip-frames", "--N", "--cond-frames", "--k", "--perturb-level", "--s",
         "--uncond-weight", "--w", "--keyframe-stride", "--stride", "--overlap", "--M", "--alpha",
         "--beta", "--lam", "--lambda", "--blend-frames", "--F", "--blend-overlap", "--O", "--refine-t",
-        "--no-refine", "--no-progress", "--quiet",
+        "--no-refine", "--no-progress", "--quiet", "--content-strength",
     }
     assert all(action.default is None for action in actions)
 

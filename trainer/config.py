@@ -117,7 +117,8 @@ class ModelConfig:
     init_from: str | None = None
     """Exported model folder to start the trained network from (fine-tuning)."""
     vae: str = "video_vae/tiny"
-    """Frozen autoencoder of latent tasks: 'family/flavor' (random init) or an exported folder."""
+    """Frozen autoencoder of latent tasks: 'family/flavor' (random init) or an exported folder.
+    The cmd_content and cmd_motion tasks take the trained CMD autoencoder here (`<export>/vae`)."""
     text_encoder: str = "text_encoder/tiny"
     """Frozen text encoder: 'family/flavor' or an exported folder."""
     base: str | None = None
@@ -257,13 +258,33 @@ class StreamingObjective:
 
 
 @dataclass(frozen=True, kw_only=True)
-class CMDObjective:
-    """CMD: the content-motion autoencoder and the motion DiT on its detached latents."""
+class CMDAutoencoderObjective:
+    """CMD stage 1: the content-motion autoencoder, on reconstruction."""
 
-    task: Literal["cmd"] = "cmd"
+    task: Literal["cmd_autoencoder"] = "cmd_autoencoder"
     """Which task trains (the tag of the objective)."""
     loss_type: Literal["l2", "l1"] = "l2"
     """The autoencoder's reconstruction distance."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CMDContentObjective:
+    """CMD stage 2: the text-conditioned content-frame image model, on the content frames of the
+    frozen autoencoder (`model.vae`)."""
+
+    task: Literal["cmd_content"] = "cmd_content"
+    """Which task trains (the tag of the objective)."""
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    """Noise schedule, parameterisation and loss of the content model."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CMDMotionObjective:
+    """CMD stage 3: the motion DiT, on the motion latents of the frozen autoencoder (`model.vae`),
+    conditioned on the content frame and the text."""
+
+    task: Literal["cmd_motion"] = "cmd_motion"
+    """Which task trains (the tag of the objective)."""
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     """Noise schedule, parameterisation and loss of the motion DiT."""
 
@@ -304,7 +325,9 @@ Objective = (
     | LVDMInterpolationObjective
     | VideoFusionObjective
     | StreamingObjective
-    | CMDObjective
+    | CMDAutoencoderObjective
+    | CMDContentObjective
+    | CMDMotionObjective
     | AutoencoderObjective
     | TemporalDecoderObjective
 )
@@ -341,7 +364,10 @@ def upgrade_resolved_config(raw: dict[str, Any]) -> dict[str, Any]:
     upgraded = copy.deepcopy(raw)
     task = upgraded["train"].pop("task")
     old = upgraded.get("objective") or {}
-    member = {get_args(get_type_hints(cls)["task"])[0]: cls for cls in get_args(Objective)}[task]
+    members = {get_args(get_type_hints(cls)["task"])[0]: cls for cls in get_args(Objective)}
+    if task not in members:
+        raise ValueError(f"train.task: {task!r} of an older lvd has no objective today (valid: {', '.join(members)})")
+    member = members[task]
     names = {spec.name for spec in fields(member)}
     objective: dict[str, Any] = {"task": task, **{name: old[name] for name in names if name in old}}
     if "diffusion" in names:

@@ -21,6 +21,7 @@ from common.pipeline_folder import SchedulerSpec, write_index
 from trainer import checkpoint
 from trainer.config import (
     AutoencoderObjective,
+    CMDAutoencoderObjective,
     DiffusionConfig,
     LVDMInterpolationObjective,
     LVDMPredictionObjective,
@@ -67,7 +68,7 @@ def export(
             components[frozen.parent.name] = json.loads(frozen.read_text())["_family"]
         if isinstance(cfg.objective, LVDMPredictionObjective | LVDMInterpolationObjective):
             entries["uncond_level"] = no_condition_level(cfg.objective.conditioning)  # the ε_u encoding training used
-        diffusion = not isinstance(cfg.objective, AutoencoderObjective | TemporalDecoderObjective)
+        diffusion = not isinstance(cfg.objective, AutoencoderObjective | CMDAutoencoderObjective | TemporalDecoderObjective)
         scheduler = scheduler_spec(cfg.objective.diffusion) if diffusion else None
         write_index(folder, task=task, components=components, scheduler=scheduler, entries=entries)
     return out

@@ -17,8 +17,15 @@ DESCRIPTION = "A run's checkpoint (any ZeRO stage) -> a pipeline folder laid out
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lvd export", description=DESCRIPTION)
-    parser.add_argument("--run", type=Path, required=True, help="the run folder (run.dir of the training config)")
-    parser.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    parser.add_argument(
+        "--run",
+        type=Path,
+        action="append",
+        required=True,
+        help="the run folder (run.dir of the training config); give it once per stage to bundle CMD's "
+        "cmd_content and cmd_motion runs (and optionally cmd_autoencoder) into one `cmd` pipeline",
+    )
+    parser.add_argument("--step", type=int, help="checkpoint step (default: latest; one run only)")
     parser.add_argument("--ema", action="store_true", help="export the EMA weights of the trained network")
     parser.add_argument("--out", type=Path, required=True, help="pipeline folder to write")
     parser.add_argument(
@@ -31,11 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if len(args.run) > 1 and args.step is not None:
+        parser.error("--step takes one --run (a bundle exports each stage's latest checkpoint)")
     from trainer.export import export
+    from trainer.export_cmd import export_cmd_bundle
 
     try:
-        out = export(args.run, args.out, step=args.step, ema=args.ema, latent_scale_clips=args.latent_scale_clips)
+        if len(args.run) > 1:
+            out = export_cmd_bundle(args.run, args.out, ema=args.ema)
+        else:
+            out = export(args.run[0], args.out, step=args.step, ema=args.ema, latent_scale_clips=args.latent_scale_clips)
     except (FileNotFoundError, ValueError) as err:
         print(f"lvd export: {err}", file=sys.stderr)
         return 1

@@ -41,10 +41,15 @@ class ModelCounts:
 
 
 def _input_shape(cfg: TrainJobConfig, vae: nn.Module | None) -> tuple[int, ...]:
-    """Latent shape of one clip, from the data size and the VAE's downsampling."""
+    """Latent shape of one clip, from the data size and the VAE's downsampling (CMD's stages: the
+    shape of their content frame or packed motion latent)."""
     frames, height, width = cfg.data.frames, cfg.data.height, cfg.data.width
     if vae is None:
         return (1, 3, frames, height, width)
+    if cfg.objective.task in ("cmd_content", "cmd_motion"):
+        from trainer.tasks.cmd import stage_input_shape
+
+        return stage_input_shape(cfg.objective.task, vae, frames, height, width)
     ft, fh, fw = vae.downsample_factors
     return (1, int(vae.config.latent_channels), max(frames // ft, 1), height // fh, width // fw)
 

@@ -58,6 +58,11 @@ class LatentScalingMixin:
     encode: Any
     decode: Any
 
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the diffusion latents."""
+        return self.config.latent_channels
+
     def to_latents(
         self, video: Tensor, generator: torch.Generator | list[torch.Generator] | None = None
     ) -> Tensor:

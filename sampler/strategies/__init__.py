@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sampler.strategies import (
+    cmd,
     ddim,
     lvdm,
     lvdm_autoregressive,
@@ -63,5 +64,6 @@ STRATEGIES: dict[str, Strategy] = {
         config=videofusion.VideoFusionConfig, run=videofusion.run, parallel=False, model_tasks=("videofusion",)
     ),
     "ddim": Strategy(config=ddim.DDIMConfig, run=ddim.run, parallel=False, model_tasks=("diffusion",)),
+    "cmd": Strategy(config=cmd.CMDSamplingConfig, run=cmd.run, parallel=False, model_tasks=("cmd",)),
 }
 """Every strategy by its `--strategy` name, in the order of `lvd sample --help`."""

@@ -12,7 +12,7 @@ import torch
 
 from trainer.config import TrainJobConfig
 from trainer.tasks.autoencoder import AutoencoderTask
-from trainer.tasks.cmd import CMDTask
+from trainer.tasks.cmd import CMDAutoencoderTask, CMDContentTask, CMDMotionTask
 from trainer.tasks.diffusion import DiffusionTask
 from trainer.tasks.interface import Task
 from trainer.tasks.lvdm import LVDMTask
@@ -28,7 +28,9 @@ TASKS: dict[str, type[Task]] = {
     "temporal_decoder": TemporalDecoderTask,
     "videofusion": VideoFusionTask,
     "streaming": StreamingTask,
-    "cmd": CMDTask,
+    "cmd_autoencoder": CMDAutoencoderTask,
+    "cmd_content": CMDContentTask,
+    "cmd_motion": CMDMotionTask,
 }
 """Task name (the objective's tag) -> its class."""
 

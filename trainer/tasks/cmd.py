@@ -1,10 +1,14 @@
-"""Task `cmd`: CMD's content-motion autoencoder (reconstruction) and, on its detached latents,
-the motion DiT conditioned on the content frame (diffusion), trained side by side (Yu et al.
-2024, "Efficient Video Diffusion Models via Content-Frame Motion-Latent Decomposition";
-docs/methods.md, 'CMD: training').
+"""CMD's three training stages, one task each (Yu et al. 2024, "Efficient Video Diffusion Models
+via Content-Frame Motion-Latent Decomposition", §3; docs/methods.md, 'CMD: training in stages'):
 
-The paper trains them one after the other; here both engines step every iteration and the DiT
-only ever sees detached autoencoder outputs, so neither objective leaks into the other.
+- `cmd_autoencoder`: the content-motion autoencoder, on reconstruction;
+- `cmd_content`: a text-conditioned image diffusion model of the content frames of the frozen
+  autoencoder (`model.vae`), an image `dit` on the frames' space-to-depth as 1-frame clips;
+- `cmd_motion`: the motion DiT on the frozen autoencoder's motion latents, conditioned on its
+  content frame and the text.
+
+Stages 2 and 3 hold the autoencoder as a frozen helper: it encodes without gradients, has
+`requires_grad` off and gets no engine, and its exact weights are saved with the run and exported.
 """
 
 from __future__ import annotations
@@ -14,48 +18,144 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-import model_zoo
-from model_zoo.cmd import content_condition, motion_model_config, pack_motion
-from trainer.config import CMDObjective, ModelConfig
+from model_zoo.cmd import (
+    Motion,
+    content_condition,
+    content_grid,
+    content_model_config,
+    motion_grid,
+    motion_model_config,
+    pack_motion,
+    patchify_content,
+)
+from trainer.config import CMDAutoencoderObjective, CMDContentObjective, CMDMotionObjective, ModelConfig
 from trainer.tasks.denoising import build_denoising
-from trainer.tasks.encoders import TEXT_ENCODER_SEED
+from trainer.tasks.encoders import TEXT_ENCODER_SEED, VAE_SEED
 from trainer.tasks.interface import Batch, Engines, StepOutput
 from trainer.tasks.losses import reconstruction_loss
-from trainer.tasks.networks import build_helper, trained_model
+from trainer.tasks.networks import build_helper, init_from_or_build, trained_model
 
 
-class CMDTask:
-    """Trains the content-motion autoencoder ("model") and the motion DiT ("motion") side by side."""
+def stage_input_shape(task: str, autoencoder: nn.Module, frames: int, height: int, width: int) -> tuple[int, ...]:
+    """The trained network's input (1, C, T, rows, columns) for a clip of frames x height x width:
+    the content frame's space-to-depth as one frame (`cmd_content`), the packed motion (`cmd_motion`)."""
+    grid, length = (content_grid, 1) if task == "cmd_content" else (motion_grid, frames)
+    channels, rows, columns = grid(autoencoder.config, height, width)
+    return (1, channels, length, rows, columns)
 
-    components = {"model": "autoencoder", "motion": "motion_denoiser"}
 
-    def __init__(self, objective: CMDObjective, model: ModelConfig, *, latent: bool, seed: int, device: torch.device):
+class CMDAutoencoderTask:
+    """Stage 1: the content-motion autoencoder ("model"), on reconstruction."""
+
+    components = {"model": "vae"}
+
+    def __init__(self, objective: CMDAutoencoderObjective, model: ModelConfig, *, latent: bool, seed: int, device: torch.device):
         self.objective = objective
         self.device = device
-        self.text_encoder = build_helper(model.text_encoder, seed=seed + TEXT_ENCODER_SEED, device=device)
-        self.diffusion = build_denoising(objective.diffusion, device)
-        self.frozen = {"text_encoder": self.text_encoder}
-        autoencoder = trained_model(model)
-        size = "tiny" if model.flavor == "tiny" else "S"
-        context_dim = int(self.text_encoder.config.context_dim)
-        motion = model_zoo.build_from_config(motion_model_config(autoencoder.config, size, context_dim=context_dim))
-        self.trained: dict[str, nn.Module] = {"model": autoencoder, "motion": motion}
+        self.frozen: dict[str, nn.Module] = {}
+        self.trained: dict[str, nn.Module] = {"model": trained_model(model)}
 
-    def tokenizer(self) -> Callable[[list[str]], Tensor]:
-        return self.text_encoder.tokenize
+    def tokenizer(self) -> None:
+        return None
 
     def losses(self, engines: Engines, batch: Batch, generator: torch.Generator, step: int) -> StepOutput:
         video = batch.pixels().to(self.device)
-        recon, content, motion = engines["model"](video)
+        recon, _, _ = engines["model"](video)
         rec = reconstruction_loss(recon, video, self.objective.loss_type)
-        with torch.no_grad():
-            context = self.text_encoder(batch.tokens.to(self.device))
-            x0 = pack_motion(type(motion)(*(z.detach() for z in motion)))  # (B, 2m, L, h, w)
-            cond_frame = content_condition(content.detach(), self.trained["model"].config.patch_size)
+        return StepOutput([("model", rec)], {"rec": rec.item()})
+
+    def preview(self, engines: Engines, batch: Batch, generator: torch.Generator) -> Tensor | None:
+        return None
+
+
+def check_family(model: ModelConfig, family: str, task: str) -> None:
+    """The stage's network is of `family`; a clear error otherwise."""
+    if model.family != family:
+        raise ValueError(f"model.family: the {task} task trains a {family!r} network, not {model.family!r}")
+
+
+class FrozenAutoencoder:
+    """The frozen helpers of stages 2 and 3: the CMD autoencoder (`model.vae`) and the text encoder."""
+
+    def __init__(self, model: ModelConfig, *, seed: int, device: torch.device) -> None:
+        self.autoencoder = build_helper(model.vae, seed=seed + VAE_SEED, device=device)
+        if self.autoencoder.family != "cmd":
+            raise ValueError(
+                f"model.vae={model.vae}: the CMD stages need the CMD autoencoder (an export of the "
+                f"cmd_autoencoder task, <export>/vae, or 'cmd/<flavor>'), not a {self.autoencoder.family!r} network"
+            )
+        self.text_encoder = build_helper(model.text_encoder, seed=seed + TEXT_ENCODER_SEED, device=device)
+        self.device = device
+
+    def helpers(self) -> dict[str, nn.Module]:
+        return {"text_encoder": self.text_encoder, "vae": self.autoencoder}
+
+    def context_dim(self) -> int:
+        return int(self.text_encoder.config.context_dim)
+
+    @torch.no_grad()
+    def encode(self, batch: Batch) -> tuple[Tensor, Motion, Tensor]:
+        """Content frames (B, 3, H, W), motion latents and text context (B, 77, D) of the batch."""
+        content, motion = self.autoencoder.encode(batch.pixels().to(self.device))
+        return content, motion, self.text_encoder(batch.tokens.to(self.device))
+
+
+class CMDContentTask:
+    """Stage 2: the content-frame model ("model") on the frozen autoencoder's content frames."""
+
+    components = {"model": "content_denoiser"}
+
+    def __init__(self, objective: CMDContentObjective, model: ModelConfig, *, latent: bool, seed: int, device: torch.device):
+        check_family(model, "dit", objective.task)
+        self.device = device
+        self.encoders = FrozenAutoencoder(model, seed=seed, device=device)
+        self.diffusion = build_denoising(objective.diffusion, device)
+        self.frozen = self.encoders.helpers()
+        self.patch_size = self.encoders.autoencoder.config.patch_size
+        config = content_model_config(
+            self.encoders.autoencoder.config, model.flavor, **{"context_dim": self.encoders.context_dim(), **model.overrides}
+        )
+        self.trained: dict[str, nn.Module] = {"model": init_from_or_build(model, config)}
+
+    def tokenizer(self) -> Callable[[list[str]], Tensor]:
+        return self.encoders.text_encoder.tokenize
+
+    def losses(self, engines: Engines, batch: Batch, generator: torch.Generator, step: int) -> StepOutput:
+        content, _, context = self.encoders.encode(batch)
+        x0 = patchify_content(content, self.patch_size)[:, :, None]  # (B, 3p², 1, h, w): a 1-frame clip
         t, noise = self.diffusion.draw(x0, generator)
-        diffusion = self.diffusion.loss(engines["motion"], x0, t, noise, engine="motion", context=context, cond_frame=cond_frame)
-        motion_loss = diffusion.losses[0][1]
-        return StepOutput([("model", rec), ("motion", motion_loss)], {"rec": rec.item(), "motion_loss": motion_loss.item(), **diffusion.metrics})
+        return self.diffusion.loss(engines["model"], x0, t, noise, context=context)
+
+    def preview(self, engines: Engines, batch: Batch, generator: torch.Generator) -> Tensor | None:
+        return None
+
+
+class CMDMotionTask:
+    """Stage 3: the motion DiT ("model") on the frozen autoencoder's motion latents, conditioned
+    on its content frame (dense, at the input) and the text (cross-attention)."""
+
+    components = {"model": "denoiser"}
+
+    def __init__(self, objective: CMDMotionObjective, model: ModelConfig, *, latent: bool, seed: int, device: torch.device):
+        check_family(model, "dit", objective.task)
+        self.device = device
+        self.encoders = FrozenAutoencoder(model, seed=seed, device=device)
+        self.diffusion = build_denoising(objective.diffusion, device)
+        self.frozen = self.encoders.helpers()
+        config = motion_model_config(
+            self.encoders.autoencoder.config, model.flavor, **{"context_dim": self.encoders.context_dim(), **model.overrides}
+        )
+        self.trained: dict[str, nn.Module] = {"model": init_from_or_build(model, config)}
+
+    def tokenizer(self) -> Callable[[list[str]], Tensor]:
+        return self.encoders.text_encoder.tokenize
+
+    def losses(self, engines: Engines, batch: Batch, generator: torch.Generator, step: int) -> StepOutput:
+        content, motion, context = self.encoders.encode(batch)
+        x0 = pack_motion(motion)  # (B, m, L, 1, h + w)
+        cond_frame = content_condition(content, self.encoders.autoencoder.config.patch_size)  # (B, 3p², 1, h + w)
+        t, noise = self.diffusion.draw(x0, generator)
+        return self.diffusion.loss(engines["model"], x0, t, noise, context=context, cond_frame=cond_frame)
 
     def preview(self, engines: Engines, batch: Batch, generator: torch.Generator) -> Tensor | None:
         return None
