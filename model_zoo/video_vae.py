@@ -221,6 +221,10 @@ class VideoVAE(LatentScalingMixin, PretrainedMixin, nn.Module):
         z = posterior.sample(generator) if sample_posterior else posterior.mode()  # (B, C_z, t, h, w)
         return self.decode(z), posterior
 
+    def decoder_last_layer(self) -> TimePaddedConv3d:
+        """The decoder's output convolution (where the adaptive GAN weight is measured)."""
+        return self.decoder.out[-1]
+
     def contract_output(self, video: Tensor) -> Tensor:
         """The deterministic reconstruction (posterior mode), for the generic contract test."""
         return self(video, sample_posterior=False)[0]

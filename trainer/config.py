@@ -291,7 +291,8 @@ class CMDMotionObjective:
 
 @dataclass(frozen=True, kw_only=True)
 class AutoencoderObjective:
-    """LVDM's video VAE: reconstruction + KL + adversarial after `disc_start`."""
+    """LVDM's video VAE: reconstruction (+ perceptual) + KL + adversarial, with an adaptive
+    weight, after `disc_start`."""
 
     task: Literal["autoencoder"] = "autoencoder"
     """Which task trains (the tag of the objective)."""
@@ -300,11 +301,12 @@ class AutoencoderObjective:
     kl_weight: float = 1.0e-6
     """KL weight."""
     adv_weight: float = 0.5
-    """Adversarial loss weight after `disc_start`."""
+    """Factor of the adaptive adversarial weight after `disc_start` (the whole weight under ZeRO-3)."""
     disc_start: int = 50000
     """Step at which the discriminator starts (LVDM: 50k)."""
     perceptual: str | None = None
-    """Path to local perceptual-loss weights (None: no perceptual term)."""
+    """Folder of the perceptual (LPIPS) weights: `vgg16.pth` and the lpips package's `vgg.pth`
+    (None: no perceptual term, said once in the run log)."""
     perceptual_weight: float = 1.0
     """Perceptual loss weight when `perceptual` is set."""
 
