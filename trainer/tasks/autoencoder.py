@@ -91,7 +91,8 @@ class AutoencoderTask:
             return -self.trained["disc"](recon).mean()
 
     def gan_weight(self, last_layer: nn.Module, last_input: Tensor, video: Tensor) -> Tensor | float:
-        """The adaptive weight at the decoder's last layer, or 1 when ZeRO-3 partitions that layer.
+        """The adaptive weight at the decoder's last layer, or 1 when ZeRO-3 partitions that layer
+        (after the forward it is an empty placeholder: no gradient can be taken with respect to it).
 
         The gradients are taken on the last layer applied again to its detached input: the same
         values as in the VAE's forward, on a graph that reaches the weight without crossing the
