@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 import model_zoo
@@ -43,7 +44,7 @@ class AutoencoderTask:
         # Not a frozen helper: it only shapes the loss and is neither saved with the run nor exported.
         self.perceptual: PerceptualDistance | None = None
         if objective.perceptual is None:
-            log.warning(NO_PERCEPTUAL)
+            say(NO_PERCEPTUAL)
         else:
             self.perceptual = load_perceptual(objective.perceptual).to(device)
         self.warned_fixed_weight = False
@@ -100,7 +101,7 @@ class AutoencoderTask:
         weight = last_layer.conv.weight
         if hasattr(weight, "ds_tensor"):  # a ZeRO-3 partitioned parameter
             if not self.warned_fixed_weight:
-                log.warning(FIXED_GAN_WEIGHT)
+                say(FIXED_GAN_WEIGHT)
                 self.warned_fixed_weight = True
             return 1.0
         recon = last_layer(last_input.detach())  # (B, 3, T, H, W), equal to the VAE's output
@@ -113,6 +114,12 @@ class AutoencoderTask:
             video = batch.pixels()[:1].to(self.device)
             recon, _ = engines["model"](video, False, None)
         return torch.cat([video, recon.clamp(-1, 1)], dim=-1)
+
+
+def say(text: str) -> None:
+    """A warning line in the run log, from the first rank only (every rank builds the task)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        log.warning(text)
 
 
 @contextmanager
