@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from common.pipeline_folder import read_index
+from common.pipeline_folder import is_pipeline_folder, read_index
 from model_zoo.diffusion.guidance import Guide, cfg
 from model_zoo.diffusion.objectives import build_mask
 from sampler.denoisers import counted, lvdm_predict_fn
@@ -86,8 +86,8 @@ def trained_keyframe_strides(keyframe: tuple[int, int], interpolation: tuple[int
 def export_knobs(knobs: dict[str, Any], model: str | Path, model2: str | Path | None) -> dict[str, Any]:
     """The knobs given on the command line, with the keyframe stride the exports were trained for
     as its default; a --keyframe-stride they were not trained for is an error naming both."""
-    if model2 is None:
-        return knobs
+    if model2 is None or not is_pipeline_folder(Path(model)) or not is_pipeline_folder(Path(model2)):
+        return knobs  # a missing folder is reported when the pipelines load
     keyframe = recorded_frame_strides(read_index(model).entries)
     interpolation = recorded_frame_strides(read_index(model2).entries)
     if keyframe is None or interpolation is None:
