@@ -143,7 +143,7 @@ def _pair(root: Path, keyframe: list[int], interpolation: list[int]) -> tuple[st
 
 
 def _sample_args(model: str, model2: str, *extra: str) -> list[str]:
-    return ["--model", model, "--model2", model2, "--strategy", "lvdm-hierarchical", "--prompt", "a", "--out", "x.mp4", *extra]
+    return ["--model", model, "--model2", model2, "--strategy", "lvdm-hierarchical", "--prompt", "a", "--out", str(Path(model).parent / "x.mp4"), *extra]
 
 
 def test_sampler_defaults_to_the_trained_keyframe_stride(tmp_path):
@@ -160,7 +160,8 @@ def test_sampler_refuses_a_keyframe_stride_the_models_were_not_trained_for(tmp_p
     from sampler.cli import main
 
     model, model2 = _pair(tmp_path, [4, 4], [2, 2])
-    assert main(_sample_args(model, model2, "--keyframe-stride", "3")) == 2
+    small = ["--steps", "1", "--frames", "4", "--height", "16", "--width", "16", "--device", "cpu", "--quiet"]
+    assert main(_sample_args(model, model2, "--keyframe-stride", "3", *small)) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "--keyframe-stride 3" in err and "keyframe stride 2" in err, err
