@@ -61,6 +61,16 @@ def test_stride_range_is_drawn_per_clip_and_resumes(video_shards):
     assert torch.equal(again["video"], batches[1]["video"])
 
 
+def test_cached_latents_are_strided_in_latent_frames():
+    from data_pipeline.stages import strided_latents
+
+    latents = np.arange(8)[None, :, None, None] * np.ones((4, 8, 2, 2))  # (c, t, h, w), value = frame index
+    assert strided_latents(latents, 2, 2)[0, :, 0, 0].tolist() == [0, 2, 4, 6]
+    assert strided_latents(latents, 1, 3)[0, :, 0, 0].tolist() == [0, 1, 2]  # as many as fit at stride 3
+    assert strided_latents(latents, 3, 3)[0, :, 0, 0].tolist() == [0, 3, 6]
+    assert strided_latents(latents, 1, 1).shape == latents.shape
+
+
 def test_frame_stride_range_is_checked():
     with pytest.raises(ValueError, match="frame_stride_range"):
         DataConfig(frame_stride_range=(3, 2))
