@@ -37,11 +37,13 @@ def choose_bucket(buckets: list[Bucket], meta: dict[str, Any]) -> int:
 
 
 def build_buckets(cfg: DataConfig, batch_size: int) -> list[Bucket]:
-    """The buckets of `data.buckets`, or one bucket of the configured clip shape and `batch_size`."""
+    """The buckets of `data.buckets`, or one bucket of the configured clip shape and `batch_size`
+    (at the highest frame stride, so a clip chosen for a bucket is long enough at any stride)."""
+    stride = cfg.stride_bounds()[1]
     shapes = cfg.bucket_shapes() or [(cfg.frames, cfg.height, cfg.width, batch_size)]
     return [
         Bucket(
-            shape=ClipShape(frames=frames, frame_stride=cfg.frame_stride, height=height, width=width),
+            shape=ClipShape(frames=frames, frame_stride=stride, height=height, width=width),
             batch_size=batch,
         )
         for frames, height, width, batch in shapes

@@ -17,7 +17,12 @@ class DataConfig:
     frames: int = 8
     """Frames L sampled per clip."""
     frame_stride: int = 1
-    """Stride s between the sampled frames (LVDM used 4 on TaiChi)."""
+    """Stride s between the sampled frames, counted in frames of the shard's clips: every s-th
+    pixel frame of an mp4 clip, or every s-th latent frame of a cached latent clip (LVDM used 4
+    on TaiChi). Batches carry it per clip as 'frame_stride'."""
+    frame_stride_range: tuple[int, ...] = ()
+    """[lo, hi]: draw each clip's stride uniformly from lo..hi (keyed by the clip, so resumable)
+    instead of using `frame_stride`. Empty: every clip at `frame_stride`."""
     height: int = 64
     """Output frame height H after resize and crop."""
     width: int = 64
@@ -49,11 +54,21 @@ class DataConfig:
                 raise ValueError(f"buckets: {text!r} is not 'FRAMESxHEIGHTxWIDTH:BATCH'") from None
         return shapes
 
+    def stride_bounds(self) -> tuple[int, int]:
+        """(lowest, highest) frame stride of the clips."""
+        if self.frame_stride_range:
+            return self.frame_stride_range[0], self.frame_stride_range[1]
+        return self.frame_stride, self.frame_stride
+
     def __post_init__(self) -> None:
         if self.frames < 1:
             raise ValueError(f"frames: must be >= 1, got {self.frames}")
         if self.frame_stride < 1:
             raise ValueError(f"frame_stride: must be >= 1, got {self.frame_stride}")
+        if self.frame_stride_range and (
+            len(self.frame_stride_range) != 2 or not 1 <= self.frame_stride_range[0] <= self.frame_stride_range[1]
+        ):
+            raise ValueError(f"frame_stride_range: must be [lo, hi] with 1 <= lo <= hi, got {list(self.frame_stride_range)}")
         if self.height < 8 or self.width < 8:
             raise ValueError(f"height/width: must be >= 8, got {self.height}x{self.width}")
         if not 0.0 <= self.p_uncond <= 1.0:

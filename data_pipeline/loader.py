@@ -6,7 +6,8 @@ every batch with its position after that batch. The main process keeps the tag o
 it consumed from each worker: that is the loader state. DataLoader hands out batches round-robin
 over workers, so after n batches the next one comes from worker n mod W; a resumed loader rotates
 the worker roles by that amount. Per-sample randomness (temporal offset, crop, caption dropout)
-is keyed by (seed, rank, worker, sample number), never drawn from a shared generator.
+is keyed by (seed, rank, worker, sample number), never drawn from a shared generator; so is the
+frame stride of each clip when `data.frame_stride_range` is set.
 
 Clips are batched per aspect-ratio bucket (buckets.py). Video batches travel as uint8 through a
 fixed ring of shared-memory cells (video_ring.py) and are converted to float32 in [-1, 1] by the
@@ -23,6 +24,7 @@ See docs/methods.md, 'Data: the training loader and caption dropout'.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -36,7 +38,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.buckets import Bucket, build_buckets, choose_bucket
 from data_pipeline.config import DataConfig
-from data_pipeline.stages import decode_clip, drop_caption, load_npy, sample_caption, sample_meta
+from data_pipeline.stages import (
+    decode_clip,
+    drop_caption,
+    load_npy,
+    sample_caption,
+    sample_meta,
+    strided_latents,
+)
 from data_pipeline.stream import (
     SampleStream,
     ShardSet,
@@ -89,9 +98,10 @@ class _BatchMaker:
         caption = drop_caption(
             sample_caption(files), self.cfg.p_uncond, keyed_random(*self._key("uncond", counter))
         )
-        item: dict[str, Any] = {"caption": caption, "meta": meta}
+        stride = self._frame_stride(counter)
+        item: dict[str, Any] = {"caption": caption, "meta": meta, "frame_stride": stride}
         if self.cfg.latent:
-            item["latents"] = load_npy(files["latents.npy"])
+            item["latents"] = strided_latents(load_npy(files["latents.npy"]), stride, self.cfg.stride_bounds()[1])
             if "text_emb.npy" in files:
                 item["text_emb"] = load_npy(files["text_emb.npy"])
             return item
@@ -99,9 +109,13 @@ class _BatchMaker:
             return None
         rng = keyed_random(*self._key("aug", counter)) if self.cfg.random_crop else None
         row = self._video_batch(bucket)[len(self.pending[bucket])]  # (L, H, W, 3)
-        return (
-            item if decode_clip(files["mp4"], self.buckets[bucket].shape, rng, out=row) is not None else None
-        )
+        shape = dataclasses.replace(self.buckets[bucket].shape, frame_stride=stride)
+        return item if decode_clip(files["mp4"], shape, rng, out=row) is not None else None
+
+    def _frame_stride(self, counter: int) -> int:
+        """The clip's frame stride: `data.frame_stride`, or drawn from `data.frame_stride_range`."""
+        low, high = self.cfg.stride_bounds()
+        return low if low == high else keyed_random(*self._key("stride", counter)).randint(low, high)
 
     def _video_batch(self, bucket: int) -> np.ndarray:
         """(B, L, H, W, 3) uint8 batch the bucket's clips are decoded into (no stacking copies),
@@ -142,6 +156,7 @@ class _BatchMaker:
     def _collate(self, items: list[dict[str, Any]], bucket: int) -> dict[str, Any]:
         captions = [item["caption"] for item in items]
         batch: dict[str, Any] = {"caption": captions, "meta": [item["meta"] for item in items]}
+        batch["frame_stride"] = torch.tensor([item["frame_stride"] for item in items], dtype=torch.long)
         if self.cfg.latent:
             batch["latents"] = torch.from_numpy(np.stack([item["latents"] for item in items])).float()
             if all("text_emb" in item for item in items):
@@ -221,7 +236,8 @@ class VideoLoader:
 
     Batches: 'video' (B, C, T, H, W) in [-1, 1] (pixel shards) or 'latents' (B, c, t, h, w)
     (latent shards, plus 'text_emb' when cached), 'caption' (after p_uncond dropout), 'tokens'
-    (B, 77) when a tokenizer is given, and 'meta' (one dict per sample).
+    (B, 77) when a tokenizer is given, 'frame_stride' (B,) long (each clip's stride in frames of
+    the shard's clips), and 'meta' (one dict per sample).
     """
 
     def __init__(self, dataset: _SlotDataset) -> None:

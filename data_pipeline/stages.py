@@ -95,6 +95,13 @@ def drop_caption(caption: str, p_uncond: float, rng: random.Random) -> str:
     return "" if rng.random() < p_uncond else caption
 
 
+def strided_latents(latents: np.ndarray, stride: int, highest_stride: int) -> np.ndarray:
+    """Every `stride`-th latent frame of a cached (c, t, h, w) clip, from frame 0, as many frames
+    as fit at `highest_stride` (so clips of any stride in a range batch together)."""
+    count = (latents.shape[1] - 1) // highest_stride + 1
+    return latents[:, : (count - 1) * stride + 1 : stride]
+
+
 def load_npy(payload: bytes) -> np.ndarray:
     return np.load(io.BytesIO(payload), allow_pickle=False)
 

@@ -4,11 +4,11 @@ Input latents (B, C_in, T, H, W) -> prediction (B, C_out, T, H, W). Internally t
 runs on the frame layout (B*T, C, H, W), channels_last (see `model_zoo.layers.video`): 1x3x3
 space-only convolutions are per-frame `Conv2d`s, temporal convolutions and temporal attention
 act over T at every spatial location, spatial self-attention and text cross-attention act
-per frame. The timestep (plus LVDM's perturbation level s as a class-like embedding) enters
-every ResNet block through adaptive GroupNorm.
+per frame. The timestep (plus LVDM's perturbation level s as a class-like embedding, and the
+clip's frame stride when `num_strides > 0`) enters every ResNet block through adaptive GroupNorm.
 
 Structure exposed for the StreamingT2V modules (model_zoo/streaming.py):
-- `time_embedding(t, level) -> emb (B, D)`;
+- `time_embedding(t, level, stride) -> emb (B, D)`;
 - `encode(x, emb, context) -> (h, skips)`: input conv, encoder blocks and middle block;
   `skips` is the list of long-skip features, each (B*T, C_i, H_i, W_i) channels_last, in
   the order they were produced (the decoder consumes them from the end);
@@ -67,6 +67,9 @@ class UNet3DConfig:
     num_levels: int = 0
     """Classes of the perturbation-level embedding (LVDM's tasks set s_max + 2: s in 0..s_max and
     the "no condition" class); 0 disables it."""
+    num_strides: int = 0
+    """Classes of the frame-stride embedding (strides 0..num_strides-1 of the training clips, the
+    fps conditioning of LVDM's long-video models); zero-initialised, 0 disables it."""
     temporal_conv: bool = True
     """Add a zero-initialised 3x1x1 temporal convolution branch to every ResNet block."""
     temporal_attention: bool = True
@@ -185,6 +188,7 @@ class UNet3D(PretrainedMixin, nn.Module):
         emb_dim = config.time_embed_dim or 4 * ch
         self.time_embed = TimestepEmbedding(emb_dim, frequency_dim=ch)
         self.level_embed = nn.Embedding(config.num_levels, emb_dim) if config.num_levels else None
+        self.stride_embed = zero_module(nn.Embedding(config.num_strides, emb_dim)) if config.num_strides else None
         self.input_conv = nn.Conv2d(config.in_channels, ch, 3, padding=1)
         self.encoder, skip_channels, ch = self._build_encoder(emb_dim)
         self.middle = nn.ModuleList(
@@ -229,13 +233,20 @@ class UNet3D(PretrainedMixin, nn.Module):
                 blocks.append(Upsample(ch))
         return nn.ModuleList(blocks), ch
 
-    def time_embedding(self, t: Tensor, level: Tensor | None = None) -> Tensor:
-        """Timestep embedding (B, D), plus the perturbation-level embedding when `level` is given."""
+    def time_embedding(self, t: Tensor, level: Tensor | None = None, stride: Tensor | None = None) -> Tensor:
+        """Timestep embedding (B, D), plus the perturbation-level embedding when `level` is given
+        and the frame-stride embedding when `stride` (B,) long is given."""
         emb = self.time_embed(t)  # (B, D)
         if level is not None:
             if self.level_embed is None:
                 raise ValueError("level was given but this UNet3D has num_levels=0")
             emb = emb + self.level_embed(level)
+        if stride is not None:
+            if self.stride_embed is None:
+                raise ValueError("stride was given but this UNet3D has num_strides=0")
+            if int(stride.max()) >= self.config.num_strides:
+                raise ValueError(f"stride {int(stride.max())} is outside this UNet3D's num_strides={self.config.num_strides}")
+            emb = emb + self.stride_embed(stride)
         return emb
 
     def encode(self, x: Tensor, emb: Tensor, context: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
@@ -270,10 +281,17 @@ class UNet3D(PretrainedMixin, nn.Module):
         return frames_to_video(out, num_frames).contiguous()  # (B, C_out, T, H, W)
 
     def forward(
-        self, x: Tensor, t: Tensor, *, context: Tensor | None = None, level: Tensor | None = None
+        self,
+        x: Tensor,
+        t: Tensor,
+        *,
+        context: Tensor | None = None,
+        level: Tensor | None = None,
+        stride: Tensor | None = None,
     ) -> Tensor:
-        """x (B, C_in, T, H, W), t (B,), context (B, L, context_dim), level (B,) long -> (B, C_out, T, H, W)."""
-        emb = self.time_embedding(t, level)
+        """x (B, C_in, T, H, W), t (B,), context (B, L, context_dim), level and stride (B,) long
+        -> (B, C_out, T, H, W)."""
+        emb = self.time_embedding(t, level, stride)
         h, skips = self.encode(x, emb, context)
         return self.decode(h, skips, emb, context)
 
@@ -285,6 +303,8 @@ class UNet3D(PretrainedMixin, nn.Module):
             inputs["context"] = torch.randn(b, 77, self.config.context_dim, device=x.device)
         if self.config.num_levels:
             inputs["level"] = torch.arange(b, device=x.device) % self.config.num_levels
+        if self.config.num_strides:
+            inputs["stride"] = torch.arange(1, b + 1, device=x.device) % self.config.num_strides
         return inputs
 
     def example_input(self, batch_size: int = 2, num_frames: int = 4, size: int = 16) -> Tensor:

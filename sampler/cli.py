@@ -59,8 +59,11 @@ def config_from_args(args: argparse.Namespace) -> SampleConfig:
         command.setdefault("height", size[0])
         command.setdefault("width", size[1])
     strategy = command.get("strategy", field_default(SampleConfig, "strategy"))
-    knobs = STRATEGIES[strategy].config
-    return SampleConfig(**command, prompts=read_prompts(args), strategy_config=knobs(**given(args, knobs)))
+    spec = STRATEGIES[strategy]
+    knobs = given(args, spec.config)
+    if spec.export_knobs is not None:
+        knobs = spec.export_knobs(knobs, args.model, args.model2)
+    return SampleConfig(**command, prompts=read_prompts(args), strategy_config=spec.config(**knobs))
 
 
 def main(argv: list[str]) -> int:

@@ -75,18 +75,23 @@ def streaming_denoiser(
     return with_text_guidance(branch, pipeline, prompt, guidance, guide)
 
 
-def lvdm_predict_fn(pipeline: Pipeline, prompt: str, guidance: float = 1.0) -> MaskedPredictFn:
+def lvdm_predict_fn(
+    pipeline: Pipeline, prompt: str, guidance: float = 1.0, frame_stride: int | None = None
+) -> MaskedPredictFn:
     """LVDM's masked network `(net_input (B, C+1, l, h, w), t, level) -> ε` with the prompt bound,
     and text CFG against the empty prompt on the same masked input and level unless g = 1 (then
     it is exactly the conditional network). LVDM's unconditional guidance (all masks zero) is
-    applied around this by the strategy, so both guidances compose."""
+    applied around this by the strategy, so both guidances compose. A stride-conditioned network
+    is told `frame_stride` (default: the highest stride it was trained at)."""
     model, no_condition = pipeline.denoiser, pipeline.uncond_level
+    stride = frame_stride_input(pipeline, frame_stride)
 
     def branch(context: Tensor | None) -> MaskedPredictFn:
         def predict(net_input: Tensor, t: Tensor, level: Tensor | None) -> Tensor:
             if level is None and no_condition is not None:  # ε_u: the class training gave no-mask samples
                 level = torch.full_like(t, no_condition)
-            return model(net_input, t, context=context, level=level)
+            strides = {} if stride is None else {"stride": torch.full_like(t, stride)}
+            return model(net_input, t, context=context, level=level, **strides)
 
         return predict
 
@@ -100,6 +105,17 @@ def lvdm_predict_fn(pipeline: Pipeline, prompt: str, guidance: float = 1.0) -> M
         return empty + guidance * (conditional(net_input, t, level) - empty)
 
     return guided
+
+
+def frame_stride_input(pipeline: Pipeline, frame_stride: int | None) -> int | None:
+    """The frame stride to feed a stride-conditioned denoiser (None: the network takes none)."""
+    if getattr(pipeline.denoiser, "stride_embed", None) is None:
+        return None
+    if frame_stride is not None:
+        return frame_stride
+    if pipeline.frame_strides is None:
+        raise ValueError(f"{pipeline.path}: a stride-conditioned network, but model_index.json records no 'frame_stride'")
+    return pipeline.frame_strides[1]
 
 
 def counted(fn: Callable[..., Tensor], tick: Callable[[], object]) -> Callable[..., Tensor]:

@@ -61,6 +61,9 @@ class Pipeline:
     uncond_level: int | None = None
     """LVDM masked networks: the perturbation-level class training used for samples without any
     mask (the unconditional branch ε_u); None for networks without a level embedding."""
+    frame_strides: tuple[int, int] | None = None
+    """LVDM exports: the (lowest, highest) frame stride of the clips the denoiser was trained on
+    (model_index.json's 'frame_stride'); None when the export does not record it."""
     text_cache: dict[str, Tensor] = field(default_factory=dict, repr=False, compare=False)
     """Text tokens of the last `TEXT_CACHE_SIZE` prompts (StreamingT2V asks for them every chunk)."""
 
@@ -82,6 +85,12 @@ class Pipeline:
                 del self.text_cache[next(iter(self.text_cache))]  # the oldest
             self.text_cache[prompt] = encoder.encode_prompts([prompt])
         return self.text_cache[prompt]
+
+
+def recorded_frame_strides(entries: dict[str, Any]) -> tuple[int, int] | None:
+    """(lowest, highest) training frame stride of an export's model_index.json entries, or None."""
+    strides = entries.get("frame_stride")
+    return None if strides is None else (int(strides[0]), int(strides[1]))
 
 
 def vae_factors(vae: nn.Module) -> tuple[int, int, int]:
@@ -142,6 +151,7 @@ def load_pipeline(folder: str | Path, *, device: str = "cpu") -> Pipeline:
         path=path,
         task=task,
         uncond_level=uncond_level if has_levels else None,
+        frame_strides=recorded_frame_strides(index.entries),
         networks=networks,
         schedule=_schedule(index.scheduler),
         content_schedule=_schedule(index.extra_schedulers["content_scheduler"]) if "content_scheduler" in index.extra_schedulers else None,

@@ -426,7 +426,7 @@ def _latent_batch(task, *, batch_size: int = 2, frames: int = 4, seed: int = 0):
 
     captions = ["a red bicycle", "a blue car"][:batch_size]
     latents = torch.randn(batch_size, 4, frames, 8, 8, generator=torch.Generator().manual_seed(seed))
-    return Batch(captions=captions, latents=latents, tokens=task.tokenizer()(captions))
+    return Batch(captions=captions, latents=latents, tokens=task.tokenizer()(captions), frame_stride=torch.ones(len(captions), dtype=torch.long))
 
 
 def test_lvdm_loss_ignores_the_conditioned_frames(tmp_path):

@@ -68,6 +68,7 @@ def export(
             components[frozen.parent.name] = json.loads(frozen.read_text())["_family"]
         if isinstance(cfg.objective, LVDMPredictionObjective | LVDMInterpolationObjective):
             entries["uncond_level"] = no_condition_level(cfg.objective.conditioning)  # the ε_u encoding training used
+            entries["frame_stride"] = list(cfg.data.stride_bounds())  # the hierarchical sampler's keyframe stride
         diffusion = not isinstance(cfg.objective, AutoencoderObjective | CMDAutoencoderObjective | TemporalDecoderObjective)
         scheduler = scheduler_spec(cfg.objective.diffusion) if diffusion else None
         write_index(folder, task=task, components=components, scheduler=scheduler, entries=entries)

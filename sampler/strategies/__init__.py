@@ -45,6 +45,9 @@ class Strategy:
     """The export tasks --model2 may have (empty: it takes no --model2)."""
     needs_model2: bool = False
     """--model2 is required."""
+    export_knobs: Callable[[dict[str, Any], str, str | None], dict[str, Any]] | None = None
+    """`export_knobs(knobs given, --model, --model2)`: the knobs with defaults the exports record
+    (and checked against them); None: the knobs as given."""
 
 
 STRATEGIES: dict[str, Strategy] = {
@@ -54,6 +57,7 @@ STRATEGIES: dict[str, Strategy] = {
     "lvdm-hierarchical": Strategy(
         config=lvdm_hierarchical.HierarchicalConfig, run=lvdm_hierarchical.run, parallel=True,
         model_tasks=("lvdm_prediction",), model2_tasks=("lvdm_interpolation",), needs_model2=True,
+        export_knobs=lvdm_hierarchical.export_knobs,
     ),
     "vidrd": Strategy(config=vidrd.VidRDConfig, run=vidrd.run, parallel=False, model_tasks=("diffusion",)),
     "streaming": Strategy(

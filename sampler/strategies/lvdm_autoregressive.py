@@ -90,9 +90,10 @@ def num_clips(config: LVDMConfig, num_frames: int) -> int:
     return 1 + math.ceil(max(0, num_frames - config.clip_frames) / new_per_clip)
 
 
-def stepper(job: VideoJob, config: LVDMConfig) -> Stepper:
-    """--model's clips one by one; the state is the last k frames (the next clip's condition)."""
-    predict = counted(lvdm_predict_fn(job.pipeline, job.prompt, job.config.guidance), job.tick_steps())
+def stepper(job: VideoJob, config: LVDMConfig, frame_stride: int | None = None) -> Stepper:
+    """--model's clips one by one; the state is the last k frames (the next clip's condition). A
+    stride-conditioned network is told `frame_stride` (default: its highest trained stride)."""
+    predict = counted(lvdm_predict_fn(job.pipeline, job.prompt, job.config.guidance, frame_stride), job.tick_steps())
     guide = branch_parallel_guide(job.world)
 
     def step(index: int, state: State | None) -> tuple[Tensor, State]:

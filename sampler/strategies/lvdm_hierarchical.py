@@ -1,6 +1,10 @@
 """`--strategy lvdm-hierarchical`: LVDM's hierarchical generation (He et al. 2022, §3.4;
-docs/methods.md §6.1). The prediction model makes sparse keyframes autoregressively, and the
-interpolation model (--model2) fills each gap between two consecutive keyframes, both ends masked.
+docs/methods.md, 'LVDM: autoregressive and hierarchical sampling'). The prediction model makes
+sparse keyframes autoregressively, and the interpolation model (--model2) fills each gap between
+two consecutive keyframes, both ends masked.
+
+The keyframe stride d (latent frames) is the one the two exports were trained for: the keyframe
+model's frame stride over the interpolation model's (model_index.json's 'frame_stride').
 
 On several ranks the keyframes run on the owner; meanwhile, and after, every rank claims the next
 gap whose keyframes are saved, or the next piece to VAE-decode.
@@ -11,15 +15,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from functools import partial
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from common.pipeline_folder import is_pipeline_folder, read_index
 from model_zoo.diffusion.guidance import Guide, cfg
 from model_zoo.diffusion.objectives import build_mask
 from sampler.denoisers import counted, lvdm_predict_fn
 from sampler.distributed import World
 from sampler.job import VideoJob
+from sampler.pipeline import recorded_frame_strides
 from sampler.strategies import lvdm_autoregressive
 from sampler.strategies.common import SamplingSetup
 from sampler.strategies.lvdm import LVDMConfig, MaskedPredictFn, sample_masked_clip
@@ -39,7 +47,8 @@ class HierarchicalConfig(LVDMConfig):
     """LVDM's hierarchical knobs: the keyframe stage's autoregressive ones, and the keyframe stride."""
 
     keyframe_stride: int = field(default=3, metadata={"alias": "--stride"})
-    """Latent frames from one keyframe to the next (the interpolation clip is stride + 1 frames)."""
+    """Latent frames from one keyframe to the next (the interpolation clip is stride + 1 frames).
+    Default: the stride the exports were trained for, when they record it (else this value)."""
 
     @property
     def interp_clip_frames(self) -> int:
@@ -63,6 +72,50 @@ class HierarchicalPlan:
     def gaps(self) -> list[tuple[int, int]]:
         """(start, end) keyframe indices of each gap: the independent units of interpolation work."""
         return [(index, index + 1) for index in range(self.num_keyframes - 1)]
+
+
+def trained_keyframe_strides(keyframe: tuple[int, int], interpolation: tuple[int, int]) -> range:
+    """Keyframe strides d a pair of exports was trained for, given their (lowest, highest) frame
+    strides: the interpolation model runs at its lowest stride s_i and the keyframe model at
+    d·s_i, which must be one of its trained strides."""
+    low, high = keyframe
+    s_i = interpolation[0]
+    return range(max(2, -(-low // s_i)), high // s_i + 1)
+
+
+def export_knobs(knobs: dict[str, Any], model: str | Path, model2: str | Path | None) -> dict[str, Any]:
+    """The knobs given on the command line, with the keyframe stride the exports were trained for
+    as its default; a --keyframe-stride they were not trained for is an error naming both."""
+    if model2 is None or not is_pipeline_folder(Path(model)) or not is_pipeline_folder(Path(model2)):
+        return knobs  # a missing folder is reported when the pipelines load
+    keyframe = recorded_frame_strides(read_index(model).entries)
+    interpolation = recorded_frame_strides(read_index(model2).entries)
+    if keyframe is None or interpolation is None:
+        return knobs
+    trained = trained_keyframe_strides(keyframe, interpolation)
+    stride = knobs.get("keyframe_stride", trained[-1] if trained else None)
+    if stride not in trained:
+        strides = ", ".join(str(value) for value in trained) or "none"
+        raise ValueError(
+            f"--keyframe-stride {stride}: the models were trained for keyframe stride {strides} "
+            f"(--model at frame stride {_span(keyframe)}, --model2 at {_span(interpolation)})"
+        )
+    return knobs | {"keyframe_stride": stride}
+
+
+def _span(strides: tuple[int, int]) -> str:
+    return str(strides[0]) if strides[0] == strides[1] else f"{strides[0]}..{strides[1]}"
+
+
+def model_frame_strides(job: VideoJob, config: HierarchicalConfig) -> tuple[int | None, int | None]:
+    """Frame strides fed to the keyframe and the interpolation network: the interpolation model
+    at its lowest trained stride s_i, the keyframe model at keyframe_stride · s_i (None, None
+    when --model2 records no stride: each stride-conditioned network then gets its highest)."""
+    assert job.pipeline2 is not None
+    if job.pipeline2.frame_strides is None:
+        return None, None
+    s_i = job.pipeline2.frame_strides[0]
+    return config.keyframe_stride * s_i, s_i
 
 
 def fill_gap(
@@ -167,7 +220,10 @@ class GapStore:
         assert job.pipeline2 is not None
         self.job, self.config, self.keyframes, self.timeout = job, config, keyframes, timeout
         self.plan = HierarchicalPlan(num_frames=job.latent_frames, keyframe_stride=config.keyframe_stride)
-        self.interpolate = counted(lvdm_predict_fn(job.pipeline2, job.prompt, job.config.guidance), job.tick_steps())
+        stride = model_frame_strides(job, config)[1]
+        self.interpolate = counted(
+            lvdm_predict_fn(job.pipeline2, job.prompt, job.config.guidance, stride), job.tick_steps()
+        )
         self.gaps: dict[int, Tensor] = {}
 
     def gap(self, index: int) -> Tensor:
@@ -216,7 +272,8 @@ def run(job: VideoJob, config: HierarchicalConfig) -> None:
     num_chunks = lvdm_autoregressive.num_clips(config, plan.num_keyframes)
     if job.is_owner:
         alone = replace(job, world=World())  # the keyframe stage: the owner, both guidance branches
-        run_chunks(alone, "keyframes", lvdm_autoregressive.stepper(alone, config), num_chunks, lambda _: None)
+        stepper = lvdm_autoregressive.stepper(alone, config, frame_stride=model_frame_strides(job, config)[0])
+        run_chunks(alone, "keyframes", stepper, num_chunks, lambda _: None)
     keyframes = KeyframeReader(job, num_chunks, timeout)
     gaps = GapStore(job, config, keyframes, timeout)
     # Piece i < len(gaps): keyframe i and the stride - 1 frames of gap i; the last piece: the last keyframe.

@@ -34,6 +34,8 @@ class Batch:
     """(B, c, t, h, w) cached VAE latents (latent shards)."""
     text_emb: Tensor | None = None
     """(B, L, D) cached caption embeddings (latent shards that hold them)."""
+    frame_stride: Tensor | None = None
+    """(B,) int64 frame stride of each clip (the loader's `data.frame_stride`)."""
 
     @classmethod
     def from_loader(cls, batch: dict[str, Any]) -> Batch:
@@ -43,6 +45,7 @@ class Batch:
             video=batch.get("video"),
             latents=batch.get("latents"),
             text_emb=batch.get("text_emb"),
+            frame_stride=batch.get("frame_stride"),
         )
 
     def head(self, count: int) -> Batch:
@@ -57,7 +60,13 @@ class Batch:
         return self.video
 
     def _tensors(self) -> dict[str, Tensor | None]:
-        return {"tokens": self.tokens, "video": self.video, "latents": self.latents, "text_emb": self.text_emb}
+        return {
+            "tokens": self.tokens,
+            "video": self.video,
+            "latents": self.latents,
+            "text_emb": self.text_emb,
+            "frame_stride": self.frame_stride,
+        }
 
 
 @dataclass

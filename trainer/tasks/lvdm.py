@@ -3,7 +3,9 @@ latent perturbation (He et al. 2022, "Latent Video Diffusion Models for High-Fid
 Video Generation", §3.3; docs/methods.md, 'LVDM: mask conditioning' and 'LVDM: conditional latent perturbation').
 
 The network sees concat[z_t ⊙ (1-m) + z_cond ⊙ m, m], with z_cond the clean latents perturbed
-to level s; the loss counts only the frames to predict (weight 1 - m).
+to level s; the loss counts only the frames to predict (weight 1 - m). A network with a
+frame-stride embedding (`model.overrides.num_strides`) is told each clip's stride, the batch's
+'frame_stride' (docs/methods.md, 'LVDM: keyframes at a frame stride').
 """
 
 from __future__ import annotations
@@ -57,6 +59,14 @@ class LVDMTask:
             )
         }
 
+    def stride_input(self, batch: Batch) -> dict[str, Tensor]:
+        """{'stride': (B,) long} of the batch's clips for a stride-conditioned network, else {}."""
+        if not getattr(self.trained["model"].config, "num_strides", 0):
+            return {}
+        if batch.frame_stride is None:
+            raise ValueError("a stride-conditioned network, but the batch carries no 'frame_stride'")
+        return {"stride": batch.frame_stride.to(self.device)}
+
     def tokenizer(self) -> Callable[[list[str]], Tensor]:
         return self.encoders.tokenizer()
 
@@ -83,7 +93,9 @@ class LVDMTask:
         def denoise(z_t: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
             return model(objectives.apply_mask_conditioning(z_t, z_cond, mask), t, **cond)  # input (B, c+1, T, h, w)
 
-        out = self.diffusion.loss(denoise, latents, t, noise, frame_weight=1.0 - mask, context=context, level=levels)
+        out = self.diffusion.loss(
+            denoise, latents, t, noise, frame_weight=1.0 - mask, context=context, level=levels, **self.stride_input(batch)
+        )
         out.metrics["mask_frac"] = float(mask.mean())
         return out
 
@@ -95,10 +107,10 @@ class LVDMTask:
 
     def preview(self, engines: Engines, batch: Batch, generator: torch.Generator) -> Tensor | None:
         """An unconditional sample (ε_u's input: no mask, the no-condition level)."""
-        model = engines["model"]
+        model, stride = engines["model"], self.stride_input(batch.head(1))
 
         def denoise(x: Tensor, t: Tensor, context: Tensor) -> Tensor:
             model_input, level = self.unconditional_input(x)
-            return model(model_input, t, context=context, level=level)
+            return model(model_input, t, context=context, level=level, **stride)
 
         return text_to_video_preview(self.diffusion, self.encoders, denoise, batch, generator, self.device)
