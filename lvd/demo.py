@@ -79,7 +79,7 @@ class Sizes:
 
 FULL = Sizes(
     shard_size=64, size=32, clip_frames=16, vae_steps=2500, vae_frames=8, vae_crop=32, vae_crops_per_clip=8, vae_batch=4,
-    vae_lr=2e-3, vae_latent_channels=8, t2v_steps=3000, t2v_lr=3e-3, lvdm_steps=250, lvdm_lr=3e-3, ema_decay=0.995,
+    vae_lr=2e-3, vae_latent_channels=8, t2v_steps=1500, t2v_lr=3e-3, lvdm_steps=250, lvdm_lr=3e-3, ema_decay=0.995,
     sample_steps=25, guidance=3.0, prompts_per_caption=2, fid_reference_clips=None, long_frames=128, eval_metrics="scuts,mawe",
 )
 """The recipe measured in benchmarks/RESULTS.md ('The demo'): the VAE trains 1500 steps with the
