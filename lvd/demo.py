@@ -82,10 +82,10 @@ FULL = Sizes(
     vae_lr=2e-3, vae_latent_channels=8, t2v_steps=1500, t2v_lr=3e-3, lvdm_steps=250, lvdm_lr=3e-3, ema_decay=0.995,
     sample_steps=25, guidance=3.0, prompts_per_caption=2, fid_reference_clips=None, long_frames=128, eval_metrics="scuts,mawe",
 )
-"""The recipe measured in benchmarks/RESULTS.md ('The demo'): the VAE trains 1500 steps with the
-squared error because held-out PSNR rose with steps and L2 (a 1-rank probe: 25.3 dB at 64x64,
-against 23.4 dB for 600 L1 steps); the denoisers train on 32x32 clips of cached posterior means,
-where a text-to-video step costs a quarter of one at 64x64."""
+"""The recipe measured in benchmarks/RESULTS.md ('The demo'): the VAE trains 2500 steps with the
+squared error (held-out PSNR rose with steps and with L2: 25.2 dB at 64x64, against 23.4 dB for
+600 L1 steps); the text-to-video model trains 1500 steps on 32x32 clips of cached posterior
+means (600 steps gave grey blobs, 3000 gave the data's look but too little motion)."""
 QUICK = Sizes(
     shard_size=32, size=32, clip_frames=8, vae_steps=10, vae_frames=8, vae_crop=16, vae_crops_per_clip=2, vae_batch=2, vae_lr=1e-3,
     vae_latent_channels=4, t2v_steps=12, t2v_lr=5e-4, lvdm_steps=8, lvdm_lr=5e-4, ema_decay=0.9,
