@@ -5,20 +5,23 @@ See docs/methods.md, 'StreamingT2V: conditional attention module' and 'Streaming
 appearance preservation module'.
 
 Henschel et al., "StreamingT2V: Consistent, Dynamic, and Extendable Long Video Generation
-from Text" (2024).
-- CAM (short-term memory): a frame encoder and a trainable copy of the base U-Net's encoder
-  (input conv and encoder blocks) run on the last F_cond latent frames of the
-  previous chunk. Each long-skip feature of the base is updated by temporal cross-attention
-  (queries: the skip features of the T frames at one location; keys/values: the CAM features
-  of the F_cond frames there) through a zero-initialised output projection.
-- APM (long-term memory): the CLIP image embedding of the anchor frame is expanded by a
-  linear layer to k tokens, concatenated with the text tokens and projected: x_mixed. Every
-  cross-attention layer l of the base returns `(1 - α_l)·attn(x_text) + α_l·attn(x_mixed)`,
-  α_l learned and initialised at 0. (The paper mixes keys/values, `x_text + SiLU(α_l)·x_mixed`
-  on zero-padded text; mixing the outputs keeps the model exactly the base model at α = 0,
-  which padding the text with zero tokens would not.)
-At initialisation the output is exactly the base U-Net's; `trainable_parameters()` are the
-CAM and APM parameters, the base is frozen.
+from Text" (2024), §4.1 and §4.2. Notation:
+- CAM (short-term memory, ControlNet-like): a trainable copy of the base's input conv, encoder
+  blocks and middle block runs on the first F_cond frames of the noisy chunk x_t. The frame
+  encoder E_cond encodes the F_cond conditioning latent frames of the previous chunk; a
+  zero-initialised 1x1 convolution of its output is added to the output of the copy's first
+  temporal transformer block. Every long skip x_SC of the base (and the middle block's output)
+  is then updated by
+      x' = P_in(GN_spatiotemporal(x_SC))            reshaped to ((b·h·w), F, c)
+      x'' = T-MHA(Q = P_Q(x'), K = P_K(x_CAM), V = P_V(x_CAM))     x_CAM: ((b·h·w), F_cond, c)
+      x''' = x_SC + R(P_out(x''))                   P_out zero-initialised.
+- APM (long-term memory): the anchor frame's CLIP image token is expanded by a linear layer to
+  k tokens, concatenated with the text tokens x_text (L = `text_tokens`) along the token axis,
+  and projected back to L tokens: x_mixed (B, L, D), the text context's shape. Cross-attention
+  layer l attends to x_cross = SiLU(α_l)·x_mixed + x_text (keys and values), α_l learned and
+  initialised at 0.
+At initialisation (P_out, the fusion conv and every α_l zero) the output is exactly the base
+U-Net's for any input; `trainable_parameters()` are the CAM and APM parameters and the α_l.
 """
 
 from __future__ import annotations
@@ -28,27 +31,39 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model_zoo import unet3d
-from model_zoo.layers import CrossAttention, Downsample, frames_to_tokens, tokens_to_frames, video_to_frames
+from model_zoo.layers import (
+    CrossAttention,
+    Downsample,
+    frames_to_tokens,
+    frames_to_video,
+    per_frame,
+    tokens_to_frames,
+    video_to_frames,
+    zero_module,
+)
 from model_zoo.pretrained import PretrainedMixin
 from model_zoo.registry import register_family
-from model_zoo.unet3d import UNet3D, UNet3DConfig
+from model_zoo.unet3d import UNet3D, UNet3DConfig, UNetBlock
 
 
 @dataclass(frozen=True, kw_only=True)
 class StreamingT2VConfig:
     base: UNet3DConfig = UNet3DConfig(**unet3d.FLAVORS["1b"])
-    """The text-to-video U-Net the modules attach to (frozen); needs `context_dim`."""
+    """The text-to-video U-Net the modules attach to (frozen); needs `context_dim` and temporal attention."""
     cond_frames: int = 8
-    """F_cond: latent frames of the previous chunk that CAM reads."""
+    """F_cond: latent frames of the previous chunk that CAM reads (the chunk needs at least as many)."""
     image_embed_dim: int = 1024
     """Width of the anchor frame's CLIP image embedding (OpenCLIP ViT-H: 1024)."""
     anchor_tokens: int = 8
     """k: tokens the anchor embedding is expanded to."""
+    text_tokens: int = 77
+    """L: tokens of the text context; APM projects the L + k mixed tokens back to L."""
     cam_heads: int = 8
-    """Heads of CAM's temporal cross-attention."""
+    """Heads of CAM's temporal cross-attention (T-MHA)."""
 
     @property
     def in_channels(self) -> int:
@@ -68,43 +83,91 @@ FLAVORS: dict[str, dict[str, Any]] = {
 
 
 class FrameEncoder(nn.Module):
-    """Per-frame convolutions turning conditioning latents into the CAM encoder copy's input."""
+    """E_cond: per-frame convolutions from conditioning latents to `channels` feature maps,
+    halving H and W `downsamples` times (to the resolution of the copy's first temporal block)."""
 
-    def __init__(self, in_channels: int, out_channels: int, hidden: int) -> None:
+    def __init__(self, in_channels: int, channels: int, downsamples: int) -> None:
         super().__init__()
-        self.layers = nn.Sequential(
-            nn.Conv2d(in_channels, hidden, 3, padding=1),
-            nn.SiLU(),
-            nn.Conv2d(hidden, out_channels, 3, padding=1),
-        )
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, channels, 3, padding=1), nn.SiLU()]
+        for _ in range(downsamples):
+            layers += [nn.Conv2d(channels, channels, 3, stride=2, padding=1), nn.SiLU()]
+        layers.append(nn.Conv2d(channels, channels, 3, padding=1))
+        self.layers = nn.Sequential(*layers)
 
     def forward(self, frames: Tensor) -> Tensor:
-        b, _, f, h, w = frames.shape
-        out = self.layers(video_to_frames(frames))  # (B*F, C_in, H, W)
-        return out.reshape(b, f, -1, h, w).transpose(1, 2)  # (B, C_in, F, H, W)
+        return self.layers(video_to_frames(frames))  # (B*F, C, H / 2^d, W / 2^d)
 
 
-class SkipCrossAttention(nn.Module):
-    """Temporal cross-attention from a skip feature's T frames to CAM's F_cond frames, per location.
+class EncoderCopy(nn.Module):
+    """Trainable copy of the base's input conv, encoder blocks and middle block (weights copied).
 
-    Returns skip + zero-initialised update (exactly `skip` at initialisation).
+    `forward` returns one feature per long skip of the base (input conv, every encoder block)
+    and the middle block's output; `fused` is added to the output of block `fuse_at` (the first
+    block with a temporal transformer, counted over encoder then middle blocks).
+    """
+
+    def __init__(self, base: UNet3D) -> None:
+        super().__init__()
+        self.input_conv = copy.deepcopy(base.input_conv)
+        self.encoder = copy.deepcopy(base.encoder)
+        self.middle = copy.deepcopy(base.middle)
+        blocks = [*self.encoder, *self.middle]
+        temporal = [i for i, b in enumerate(blocks) if isinstance(b, UNetBlock) and b.temporal is not None]
+        if not temporal:
+            raise ValueError(
+                "StreamingT2V: CAM fuses E_cond after the first temporal transformer block, and this base "
+                "has none (base.temporal_attention=False or no attention_resolutions)"
+            )
+        self.fuse_at = temporal[0]
+        self.requires_grad_(True)
+
+    def fusion_point(self) -> tuple[int, int]:
+        """(channels, downsamplings before it) of the block whose output receives E_cond."""
+        blocks = [*self.encoder, *self.middle]
+        downsamples = sum(isinstance(b, Downsample) for b in blocks[: self.fuse_at])
+        return blocks[self.fuse_at].temporal.norm.num_channels, downsamples
+
+    def forward(self, x: Tensor, fused: Tensor, emb: Tensor, context: Tensor | None) -> list[Tensor]:
+        """x (B, C_in, F, H, W) noisy frames; fused (B*F, C_k, H_k, W_k) -> features (B*F, C_i, H_i, W_i)."""
+        num_frames = x.shape[2]
+        frame_emb = per_frame(emb, num_frames)  # (B*F, D)
+        h = self.input_conv(video_to_frames(x))  # (B*F, C, H, W)
+        features = [h]
+        for index, block in enumerate([*self.encoder, *self.middle]):
+            h = block(h) if isinstance(block, Downsample) else block(h, frame_emb, context, num_frames)
+            if index == self.fuse_at:
+                h = h + fused
+            if index < len(self.encoder):
+                features.append(h)
+        return [*features, h]
+
+    def checkpoint_modules(self) -> list[nn.Module]:
+        return [m for m in self.modules() if isinstance(m, UNetBlock)]
+
+
+class SkipInjection(nn.Module):
+    """x_SC + R(P_out(T-MHA(P_in(GN_st(x_SC)), x_CAM))): temporal cross-attention from the T frames
+    of a skip feature (queries) to the F_cond CAM frames (keys/values) at every location.
+
+    P_Q, P_K, P_V and the zero-initialised P_out are the `CrossAttention`'s projections, so the
+    update is exactly zero at initialisation.
     """
 
     def __init__(self, channels: int, heads: int, groups: int) -> None:
         super().__init__()
-        self.norm_query = nn.GroupNorm(groups, channels, eps=1e-6)
-        self.norm_memory = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, channels)
         self.attn = CrossAttention(channels, channels, heads, zero_init=True)
 
-    def forward(self, skip: Tensor, memory: Tensor, batch: int) -> Tensor:
+    def forward(self, skip: Tensor, cam: Tensor, batch: int) -> Tensor:
         bt, c, h, w = skip.shape
-        query = _per_location(self.norm_query(skip), batch)  # (B*H*W, T, C)
-        keys = _per_location(self.norm_memory(memory), batch)  # (B*H*W, F, C)
-        update = self.attn(query, keys)  # (B*H*W, T, C)
-        update = (
-            update.view(batch, h * w, bt // batch, c).transpose(1, 2).reshape(bt, h * w, c)
-        )  # (B*T, H*W, C)
-        return skip + tokens_to_frames(update, h, w)
+        num_frames = bt // batch
+        # GroupNorm on the (B, C, T, H, W) video normalises each group over time and space.
+        normed = video_to_frames(self.norm(frames_to_video(skip, num_frames)))  # (B*T, C, H, W)
+        query = self.proj_in(_per_location(normed, batch))  # (B*H*W, T, C)
+        update = self.attn(query, _per_location(cam, batch))  # (B*H*W, T, C)
+        update = update.view(batch, h * w, num_frames, c).transpose(1, 2)  # (B, T, H*W, C)
+        return skip + tokens_to_frames(update.reshape(bt, h * w, c), h, w)
 
 
 def _per_location(frames: Tensor, batch: int) -> Tensor:
@@ -115,107 +178,107 @@ def _per_location(frames: Tensor, batch: int) -> Tensor:
 
 
 class CAM(nn.Module):
-    """Frame encoder + encoder copy of the base U-Net + one `SkipCrossAttention` per long skip."""
+    """E_cond + zero-initialised fusion conv + encoder copy + one `SkipInjection` per long skip
+    and one for the middle block's output."""
 
     def __init__(self, base: UNet3D, config: StreamingT2VConfig) -> None:
         super().__init__()
         base_cfg = config.base
-        self.frame_encoder = FrameEncoder(
-            base_cfg.out_channels, base_cfg.in_channels, base_cfg.model_channels
-        )
-        self.encoder = _encoder_copy(base)
+        self.cond_frames = config.cond_frames
+        self.encoder = EncoderCopy(base)
+        channels, downsamples = self.encoder.fusion_point()
+        self.frame_encoder = FrameEncoder(base_cfg.out_channels, base_cfg.model_channels, downsamples)
+        self.fuse = zero_module(nn.Conv2d(base_cfg.model_channels, channels, 1))
         self.inject = nn.ModuleList(
-            SkipCrossAttention(ch, config.cam_heads, base_cfg.num_groups) for ch in _skip_channels(base)
+            SkipInjection(ch, config.cam_heads, base_cfg.num_groups) for ch in _feature_channels(base)
         )
 
-    def memory(self, cond_latents: Tensor, emb: Tensor, context: Tensor | None) -> list[Tensor]:
-        """CAM features of the conditioning frames (B, C, F, H, W): one per long skip (B*F, C_i, H_i, W_i)."""
-        _, skips = self.encoder.encode(self.frame_encoder(cond_latents), emb, context)
-        return skips
+    def features(self, x: Tensor, cond_latents: Tensor, emb: Tensor, context: Tensor) -> list[Tensor]:
+        """x_CAM of the noisy chunk x (B, C_in, T, H, W) and the conditioning frames (B, C, F_cond, H, W):
+        one (B*F_cond, C_i, H_i, W_i) per long skip, then the middle block's."""
+        if cond_latents.shape[2] != self.cond_frames or x.shape[2] < self.cond_frames:
+            raise ValueError(
+                f"StreamingT2V: CAM needs cond_latents of cond_frames={self.cond_frames} frames and a chunk of at "
+                f"least as many; got {cond_latents.shape[2]} conditioning and {x.shape[2]} chunk frames"
+            )
+        fused = self.fuse(self.frame_encoder(cond_latents))  # (B*F_cond, C_k, H_k, W_k)
+        return self.encoder(x[:, :, : self.cond_frames], fused, emb, context)
 
-    def forward(self, skips: list[Tensor], memory: list[Tensor], batch: int) -> list[Tensor]:
-        return [inject(skip, mem, batch) for inject, skip, mem in zip(self.inject, skips, memory)]
-
-
-def _encoder_copy(base: UNet3D) -> UNet3D:
-    """A trainable copy of the base's input conv and encoder blocks (weights copied).
-
-    Only `encode` of the copy is used, for its skip features; its middle block, decoder,
-    output head and embeddings are dropped.
-    """
-    encoder = copy.deepcopy(base)
-    encoder.middle = nn.ModuleList()
-    encoder.decoder = nn.ModuleList()
-    encoder.out_norm = nn.Identity()
-    encoder.out_conv = nn.Identity()
-    encoder.time_embed = nn.Identity()
-    encoder.level_embed = None
-    return encoder.requires_grad_(True)
+    def forward(self, streams: list[Tensor], cam: list[Tensor], batch: int) -> list[Tensor]:
+        """Inject x_CAM into the base's long skips and middle output (same order as `features`)."""
+        return [
+            inject(stream, feature, batch)
+            for inject, stream, feature in zip(self.inject, streams, cam, strict=True)
+        ]
 
 
-def _skip_channels(base: UNet3D) -> list[int]:
-    """Channels of the long-skip features `UNet3D.encode` returns, in order."""
+def _feature_channels(base: UNet3D) -> list[int]:
+    """Channels of the long-skip features `UNet3D.encode` returns, in order, then the middle block's."""
     channels = [base.input_conv.out_channels]
     for block in base.encoder:
         conv = block.conv if isinstance(block, Downsample) else block.res.out_conv
         channels.append(conv.out_channels)
-    return channels
+    return [*channels, channels[-1]]
 
 
 class APM(nn.Module):
-    """Anchor embedding -> k tokens, concatenated with the text tokens and projected (x_mixed)."""
+    """x_mixed = Proj(concat_tokens[x_text, Linear(anchor) -> k tokens]), shaped like x_text.
+
+    Proj is a linear map over the token axis (L + k -> L) followed by LayerNorm over channels.
+    """
 
     def __init__(self, config: StreamingT2VConfig) -> None:
         super().__init__()
         context_dim = config.base.context_dim
-        self.tokens = config.anchor_tokens
+        self.tokens, self.text_tokens = config.anchor_tokens, config.text_tokens
         self.expand = nn.Linear(config.image_embed_dim, config.anchor_tokens * context_dim)
-        self.project = nn.Linear(context_dim, context_dim)
+        # No bias: a per-token constant would be removed by the LayerNorm over channels.
+        self.project = nn.Linear(config.text_tokens + config.anchor_tokens, config.text_tokens, bias=False)
+        self.norm = nn.LayerNorm(context_dim)
 
     def forward(self, text: Tensor, anchor: Tensor) -> Tensor:
-        """text (B, L, D), anchor (B, D_img) -> x_mixed (B, L + k, D)."""
+        """text (B, L, D), anchor (B, D_img) -> x_mixed (B, L, D)."""
+        if text.shape[1] != self.text_tokens:
+            raise ValueError(
+                f"StreamingT2V APM: text context has {text.shape[1]} tokens, text_tokens={self.text_tokens}"
+            )
         anchor_tokens = self.expand(anchor).view(anchor.shape[0], self.tokens, -1)  # (B, k, D)
-        return self.project(torch.cat([text, anchor_tokens], dim=1))  # (B, L + k, D)
+        tokens = torch.cat([text, anchor_tokens], dim=1)  # (B, L + k, D)
+        mixed = self.project(tokens.transpose(1, 2)).transpose(1, 2)  # (B, L, D)
+        return self.norm(mixed)
 
 
 class MixedCrossAttention(CrossAttention):
-    """A base `CrossAttention` returning `(1 - α)·attn(x, text) + α·attn(x, mixed)`, α init 0.
+    """A base `CrossAttention` whose keys and values come from x_cross = SiLU(α)·x_mixed + x_text, α init 0.
 
     It has the wrapped layer's parameter names (plus `alpha`), so base U-Net state dicts still
-    load, and it receives the packed context `[text (L tokens); mixed (L + k tokens)]`.
+    load, and it receives the packed context `[x_text; x_mixed]` (B, 2L, D).
     """
 
-    def __init__(self, dim: int, context_dim: int, heads: int, *, qkv_bias: bool, anchor_tokens: int) -> None:
+    def __init__(self, dim: int, context_dim: int, heads: int, *, qkv_bias: bool) -> None:
         super().__init__(dim, context_dim, heads, qkv_bias=qkv_bias)
-        self.anchor_tokens = anchor_tokens
         self.alpha = nn.Parameter(torch.zeros(1))  # shape (1,): DeepSpeed cannot broadcast 0-dim parameters
 
     @classmethod
-    def replacing(cls, layer: CrossAttention, anchor_tokens: int) -> MixedCrossAttention:
+    def replacing(cls, layer: CrossAttention) -> MixedCrossAttention:
         mixed = cls(
-            layer.q.in_features,
-            layer.kv.in_features,
-            layer.heads,
-            qkv_bias=layer.q.bias is not None,
-            anchor_tokens=anchor_tokens,
+            layer.q.in_features, layer.kv.in_features, layer.heads, qkv_bias=layer.q.bias is not None
         ).to(layer.q.weight.device)
         mixed.load_state_dict(layer.state_dict(), strict=False)
         return mixed
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        text_len = (context.shape[1] - self.anchor_tokens) // 2
-        text, mixed = context[:, :text_len], context[:, text_len:]  # (B, L, D), (B, L + k, D)
-        with_text = super().forward(x, text)  # (N, L_q, C)
-        return with_text + self.alpha * (super().forward(x, mixed) - with_text)
+        text, mixed = context.chunk(2, dim=1)  # 2 x (B, L, D)
+        return super().forward(x, F.silu(self.alpha) * mixed + text)
 
 
-def _mix_cross_attention(model: nn.Module, anchor_tokens: int) -> list[MixedCrossAttention]:
+def _mix_cross_attention(model: nn.Module) -> list[MixedCrossAttention]:
     """Replace every `CrossAttention` of `model` by a `MixedCrossAttention`; return them."""
     replaced = []
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is CrossAttention:
-                mixed = MixedCrossAttention.replacing(child, anchor_tokens)
+                mixed = MixedCrossAttention.replacing(child)
                 setattr(parent, name, mixed)
                 replaced.append(mixed)
     return replaced
@@ -231,9 +294,9 @@ class StreamingT2V(PretrainedMixin, nn.Module):
             raise ValueError("StreamingT2V needs a text-conditioned base (base.context_dim)")
         self.config = config
         self.base = UNet3D(config.base)
-        self.cam = CAM(self.base, config)
+        self.cam = CAM(self.base, config)  # copies the base before its cross-attentions are wrapped
         self.apm = APM(config)
-        mixers = _mix_cross_attention(self.base, config.anchor_tokens)
+        mixers = _mix_cross_attention(self.base)
         self.base.requires_grad_(False)
         for mixer in mixers:
             mixer.alpha.requires_grad_(True)
@@ -245,8 +308,8 @@ class StreamingT2V(PretrainedMixin, nn.Module):
             raise ValueError(
                 f"not a state dict of this base U-Net: missing={missing[:5]} unexpected={unexpected[:5]}"
             )
-        encoder_keys = self.cam.encoder.state_dict().keys()
-        self.cam.encoder.load_state_dict({k: v for k, v in state.items() if k in encoder_keys})
+        copied = ("input_conv.", "encoder.", "middle.")
+        self.cam.encoder.load_state_dict({k: v for k, v in state.items() if k.startswith(copied)})
 
     def forward(
         self,
@@ -262,10 +325,11 @@ class StreamingT2V(PretrainedMixin, nn.Module):
         (B, C_out, F_cond, H, W) last latent frames of the previous chunk; anchor (B, D_img)
         CLIP image embedding of the anchor frame -> prediction (B, C_out, T, H, W)."""
         emb = self.base.time_embedding(t, level)  # (B, D_emb)
-        packed = torch.cat([context, self.apm(context, anchor)], dim=1)  # (B, 2L + k, D)
+        packed = torch.cat([context, self.apm(context, anchor)], dim=1)  # (B, 2L, D)
         h, skips = self.base.encode(x, emb, packed)
-        memory = self.cam.memory(cond_latents, emb, context)
-        return self.base.decode(h, self.cam(skips, memory, x.shape[0]), emb, packed)
+        cam = self.cam.features(x, cond_latents, emb, context)
+        *skips, h = self.cam([*skips, h], cam, x.shape[0])
+        return self.base.decode(h, skips, emb, packed)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """CAM and APM parameters (the α_l of every cross-attention included); the base is frozen."""
@@ -275,6 +339,7 @@ class StreamingT2V(PretrainedMixin, nn.Module):
         b, cfg = x.shape[0], self.config
         inputs = self.base.example_inputs(x)
         h, w = x.shape[-2:]
+        inputs["context"] = torch.randn(b, cfg.text_tokens, cfg.base.context_dim, device=x.device)
         inputs["cond_latents"] = torch.randn(b, cfg.base.out_channels, cfg.cond_frames, h, w, device=x.device)
         inputs["anchor"] = torch.randn(b, cfg.image_embed_dim, device=x.device)
         return inputs

@@ -2,8 +2,10 @@
 al. 2024, "StreamingT2V"; docs/methods.md, 'StreamingT2V: training').
 
 A training clip of T latent frames is split: the first `cond_frames` are the previous chunk
-(CAM's input, clean), the rest is the chunk to denoise; the clip's first frame is the anchor of
-APM (its image embedding from the frozen image encoder).
+(E_cond's input, clean), the rest is the chunk to denoise (at least `cond_frames` frames: CAM's
+encoder copy reads the first ones, noised); the clip's first frame is the anchor of APM (its
+image embedding from the frozen image encoder). Only CAM, APM and the α_l reach the optimizer;
+the base U-Net stays as loaded.
 """
 
 from __future__ import annotations
@@ -31,7 +33,15 @@ class StreamingTask:
 
     components = {"model": "denoiser"}
 
-    def __init__(self, objective: StreamingObjective, model: ModelConfig, *, latent: bool, seed: int, device: torch.device):
+    def __init__(
+        self,
+        objective: StreamingObjective,
+        model: ModelConfig,
+        *,
+        latent: bool,
+        seed: int,
+        device: torch.device,
+    ):
         self.device = device
         self.encoders = latent_encoders(model, vae=True, seed=seed, device=device)
         image_encoder = build_helper(model.image_encoder, seed=seed + IMAGE_ENCODER_SEED, device=device)
@@ -45,7 +55,12 @@ class StreamingTask:
             )
         base = build_helper(model.base, seed=seed + BASE_SEED, device=torch.device("cpu"))
         config = model_zoo.make_config(model.family, model.flavor, **model.overrides)
-        config = dataclasses.replace(config, base=base.config, image_embed_dim=int(image_encoder.config.context_dim))
+        config = dataclasses.replace(
+            config,
+            base=base.config,
+            image_embed_dim=int(image_encoder.config.context_dim),
+            text_tokens=int(self.encoders.text_encoder.config.context_length),
+        )
         network = init_from_or_build(model, config)
         if not model.init_from:  # a fine-tuned CAM/APM checkpoint already holds its base
             network.load_base_state_dict(base.state_dict())
@@ -58,13 +73,18 @@ class StreamingTask:
 
     def losses(self, engines: Engines, batch: Batch, generator: torch.Generator, step: int) -> StepOutput:
         latents, context = self.encoders.encode(batch, generator, self.device)
-        if latents.shape[2] <= self.cond_frames:
-            raise ValueError(f"data.frames: clips give {latents.shape[2]} latent frames, need more than cond_frames={self.cond_frames}")
+        if latents.shape[2] < 2 * self.cond_frames:
+            raise ValueError(
+                f"data.frames: clips give {latents.shape[2]} latent frames; the streaming task needs cond_frames="
+                f"{self.cond_frames} conditioning frames and a chunk of at least as many (CAM reads its first ones)"
+            )
         cond, chunk = latents[:, :, : self.cond_frames], latents[:, :, self.cond_frames :]
         with torch.no_grad():
             anchor = self.frozen["image_encoder"](batch.pixels()[:, :, 0].to(self.device))[:, 0]  # (B, D_img)
         t, noise = self.diffusion.draw(chunk, generator)
-        return self.diffusion.loss(engines["model"], chunk, t, noise, context=context, cond_latents=cond, anchor=anchor)
+        return self.diffusion.loss(
+            engines["model"], chunk, t, noise, context=context, cond_latents=cond, anchor=anchor
+        )
 
     def preview(self, engines: Engines, batch: Batch, generator: torch.Generator) -> Tensor | None:
         return None
