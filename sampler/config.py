@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from common.pipeline_folder import is_pipeline_folder, read_index
+from sampler.pipeline import recorded_size
 from sampler.strategies import STRATEGIES
 
 RUNTIME_FIELDS = ("nproc", "progress")
@@ -90,7 +91,4 @@ class SampleConfig:
 
 def trained_size(folder: str | Path) -> tuple[int, int] | None:
     """(height, width) of the clips the pipeline was trained on (`lvd export` records it), if known."""
-    if not is_pipeline_folder(folder):
-        return None
-    size = read_index(folder).entries.get("sample_size")
-    return None if not size else (int(size["height"]), int(size["width"]))
+    return recorded_size(read_index(folder).entries) if is_pipeline_folder(folder) else None
