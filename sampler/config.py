@@ -27,7 +27,8 @@ class SampleConfig:
     model: str
     """Exported pipeline folder (`lvd export`): the prediction model for LVDM, the StreamingT2V model."""
     model2: str | None = None
-    """Second pipeline: LVDM's interpolation model (lvdm-hierarchical), StreamingT2V's refiner (streaming)."""
+    """Second pipeline: LVDM's interpolation model (lvdm-hierarchical), StreamingT2V's high-resolution
+    text-to-video refiner (streaming, unless --no-refine)."""
     strategy: str = field(default="ddim", metadata={"choices": tuple(STRATEGIES)})
     """Long-video strategy (docs/methods.md §6)."""
     frames: int = 16
