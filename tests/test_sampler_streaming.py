@@ -28,7 +28,19 @@ from sampler.tiny import tiny_pipeline, wake_zero_parameters
 PROMPT = "a red bicycle"
 SEED = 4
 GUIDANCE = 7.5
-COMMON = ["--prompt", PROMPT, "--height", "32", "--width", "32", "--device", "cpu", "--quiet", "--seed", str(SEED)]
+COMMON = [
+    "--prompt",
+    PROMPT,
+    "--height",
+    "32",
+    "--width",
+    "32",
+    "--device",
+    "cpu",
+    "--quiet",
+    "--seed",
+    str(SEED),
+]
 REFINE = ["--frames", "28", "--N", "4", "--F", "6", "--O", "2", "--steps", "4", "--refine-t", "500"]
 """The refined run: 14 latent frames (the tiny VAE halves time), 3 chunks of F = 6 overlapping by O = 2."""
 
@@ -69,10 +81,14 @@ def exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def parts(out: Path, prefix: str) -> list[dict[str, torch.Tensor]]:
-    return [load_file(str(path)) for path in sorted(out.with_suffix(".parts").glob(f"{prefix}-*.safetensors"))]
+    return [
+        load_file(str(path)) for path in sorted(out.with_suffix(".parts").glob(f"{prefix}-*.safetensors"))
+    ]
 
 
-def test_the_first_chunk_is_the_base_alone_and_its_first_frame_anchors_the_rest(exports, tmp_path, monkeypatch):
+def test_the_first_chunk_is_the_base_alone_and_its_first_frame_anchors_the_rest(
+    exports, tmp_path, monkeypatch
+):
     """Chunk 0 is a DDIM run of the base U-Net (no CAM, no APM) from the chunk's noise; the
     StreamingT2V model runs only for the later chunks, and APM always reads the embedding of
     chunk 0's decoded first frame."""
@@ -105,10 +121,14 @@ def test_the_first_chunk_is_the_base_alone_and_its_first_frame_anchors_the_rest(
     schedule = pipeline.schedule
     with torch.no_grad():
         expected = ddim(
-            guided, x_T, schedule.timesteps(3), alphas_cumprod=schedule.alphas_cumprod,
-            parameterization=schedule.parameterization, generator=generator,
+            guided,
+            x_T,
+            schedule.timesteps(3),
+            alphas_cumprod=schedule.alphas_cumprod,
+            parameterization=schedule.parameterization,
+            generator=generator,
             final_alpha_cumprod=schedule.final_alpha_cumprod,
-        )  # fmt: skip
+        )
         first_frame = pipeline.vae.from_latents(chunks[0]["latents"][:, :, :1])[:, :, 0]  # (1, 3, 32, 32)
         anchor = anchor_embedding(pipeline, first_frame)
         grey = anchor_embedding(pipeline, torch.zeros_like(first_frame))
@@ -163,11 +183,16 @@ def expected_start(exports: dict[str, Path], out: Path) -> tuple[list[torch.Tens
         frames = F.interpolate(video[0].transpose(0, 1), size=(64, 64), mode="bilinear", align_corners=False)
         latents = refiner.vae.to_latents(frames.transpose(0, 1)[None], unit_generator(SEED, "refine-encode"))
     noise = torch.stack(
-        [torch.randn((1, 4, 16, 16), generator=unit_generator(SEED, "blend-noise", f)) for f in range(14)], dim=2
+        [torch.randn((1, 4, 16, 16), generator=unit_generator(SEED, "blend-noise", f)) for f in range(14)],
+        dim=2,
     )
     timesteps = refiner.schedule.timesteps(4)
     starts = [0, 4, 8]  # chunks of F = 6 every F - O = 4 latent frames
-    return [latents[:, :, s : s + 6] for s in starts], [noise[:, :, s : s + 6] for s in starts], int(timesteps[timesteps <= 500][0])
+    return (
+        [latents[:, :, s : s + 6] for s in starts],
+        [noise[:, :, s : s + 6] for s in starts],
+        int(timesteps[timesteps <= 500][0]),
+    )
 
 
 def test_the_refinement_starts_from_the_upsampled_video_noised_to_t_prime(exports, refined):
@@ -211,8 +236,18 @@ def test_the_refinement_overlaps_share_their_noise(exports, refined):
         ("refiner", ["--refine-size", "64"], 2, ["--refine-size '64': give HEIGHTxWIDTH"]),
     ],
 )
-def test_a_missing_or_unfit_refiner_is_one_clear_error(exports, tmp_path, capsys, model2, flags, code, needed):
-    argv = ["sample", "--model", str(exports["streaming"]), "--strategy", "streaming", "--out", str(tmp_path / "v.mp4")]
+def test_a_missing_or_unfit_refiner_is_one_clear_error(
+    exports, tmp_path, capsys, model2, flags, code, needed
+):
+    argv = [
+        "sample",
+        "--model",
+        str(exports["streaming"]),
+        "--strategy",
+        "streaming",
+        "--out",
+        str(tmp_path / "v.mp4"),
+    ]
     argv += ["--model2", str(exports[model2])] if model2 else []
     assert lvd_main([*argv, *REFINE, *COMMON, *flags]) == code
     err = capsys.readouterr().err.strip().splitlines()
@@ -229,16 +264,55 @@ def test_streaming_with_a_refiner_on_exports_the_cli_trained(tmp_path, video_sha
     def train_and_export(name: str, config: str, *overrides: str) -> Path:
         run, export = tmp_path / name, tmp_path / f"{name}-export"
         config_path = str(REPO / "configs" / "tiny" / config)
-        assert lvd_main(["train", "--config", config_path, f"data.shards={video_shards}", f"run.dir={run}", *small, *overrides]) == 0
+        assert (
+            lvd_main(
+                [
+                    "train",
+                    "--config",
+                    config_path,
+                    f"data.shards={video_shards}",
+                    f"run.dir={run}",
+                    *small,
+                    *overrides,
+                ]
+            )
+            == 0
+        )
         assert lvd_main(["export", "--run", str(run), "--out", str(export)]) == 0
         return export
 
     base = train_and_export("base", "unet3d.yaml", "data.height=32", "data.width=32")
-    model = train_and_export("streaming", "streaming.yaml", "data.height=32", "data.width=32", f"model.base={base}/denoiser")
+    model = train_and_export(
+        "streaming", "streaming.yaml", "data.height=32", "data.width=32", f"model.base={base}/denoiser"
+    )
     refiner = train_and_export("refiner", "unet3d.yaml", "data.height=64", "data.width=64")
     out = tmp_path / "long.mp4"
-    argv = ["sample", "--strategy", "streaming", "--model", str(model), "--model2", str(refiner), "--prompt", PROMPT]
-    argv += ["--frames", "24", "--N", "4", "--F", "6", "--O", "2", "--steps", "3", "--device", "cpu", "--quiet"]
+    argv = [
+        "sample",
+        "--strategy",
+        "streaming",
+        "--model",
+        str(model),
+        "--model2",
+        str(refiner),
+        "--prompt",
+        PROMPT,
+    ]
+    argv += [
+        "--frames",
+        "24",
+        "--N",
+        "4",
+        "--F",
+        "6",
+        "--O",
+        "2",
+        "--steps",
+        "3",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     assert lvd_main([*argv, "--out", str(out)]) == 0
     assert read_mp4(out).shape == (24, 64, 64, 3)
     assert json.loads(out.with_suffix(".json").read_text())["model2"]["path"] == str(refiner.resolve())

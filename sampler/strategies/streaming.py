@@ -170,7 +170,7 @@ def upsample_latents(
     padding = -frames % vae_factors(pipeline2.vae)[0]
     video = torch.cat([video, video[:, :, -1:].expand(-1, -1, padding, -1, -1)], dim=2)
     seeded = unit_generator(seed, "refine-encode").initial_seed()
-    generator = torch.Generator(device=video.device).manual_seed(seeded)  # the posterior sample is drawn there
+    generator = torch.Generator(device=video.device).manual_seed(seeded)  # to_latents samples there
     return pipeline2.vae.to_latents(video, generator)  # (1, C2, ceil(frames / f_t), H' / f_h, W' / f_w)
 
 
