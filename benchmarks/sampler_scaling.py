@@ -1,7 +1,8 @@
 """Scaling of `lvd sample` on tiny random pipelines (CPU): prints a JSON list of results as its last line.
 
 - 2-rank speedup over 1 rank on lvdm-hierarchical and on streaming (whose refinement is the
-  randomised-blending stage), from the runs' own timings (`wall` excludes process start-up).
+  randomised-blending stage, by a text-to-video --model2 at twice the size), from the runs' own
+  timings (`wall` excludes process start-up).
   Each case runs `--repeats` rounds of: the 1-rank run, the 2-rank run, and two independent
   1-rank runs of the same command at once. The figure is the median over rounds of the 1-rank
   wall over the 2-rank wall of the same round (a drift of the shared VM's speed cancels within a
@@ -153,6 +154,8 @@ def parallel_cases(models: dict[str, str], args: argparse.Namespace) -> dict[str
     streaming = [
         "--model",
         models["streaming"],
+        "--model2",
+        models["diffusion"],
         "--strategy",
         "streaming",
         "--clip-frames",
@@ -171,7 +174,7 @@ def measure(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         root = Path(tmp)
         models = {
             task: str(tiny_pipeline(root / task, task))
-            for task in ("lvdm_prediction", "lvdm_interpolation", "streaming")
+            for task in ("lvdm_prediction", "lvdm_interpolation", "streaming", "diffusion")
         }
         cases = parallel_cases(models, args)
         if args.only in (None, "hierarchical"):

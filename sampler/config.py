@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from common.pipeline_folder import is_pipeline_folder, read_index
+from sampler.pipeline import recorded_size
 from sampler.strategies import STRATEGIES
 
 RUNTIME_FIELDS = ("nproc", "progress")
@@ -26,7 +27,8 @@ class SampleConfig:
     model: str
     """Exported pipeline folder (`lvd export`): the prediction model for LVDM, the StreamingT2V model."""
     model2: str | None = None
-    """Second pipeline: LVDM's interpolation model (lvdm-hierarchical), StreamingT2V's refiner (streaming)."""
+    """Second pipeline: LVDM's interpolation model (lvdm-hierarchical), StreamingT2V's high-resolution
+    text-to-video refiner (streaming, unless --no-refine)."""
     strategy: str = field(default="ddim", metadata={"choices": tuple(STRATEGIES)})
     """Long-video strategy (docs/methods.md §6)."""
     frames: int = 16
@@ -90,7 +92,4 @@ class SampleConfig:
 
 def trained_size(folder: str | Path) -> tuple[int, int] | None:
     """(height, width) of the clips the pipeline was trained on (`lvd export` records it), if known."""
-    if not is_pipeline_folder(folder):
-        return None
-    size = read_index(folder).entries.get("sample_size")
-    return None if not size else (int(size["height"]), int(size["width"]))
+    return recorded_size(read_index(folder).entries) if is_pipeline_folder(folder) else None

@@ -11,10 +11,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from model_zoo.diffusion.guidance import Guide, cfg
 from model_zoo.diffusion.samplers import DenoiseFn
+from model_zoo.unet3d import UNet3D
 from sampler.pipeline import Pipeline
 
 if TYPE_CHECKING:  # an annotation only: the strategies package imports this module
@@ -73,6 +74,26 @@ def streaming_denoiser(
         return lambda x, t: model(x, t, context=context, cond_latents=cond_latents, anchor=anchor)
 
     return with_text_guidance(branch, pipeline, prompt, guidance, guide)
+
+
+def streaming_base(model: nn.Module) -> UNet3D:
+    """StreamingT2V's frozen base on its own, without CAM and APM: a plain `unet3d` of the base's
+    config whose tensors are the base's own (no copy). What APM adds inside the base's
+    cross-attention layers (their α_l) is left out; every tensor of the plain U-Net must be there."""
+    with torch.device("meta"):
+        plain = UNet3D(model.config.base)
+    names = plain.state_dict().keys()
+    plain.load_state_dict(
+        {k: v for k, v in model.base.state_dict().items() if k in names}, strict=True, assign=True
+    )
+    return plain.eval().requires_grad_(False)
+
+
+def streaming_base_denoiser(
+    pipeline: Pipeline, prompt: str, guidance: float, guide: Guide = cfg
+) -> DenoiseFn:
+    """StreamingT2V's base text-to-video U-Net alone (`streaming_base`), with the prompt and text CFG."""
+    return conditioned_denoiser(streaming_base(pipeline.denoiser), pipeline, prompt, guidance, guide)
 
 
 def lvdm_predict_fn(

@@ -64,6 +64,9 @@ class Pipeline:
     frame_strides: tuple[int, int] | None = None
     """LVDM exports: the (lowest, highest) frame stride of the clips the denoiser was trained on
     (model_index.json's 'frame_stride'); None when the export does not record it."""
+    trained_size: tuple[int, int] | None = None
+    """(height, width) of the clips the denoiser was trained on (model_index.json's 'sample_size');
+    None when the export does not record it."""
     text_cache: dict[str, Tensor] = field(default_factory=dict, repr=False, compare=False)
     """Text tokens of the last `TEXT_CACHE_SIZE` prompts (StreamingT2V asks for them every chunk)."""
 
@@ -91,6 +94,12 @@ def recorded_frame_strides(entries: dict[str, Any]) -> tuple[int, int] | None:
     """(lowest, highest) training frame stride of an export's model_index.json entries, or None."""
     strides = entries.get("frame_stride")
     return None if strides is None else (int(strides[0]), int(strides[1]))
+
+
+def recorded_size(entries: dict[str, Any]) -> tuple[int, int] | None:
+    """(height, width) of the training clips in an export's model_index.json entries, or None."""
+    size = entries.get("sample_size")
+    return None if not size or "height" not in size else (int(size["height"]), int(size["width"]))
 
 
 def vae_factors(vae: nn.Module) -> tuple[int, int, int]:
@@ -152,6 +161,7 @@ def load_pipeline(folder: str | Path, *, device: str = "cpu") -> Pipeline:
         task=task,
         uncond_level=uncond_level if has_levels else None,
         frame_strides=recorded_frame_strides(index.entries),
+        trained_size=recorded_size(index.entries),
         networks=networks,
         schedule=_schedule(index.scheduler),
         content_schedule=_schedule(index.extra_schedulers["content_scheduler"]) if "content_scheduler" in index.extra_schedulers else None,

@@ -29,10 +29,10 @@ import torch
 from sampler.config import SampleConfig
 from sampler.distributed import World, close_world, init_world
 from sampler.job import VideoJob
-from sampler.pipeline import Pipeline, latent_channels, load_pipeline, vae_factors
+from sampler.pipeline import Pipeline, load_pipeline, vae_factors
 from sampler.state import PartsStore
 from sampler.strategies import STRATEGIES
-from sampler.strategies.common import SamplingSetup
+from sampler.strategies.common import SamplingSetup, pipeline_setup
 from sampler.work import clear_claims
 
 
@@ -55,19 +55,11 @@ def resolve_device(device: str) -> str:
 
 
 def make_setup(config: SampleConfig, pipeline: Pipeline, device: str) -> SamplingSetup:
-    vae = pipeline.vae
-    _, fh, fw = vae_factors(vae)
+    _, fh, fw = vae_factors(pipeline.vae)
     if config.height % fh or config.width % fw:
         raise ValueError(f"height and width must be multiples of the VAE's spatial factors ({fh}, {fw})")
-    schedule = pipeline.schedule
-    return SamplingSetup(
-        timesteps=schedule.timesteps(config.steps),
-        alphas_cumprod=schedule.alphas_cumprod,
-        frame_shape=(1, latent_channels(vae), config.height // fh, config.width // fw),
-        eta=config.eta,
-        parameterization=schedule.parameterization,
-        final_alpha_cumprod=schedule.final_alpha_cumprod,
-        device=device,
+    return pipeline_setup(
+        pipeline, height=config.height, width=config.width, steps=config.steps, eta=config.eta, device=device
     )
 
 

@@ -38,7 +38,7 @@ STRATEGIES = {
     "lvdm-hierarchical": ("lvdm_prediction", "lvdm_interpolation", ["--frames", "20", "--stride", "3"]),
     "vidrd": ("diffusion", None, ["--frames", "16", "--N", "4", "--M", "2"]),
     "videofusion": ("videofusion", None, ["--frames", "16", "--N", "4"]),
-    "streaming": ("streaming", None, ["--frames", "28", "--N", "4", "--F", "6", "--O", "2"]),
+    "streaming": ("streaming", "diffusion", ["--frames", "28", "--N", "4", "--F", "6", "--O", "2"]),
 }
 """Per strategy: --model's task, --model2's task, and the flags of the recorded command."""
 

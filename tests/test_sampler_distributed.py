@@ -24,7 +24,7 @@ COMMON = ["--steps", "3", "--height", "32", "--width", "32", "--device", "cpu", 
 @pytest.fixture(scope="module")
 def pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("pipelines")
-    tasks = ("lvdm_prediction", "lvdm_interpolation", "streaming")
+    tasks = ("lvdm_prediction", "lvdm_interpolation", "streaming", "diffusion")
     return {task: str(tiny_pipeline(root / task, task, seed=index)) for index, task in enumerate(tasks)}
 
 
@@ -70,7 +70,8 @@ def strategy_argv(strategy: str, pipelines: dict[str, str]) -> list[str]:
     if strategy == "lvdm-hierarchical":
         model = ["--model", pipelines["lvdm_prediction"], "--model2", pipelines["lvdm_interpolation"]]
         return [*model, "--frames", "30", "--stride", "3"]
-    return ["--model", pipelines["streaming"], "--frames", "36", "--clip-frames", "4", "--F", "6", "--O", "2"]
+    model = ["--model", pipelines["streaming"], "--model2", pipelines["diffusion"]]  # the refiner, at 64 x 64
+    return [*model, "--frames", "36", "--clip-frames", "4", "--F", "6", "--O", "2"]
 
 
 @pytest.mark.multirank

@@ -151,6 +151,7 @@ def test_streaming_cam_apm_state_and_blended_overlaps(pipelines, tmp_path):
         pipelines,
         tmp_path,
         model=pipelines["streaming"],
+        model2=pipelines["diffusion"],
         strategy="streaming",
         frames=28,
         clip_frames=4,
@@ -169,7 +170,7 @@ def test_streaming_cam_apm_state_and_blended_overlaps(pipelines, tmp_path):
     refined = [part(out, f"refined-{index:05d}")["latents"] for index in range(3)]
     for left, right in zip(refined, refined[1:]):
         assert torch.equal(left[:, :, -2:], right[:, :, :2])  # blending leaves the overlaps equal
-    assert report["timings"]["refine"] > 0 and report["units_computed"] == 4 + 3
+    assert report["timings"]["refine"] > 0 and report["units_computed"] == 4 + 1 + 3  # + the upsampled video
 
 
 def test_rerun_reuses_everything_and_refuses_other_parameters(pipelines, tmp_path):
@@ -205,6 +206,7 @@ def test_several_prompts_give_one_video_each(pipelines, tmp_path):
         ("vidrd", ["--M", "3", "--alpha", "2", "--beta", "0.5"], dict(overlap=3, alpha=2.0, beta=0.5, clip_frames=8)),
         ("videofusion", ["--lambda", "0.3", "--N", "8"], dict(lam=0.3, clip_frames=8)),
         ("streaming", ["--F", "16", "--O", "4", "--refine-t", "500", "--no-refine"], dict(blend_frames=16, blend_overlap=4, refine_t=500, refine=False)),
+        ("streaming", ["--refine-size", "512x384"], dict(refine_size="512x384", refine=True)),
         ("ddim", ["--N", "3", "--M", "3"], dict(clip_frames=3)),
         ("cmd", ["--N", "4", "--content-strength", "0.2"], dict(clip_frames=4, content_strength=0.2)),
     ],
@@ -227,7 +229,7 @@ def test_the_flags_are_generated_and_repeat_no_default():
         "--decode-context", "--clip-frames", "--N", "--cond-frames", "--k", "--perturb-level", "--s",
         "--uncond-weight", "--w", "--keyframe-stride", "--stride", "--overlap", "--M", "--alpha",
         "--beta", "--lam", "--lambda", "--blend-frames", "--F", "--blend-overlap", "--O", "--refine-t",
-        "--no-refine", "--no-progress", "--quiet", "--content-strength",
+        "--refine-size", "--no-refine", "--no-progress", "--quiet", "--content-strength",
     }
     assert all(action.default is None for action in actions)
 

@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from sampler.config import SampleConfig
-from sampler.denoisers import lvdm_predict_fn, streaming_denoiser, text_denoiser
+from sampler.denoisers import lvdm_predict_fn, streaming_base_denoiser, streaming_denoiser, text_denoiser
 from sampler.pipeline import Pipeline, load_pipeline
 from sampler.program import generate, make_setup
 from sampler.strategies import (
     STRATEGIES,
+    blending,
     ddim,
     lvdm_autoregressive,
     lvdm_hierarchical,
@@ -25,7 +26,7 @@ from sampler.strategies import (
     videofusion,
     vidrd,
 )
-from sampler.strategies.common import SamplingSetup
+from sampler.strategies.common import SamplingSetup, pipeline_setup
 from sampler.tiny import tiny_pipeline
 from sampler.video_io import ChunkDecoder
 
@@ -37,7 +38,7 @@ CASES = {
     "lvdm-hierarchical": ("lvdm_prediction", "lvdm_interpolation", 20, dict(keyframe_stride=3)),
     "vidrd": ("diffusion", None, 14, dict(clip_frames=4, overlap=2)),
     "videofusion": ("videofusion", None, 14, dict(clip_frames=4)),
-    "streaming": ("streaming", None, 28, dict(clip_frames=4, blend_frames=6, blend_overlap=2)),
+    "streaming": ("streaming", "diffusion", 28, dict(clip_frames=4, blend_frames=6, blend_overlap=2)),
     "streaming-no-refine": ("streaming", None, 14, dict(clip_frames=4, refine=False)),
 }
 """Per case: --model's task, --model2's task, pixel frames (the last unit is cut), the knobs."""
@@ -52,21 +53,29 @@ def pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 def streaming_reference(
     pipeline: Pipeline, config: SampleConfig, setup: SamplingSetup, num_frames: int
 ) -> torch.Tensor:
+    """Stage 1 (the base alone, then CAM + APM), then --model2's refinement at twice the size."""
     knobs, guidance = config.strategy_config, config.guidance
-    cond_frames = pipeline.denoiser.config.cond_frames
-    empty = torch.zeros(setup.clip_shape(cond_frames))
-
-    def conditioned(cond: torch.Tensor, anchor: torch.Tensor):
-        return streaming_denoiser(pipeline, PROMPT, guidance, cond_latents=cond, anchor=anchor)
-
-    return streaming.streaming(
-        conditioned,
+    latents = streaming.stream(
+        streaming_base_denoiser(pipeline, PROMPT, guidance),
+        lambda cond, anchor: streaming_denoiser(pipeline, PROMPT, guidance, cond_latents=cond, anchor=anchor),
         partial(streaming.anchor_of, pipeline),
-        lambda anchor: conditioned(empty, anchor),  # the refiner without --model2: empty CAM memory
-        start_anchor=streaming.first_anchor(pipeline, config.height, config.width, "cpu"),
-        cond_frames=cond_frames,
+        cond_frames=pipeline.denoiser.config.cond_frames,
         num_frames=num_frames,
         setup=setup,
+        config=knobs,
+        seed=config.seed,
+    )
+    if not knobs.refine:
+        return latents
+    assert config.model2 is not None
+    refiner = load_pipeline(config.model2)
+    size = (2 * config.height, 2 * config.width)
+    upsampled = streaming.upsample_latents(pipeline, refiner, latents, frames=config.frames, size=size, seed=config.seed)
+    refine_setup = pipeline_setup(refiner, height=size[0], width=size[1], steps=config.steps, eta=config.eta, device="cpu")
+    return blending.randomized_blending(
+        text_denoiser(refiner, PROMPT, guidance),
+        upsampled,
+        setup=streaming.refinement_steps(refine_setup, knobs.refine_t),
         config=knobs,
         seed=config.seed,
     )

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from model_zoo.diffusion.objectives import Parameterization
 from model_zoo.diffusion.samplers import DenoiseFn, ddim, ddim_step, previous_timesteps, standard_normal_like
+from sampler.pipeline import Pipeline, latent_channels, vae_factors
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,6 +40,24 @@ class SamplingSetup:
     def clip_shape(self, num_frames: int) -> tuple[int, int, int, int, int]:
         batch, channels, height, width = self.frame_shape
         return (batch, channels, num_frames, height, width)
+
+
+def pipeline_setup(
+    pipeline: Pipeline, *, height: int, width: int, steps: int, eta: float, device: str
+) -> SamplingSetup:
+    """The DDIM run of `steps` steps of `pipeline`'s schedule on its latents of height x width pixels
+    (one video per batch)."""
+    _, factor_h, factor_w = vae_factors(pipeline.vae)
+    schedule = pipeline.schedule
+    return SamplingSetup(
+        timesteps=schedule.timesteps(steps),
+        alphas_cumprod=schedule.alphas_cumprod,
+        frame_shape=(1, latent_channels(pipeline.vae), height // factor_h, width // factor_w),
+        eta=eta,
+        parameterization=schedule.parameterization,
+        final_alpha_cumprod=schedule.final_alpha_cumprod,
+        device=device,
+    )
 
 
 def clip_noise(setup: SamplingSetup, num_frames: int, generator: torch.Generator) -> Tensor:
