@@ -4,7 +4,9 @@ docs/methods.md §6.3).
 Every window of N frames starts from z_T^i = √λ b + √(1-λ) r_i (`model_zoo.videofusion.
 DecomposedNoise`), with one base noise b for the whole video and fresh residual noise r_i per
 window, so windows share their content-defining component. Given b, windows are independent
-units of work; the denoiser is the VideoFusion network (or any ε-predictor of a window).
+units of work; the denoiser is the VideoFusion network told ᾱ_t at every call
+(`videofusion_denoiser`), whose base generator removes √(1-ᾱ_t)·√λ·b̂ before its residual
+generator runs.
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
+from model_zoo.diffusion.guidance import Guide, cfg
 from model_zoo.diffusion.samplers import DenoiseFn
 from model_zoo.videofusion import DecomposedNoise
-from sampler.denoisers import counted
+from sampler.denoisers import conditioned_denoiser, counted
+from sampler.distributed import branch_parallel_guide
 from sampler.job import VideoJob
+from sampler.pipeline import Pipeline
 from sampler.strategies.common import SamplingSetup, clip_noise, run_ddim
 from sampler.strategies.seeding import unit_generator
 from sampler.work import State, run_chunks_to_video
@@ -39,19 +44,40 @@ def with_model_lam(config: VideoFusionConfig, model_lam: float) -> VideoFusionCo
     return config if config.lam is not None else replace(config, lam=model_lam)
 
 
+def videofusion_denoiser(
+    pipeline: Pipeline, prompt: str, guidance: float, alphas_cumprod: Tensor, guide: Guide = cfg
+) -> DenoiseFn:
+    """The VideoFusion network with the prompt, text CFG and ᾱ_t of each call's timesteps bound."""
+    model = pipeline.denoiser
+
+    def scheduled(x: Tensor, t: Tensor, *, context: Tensor | None) -> Tensor:
+        alpha_bar = alphas_cumprod.to(t.device)[t]  # (B,)
+        return model(x, t, context=context, alpha_bar=alpha_bar)
+
+    return conditioned_denoiser(scheduled, pipeline, prompt, guidance, guide)
+
+
 def base_noise(setup: SamplingSetup, seed: int) -> Tensor:
     """The video's one base noise b ~ N(0, I), shape (B, C, 1, h, w)."""
     return clip_noise(setup, 1, unit_generator(seed, "videofusion-base"))
 
 
+def window_residual_noise(
+    window_index: int, *, setup: SamplingSetup, config: VideoFusionConfig, seed: int
+) -> tuple[Tensor, torch.Generator]:
+    """The residual noise r (B, C, N, h, w) of window `window_index`, drawn anew for each window,
+    and the window's generator (which then serves its η > 0 steps)."""
+    generator = unit_generator(seed, "videofusion-window", window_index)
+    return clip_noise(setup, config.clip_frames, generator), generator
+
+
 def window_initial_noise(
     base: Tensor, window_index: int, *, setup: SamplingSetup, config: VideoFusionConfig, seed: int
 ) -> tuple[Tensor, torch.Generator]:
-    """z_T of window `window_index` and the window's generator (which then serves its η > 0 steps)."""
+    """z_T = √λ·b + √(1-λ)·r of window `window_index` (the shared b, its own r) and its generator."""
     if config.lam is None:
         raise ValueError("VideoFusion sampling needs λ: set it, or take the model's (`with_model_lam`)")
-    generator = unit_generator(seed, "videofusion-window", window_index)
-    residual = clip_noise(setup, config.clip_frames, generator)
+    residual, generator = window_residual_noise(window_index, setup=setup, config=config, seed=seed)
     return DecomposedNoise(config.lam).combine(base, residual), generator
 
 
@@ -89,7 +115,11 @@ def videofusion(
 def run(job: VideoJob, config: VideoFusionConfig) -> None:
     """The windows in order, each a resumable unit (b is recomputed from the seed), into the mp4."""
     config = with_model_lam(config, job.pipeline.denoiser.config.lam)
-    denoise = counted(job.prompt_denoiser(), job.tick_steps())
+    guide = branch_parallel_guide(job.world)
+    denoiser = videofusion_denoiser(
+        job.pipeline, job.prompt, job.config.guidance, job.setup.alphas_cumprod, guide
+    )
+    denoise = counted(denoiser, job.tick_steps())
     base = base_noise(job.setup, job.seed)
 
     def step(index: int, state: State | None) -> tuple[Tensor, State]:
