@@ -177,7 +177,8 @@ class VideoFusion(PretrainedMixin, nn.Module):
         self.base.load_state_dict(given)
 
     def example_inputs(self, x: Tensor) -> dict[str, Tensor]:
-        """Forward keyword arguments for a sample input: timesteps, their ᾱ_t and text tokens when used."""
+        """Forward keyword arguments for a sample input: timesteps, text tokens when used, and a
+        stand-in ᾱ_t = 1 - t/1000 (any value in (0, 1) that falls with t serves a shape test)."""
         inputs = {
             key: value for key, value in self.residual.example_inputs(x).items() if key in ("t", "context")
         }

@@ -135,6 +135,28 @@ def test_base_generator_is_an_image_network() -> None:
         VideoFusion(dataclasses.replace(model.config, base=video_base))
 
 
+def test_load_base_names_the_source_and_the_keys_that_do_not_fit() -> None:
+    model = model_zoo.build_model("videofusion", "tiny")
+    image = model_zoo.build_model(
+        "unet3d", "tiny", temporal_conv=False, temporal_attention=False, model_channels=16
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"somewhere/denoiser: its weights do not fit the base generator; first mismatched keys: \['",
+    ):
+        model.load_base(image, "somewhere/denoiser")
+    with pytest.raises(
+        ValueError, match="somewhere: the base generator starts from a unet3d image network, not 'dit'"
+    ):
+        model.load_base(model_zoo.build_model("dit", "tiny"), "somewhere")
+    same = model_zoo.build_from_config(model.config.base)
+    model.load_base(same, "same")
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(model.base.state_dict().values(), same.state_dict().values(), strict=True)
+    )
+
+
 def _config(run_dir: Path, shards: str, *extra: str) -> TrainJobConfig:
     return load_config(
         TrainJobConfig,
