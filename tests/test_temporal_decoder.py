@@ -71,6 +71,31 @@ def test_only_the_temporal_layers_train_and_the_discriminator_is_a_second_networ
     assert all(p.requires_grad for p in task.trained["disc"].parameters())
 
 
+def test_the_vae_engine_optimizer_holds_exactly_the_temporal_layers(tmp_path, video_shards, monkeypatch):
+    """Through `lvd train`'s own engine building (ZeRO-0): the VAE engine's optimizer holds the
+    temporal branches and nothing of the image VAE; the discriminator has its own engine."""
+    import trainer.session as session_mod
+    from trainer.loop import train
+
+    engines, build_engine = [], session_mod.build_engine
+
+    def spy(*args, **kwargs):
+        engines.append(build_engine(*args, **kwargs))
+        return engines[-1]
+
+    monkeypatch.setattr(session_mod, "build_engine", spy)
+    overrides = ["data.height=32", "data.width=32", "train.micro_batch_size=2", f"run.dir={tmp_path}"]
+    overrides += [f"data.shards={video_shards}", "train.steps=1", "train.checkpoint_every=0"]
+    cfg = load_config(TrainJobConfig, REPO / "configs" / "tiny" / "temporal_decoder.yaml", overrides)
+    assert cfg.train.zero_stage == 0 and train(cfg) == 0
+    vae_engine, disc_engine = engines
+    names = {id(p): name for name, p in vae_engine.module.named_parameters()}
+    in_optimizer = {names[id(p)] for group in vae_engine.optimizer.param_groups for p in group["params"]}
+    assert in_optimizer == _temporal_names(vae_engine.module)
+    disc_params = {id(p) for group in disc_engine.optimizer.param_groups for p in group["params"]}
+    assert disc_params == {id(p) for p in disc_engine.module.parameters()}
+
+
 def test_the_task_decoder_at_initialisation_is_the_image_decoder_frame_by_frame(tmp_path):
     vae = _task(tmp_path).trained["model"]
     z = torch.randn(2, 4, 5, 4, 4, generator=torch.Generator().manual_seed(3))
