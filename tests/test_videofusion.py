@@ -231,3 +231,8 @@ def test_base_init_from_refuses_what_is_not_a_fitting_image_network(tmp_path, vi
         build(dit)
     with pytest.raises(FileNotFoundError, match=rf"model.base_init_from={tmp_path / 'nothing'}"):
         build(tmp_path / "nothing")
+    both = _config(tmp_path / "run", video_shards, f"model.base_init_from={wide}", f"model.init_from={wide}")
+    with pytest.raises(
+        ValueError, match=rf"model.base_init_from={wide} and model.init_from={wide}: give one"
+    ):
+        build_task(both, torch.device("cpu"))
