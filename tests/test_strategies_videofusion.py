@@ -17,6 +17,7 @@ from sampler.strategies.videofusion import (
     videofusion_denoiser,
     window_initial_noise,
     window_residual_noise,
+    window_step_noise,
     with_model_lam,
 )
 from sampler.tiny import tiny_pipeline
@@ -91,3 +92,38 @@ def test_windows_of_a_real_videofusion_model_share_b_and_redraw_only_the_residua
     seen = rearrange(residual_inputs[steps], "(b t) c h w -> b c t h w", t=4)
     expected = window_inputs[1] - float((1 - alpha_bar).sqrt()) * lam**0.5 * b_hat
     torch.testing.assert_close(seen, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("lam", [0.3, 0.7])
+def test_stochastic_steps_draw_decomposed_noise_whose_base_the_windows_share(lam):
+    """η > 0: DDIM step k's fresh noise is √λ·b_k + √(1-λ)·r_k: standard normal per frame, frames
+    of one window and frames of two windows correlated λ (b_k is the video's)."""
+    setup = make_setup(frame_shape=(1, 8, 64, 64))
+    first = window_step_noise(lam, torch.Generator().manual_seed(1), setup=setup, seed=4)
+    second = window_step_noise(lam, torch.Generator().manual_seed(2), setup=setup, seed=4)
+    like = torch.zeros(1, 8, 4, 64, 64)
+    a, b = first(3, like), second(3, like)
+    assert float(a.std()) == pytest.approx(1.0, abs=0.03)
+    within = torch.corrcoef(torch.stack([a[:, :, 0].flatten(), a[:, :, 2].flatten()]))[0, 1]
+    across = torch.corrcoef(torch.stack([a[:, :, 1].flatten(), b[:, :, 3].flatten()]))[0, 1]
+    assert float(within) == pytest.approx(lam, abs=0.03) and float(across) == pytest.approx(lam, abs=0.03)
+    other_step = first(4, like)
+    assert float(torch.corrcoef(torch.stack([a.flatten(), other_step.flatten()]))[0, 1]) == pytest.approx(
+        0, abs=0.03
+    )
+
+
+def test_at_lambda_one_a_real_model_gives_identical_windows_even_with_stochastic_steps(tmp_path):
+    """λ = 1 puts all of the initial and of every step's noise in the shared base: the windows of
+    a real (tiny, random-init) VideoFusion network coincide at η = 1."""
+    pipeline = load_pipeline(tiny_pipeline(tmp_path / "videofusion", "videofusion", seed=2))
+    setup = SamplingSetup(
+        timesteps=ddim_timesteps(1000, 3), alphas_cumprod=SCHEDULE, frame_shape=(1, 4, 4, 4), eta=1.0
+    )
+    denoise = videofusion_denoiser(pipeline, "a red bicycle", 1.0, setup.alphas_cumprod)
+    with torch.no_grad():
+        video = videofusion(
+            denoise, num_frames=8, setup=setup, config=VideoFusionConfig(clip_frames=4, lam=1.0), seed=3
+        )
+    torch.testing.assert_close(video[:, :, :4], video[:, :, 4:], rtol=0, atol=1e-6)
+    assert video[:, :, :4].std() > 0
