@@ -5,11 +5,12 @@ Luo et al., "VideoFusion: Decomposed Diffusion Models for High-Quality Video Gen
 b per clip (`DecomposedNoise`). A base generator (an image network: a `unet3d` without
 temporal layers, run on the middle frame as a 1-frame clip) predicts b from
 `z_t^{⌊N/2⌋}`; a residual generator (a video `unet3d` whose per-frame embedding adds a learned
-frame-index embedding to the timestep embedding) predicts r_i. The joint prediction is
-`sqrt(λ)·b̂ + sqrt(1-λ)·r̂_i`, with the base prediction's gradient kept only at frame ⌊N/2⌋.
-Simplification: the residual generator sees z_t itself, not z_t with the estimated base noise
-removed; sampling code can still remove b̂ first and r̂ second with `predict_base` /
-`predict_residual`.
+frame-index embedding to the timestep embedding) predicts r_i from the latent with the estimated
+base component removed, `z_t^i - sqrt(1-ᾱ_t)·sqrt(λ)·b̂`. The joint prediction is
+`sqrt(λ)·b̂ + sqrt(1-λ)·r̂_i`. Wherever b̂ enters frame i ≠ ⌊N/2⌋ (its ε term and its slot of
+the residual generator's input) it is detached, so the base generator learns through the middle
+frame's slot only (the paper's stop-gradient). The forward takes ᾱ_t (`alpha_bar`) because
+the base removal is scaled by the noise level.
 
 See docs/methods.md, 'VideoFusion: decomposed noise' and 'VideoFusion: base and residual
 generators'.
@@ -69,7 +70,7 @@ class DecomposedNoise:
 @dataclass(frozen=True, kw_only=True)
 class VideoFusionConfig:
     base: UNet3DConfig = UNet3DConfig()
-    """The image network (base generator); its temporal layers should be off."""
+    """The image network (base generator); its temporal layers must be off."""
     residual: UNet3DConfig = UNet3DConfig()
     """The video network (residual generator)."""
     lam: float = 0.5
@@ -113,6 +114,10 @@ class VideoFusion(PretrainedMixin, nn.Module):
             or config.base.out_channels != config.residual.out_channels
         ):
             raise ValueError("VideoFusion: base and residual generators must share in/out channels")
+        if config.base.temporal_conv or config.base.temporal_attention:
+            raise ValueError(
+                "VideoFusion: the base generator is an image network: set base.temporal_conv and base.temporal_attention false"
+            )
         self.config = config
         self.noise = DecomposedNoise(config.lam)
         self.base = UNet3D(config.base)
@@ -126,30 +131,58 @@ class VideoFusion(PretrainedMixin, nn.Module):
         middle = z_t.shape[2] // 2
         return self.base(z_t[:, :, middle : middle + 1], t, context=context)  # (B, C, 1, H, W)
 
-    def predict_residual(self, z_t: Tensor, t: Tensor, *, context: Tensor | None = None) -> Tensor:
-        """r̂_i for every frame: z_t (B, C, T, H, W) -> (B, C, T, H, W)."""
-        num_frames = z_t.shape[2]
+    def remove_base(self, z_t: Tensor, base: Tensor, alpha_bar: Tensor) -> Tensor:
+        """The residual generator's input z_t^i - sqrt(1-ᾱ_t)·sqrt(λ)·b̂: z_t (B, C, T, H, W), base
+        (B, C, 1 or T, H, W), alpha_bar (B,) -> (B, C, T, H, W)."""
+        noise_std = (1.0 - alpha_bar).sqrt().view(-1, 1, 1, 1, 1).to(z_t)
+        return z_t - noise_std * math.sqrt(self.config.lam) * base
+
+    def predict_residual(self, residual_input: Tensor, t: Tensor, *, context: Tensor | None = None) -> Tensor:
+        """r̂_i for every frame, given frame i's index: the base-removed latent (B, C, T, H, W) -> (B, C, T, H, W)."""
+        num_frames = residual_input.shape[2]
         if num_frames > self.config.max_frames:
             raise ValueError(f"clip of {num_frames} frames exceeds max_frames={self.config.max_frames}")
-        frame_index = torch.arange(num_frames, device=z_t.device)
+        frame_index = torch.arange(num_frames, device=residual_input.device)
         emb = self.residual.time_embedding(t)[:, None] + self.frame_embed(frame_index)[None]  # (B, T, D)
-        h, skips = self.residual.encode(z_t, emb, context)
+        h, skips = self.residual.encode(residual_input, emb, context)
         return self.residual.decode(h, skips, emb, context)  # (B, C, T, H, W)
 
-    def forward(self, z_t: Tensor, t: Tensor, *, context: Tensor | None = None) -> Tensor:
-        """Predicted eps (B, C, T, H, W); the base prediction keeps its gradient at frame ⌊T/2⌋ only."""
+    def forward(self, z_t: Tensor, t: Tensor, *, alpha_bar: Tensor, context: Tensor | None = None) -> Tensor:
+        """Predicted ε (B, C, T, H, W) of z_t at timesteps t (B,) with ᾱ_t = alpha_bar (B,).
+
+        b̂ keeps its gradient in frame ⌊T/2⌋'s slots only (its ε term and its residual input)."""
         num_frames = z_t.shape[2]
         base = self.predict_base(z_t, t, context=context)  # (B, C, 1, H, W)
         keep = torch.zeros(num_frames, device=z_t.device, dtype=z_t.dtype)
         keep[num_frames // 2] = 1.0
         keep = keep.view(1, 1, num_frames, 1, 1)
         base_per_frame = keep * base + (1.0 - keep) * base.detach()  # (B, C, T, H, W), same values
-        return self.noise.combine(base_per_frame, self.predict_residual(z_t, t, context=context))
+        residual = self.predict_residual(self.remove_base(z_t, base_per_frame, alpha_bar), t, context=context)
+        return self.noise.combine(base_per_frame, residual)
+
+    def load_base(self, image_model: nn.Module, source: str) -> None:
+        """Initialise the base generator from an image network (`source` names it in errors)."""
+        if getattr(image_model, "family", None) != "unet3d":
+            raise ValueError(
+                f"{source}: the base generator starts from a unet3d image network, not {getattr(image_model, 'family', type(image_model).__name__)!r}"
+            )
+        expected, given = self.base.state_dict(), image_model.state_dict()
+        mismatched = sorted(expected.keys() ^ given.keys()) + [
+            key for key in expected.keys() & given.keys() if expected[key].shape != given[key].shape
+        ]
+        if mismatched:
+            raise ValueError(
+                f"{source}: its weights do not fit the base generator; first mismatched keys: {mismatched[:5]}"
+            )
+        self.base.load_state_dict(given)
 
     def example_inputs(self, x: Tensor) -> dict[str, Tensor]:
-        """Forward keyword arguments for a sample input: timesteps and text tokens when used."""
-        inputs = self.residual.example_inputs(x)
-        return {key: value for key, value in inputs.items() if key in ("t", "context")}
+        """Forward keyword arguments for a sample input: timesteps, text tokens when used, and a
+        stand-in ᾱ_t = 1 - t/1000 (any value in (0, 1) that falls with t serves a shape test)."""
+        inputs = {
+            key: value for key, value in self.residual.example_inputs(x).items() if key in ("t", "context")
+        }
+        return {**inputs, "alpha_bar": 1.0 - inputs["t"].float() / 1000.0}
 
     def example_input(self, batch_size: int = 2, num_frames: int = 4, size: int = 16) -> Tensor:
         return self.residual.example_input(batch_size, num_frames, size)

@@ -93,7 +93,8 @@ def reference(config: SampleConfig, num_frames: int) -> torch.Tensor:
         return vidrd.vidrd(text_denoiser(pipeline, PROMPT, guidance), config=knobs, **common)
     if config.strategy == "videofusion":
         knobs = videofusion.with_model_lam(knobs, pipeline.denoiser.config.lam)
-        return videofusion.videofusion(text_denoiser(pipeline, PROMPT, guidance), config=knobs, **common)
+        denoiser = videofusion.videofusion_denoiser(pipeline, PROMPT, guidance, setup.alphas_cumprod)
+        return videofusion.videofusion(denoiser, config=knobs, **common)
     predict = lvdm_predict_fn(pipeline, PROMPT, guidance) if config.strategy.startswith("lvdm") else None
     if config.strategy == "lvdm-autoregressive":
         return lvdm_autoregressive.autoregressive(predict, config=knobs, **common)

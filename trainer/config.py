@@ -16,6 +16,7 @@ import copy
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args, get_type_hints
 
+from common.config import field_default
 from data_pipeline.config import DataConfig
 
 
@@ -116,6 +117,9 @@ class ModelConfig:
     """Fields of the family's config that differ from the flavour (checked by the model zoo)."""
     init_from: str | None = None
     """Exported model folder to start the trained network from (fine-tuning)."""
+    base_init_from: str | None = None
+    """`videofusion` task: an `lvd export` (or model folder) of a `unet3d` image network (temporal
+    layers off) whose architecture and weights start the base generator."""
     vae: str = "video_vae/tiny"
     """Frozen autoencoder of latent tasks: 'family/flavor' (random init) or an exported folder.
     The cmd_content and cmd_motion tasks take the trained CMD autoencoder here (`<export>/vae`)."""
@@ -313,12 +317,24 @@ class AutoencoderObjective:
 
 @dataclass(frozen=True, kw_only=True)
 class TemporalDecoderObjective:
-    """VidRD's temporal-aware decoder: only its temporal layers train, on reconstruction."""
+    """VidRD's temporal-aware decoder: only its temporal layers train, on the autoencoder's losses
+    (reconstruction (+ perceptual) + KL + adversarial with an adaptive weight after `disc_start`);
+    every weight defaults to the `autoencoder` task's."""
 
     task: Literal["temporal_decoder"] = "temporal_decoder"
     """Which task trains (the tag of the objective)."""
     loss_type: Literal["l2", "l1"] = "l2"
     """Reconstruction distance."""
+    kl_weight: float = field_default(AutoencoderObjective, "kl_weight")
+    """KL (regularisation) weight; the frozen encoder makes the term a constant of the run."""
+    adv_weight: float = field_default(AutoencoderObjective, "adv_weight")
+    """Factor of the adaptive adversarial weight after `disc_start` (the whole weight under ZeRO-3)."""
+    disc_start: int = field_default(AutoencoderObjective, "disc_start")
+    """Step at which the discriminator starts."""
+    perceptual: str | None = None
+    """Folder of the perceptual (LPIPS) weights, as the `autoencoder` task's (None: no perceptual term)."""
+    perceptual_weight: float = field_default(AutoencoderObjective, "perceptual_weight")
+    """Perceptual loss weight when `perceptual` is set."""
 
 
 Objective = (

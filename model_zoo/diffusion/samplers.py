@@ -121,16 +121,20 @@ def ddim(
     generator: torch.Generator | None = None,
     callback: StepCallback | None = None,
     final_alpha_cumprod: float = 1.0,
+    step_noise: Callable[[int, Tensor], Tensor] | None = None,
 ) -> Tensor:
     """DDIM sampling (Song et al. 2021, eq. 12) from x_T down the descending `timesteps`.
 
     With η > 0 one standard-normal draw of x's shape is taken from `generator` per step, in the
-    order diffusers' DDIMScheduler takes it.
+    order diffusers' DDIMScheduler takes it; `step_noise(step_index, x)` replaces that draw when
+    the noise has another covariance (VideoFusion's decomposed noise).
     """
     x = x_T
     for index, (t, t_prev) in enumerate(zip(timesteps.tolist(), previous_timesteps(timesteps))):
         model_output = denoise_fn(x, _timestep_batch(t, x))
-        noise = standard_normal_like(x, generator) if eta > 0 else None
+        noise = None
+        if eta > 0:
+            noise = standard_normal_like(x, generator) if step_noise is None else step_noise(index, x)
         x = ddim_step(
             x,
             model_output,

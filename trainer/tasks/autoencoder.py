@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 import model_zoo
 from model_zoo.perceptual import PerceptualDistance, load_perceptual
-from trainer.config import AutoencoderObjective, ModelConfig
+from trainer.config import AutoencoderObjective, ModelConfig, TemporalDecoderObjective
 from trainer.tasks.interface import Batch, Engines, StepOutput
 from trainer.tasks.losses import adaptive_gan_weight, hinge_d_loss, perceptual_loss, reconstruction_loss
 from trainer.tasks.networks import trained_model
@@ -39,14 +39,9 @@ class AutoencoderTask:
         self.objective = objective
         self.device = device
         self.frozen: dict[str, nn.Module] = {}
-        family, _, flavor = model.discriminator.partition("/")
-        self.trained: dict[str, nn.Module] = {"model": trained_model(model), "disc": model_zoo.build_model(family, flavor or "tiny")}
-        # Not a frozen helper: it only shapes the loss and is neither saved with the run nor exported.
-        self.perceptual: PerceptualDistance | None = None
-        if objective.perceptual is None:
-            say(NO_PERCEPTUAL)
-        else:
-            self.perceptual = load_perceptual(objective.perceptual).to(device)
+        vae = trained_model(model)
+        self.trained: dict[str, nn.Module] = {"model": vae, "disc": build_discriminator(model)}
+        self.terms = VAELossTerms(objective, self.trained["disc"], device)
         self.warned_fixed_weight = False
 
     def tokenizer(self) -> None:
@@ -58,13 +53,13 @@ class AutoencoderTask:
         last_layer = self.trained["model"].decoder_last_layer()
         with captured_input(last_layer) as last_inputs:
             recon, posterior = engines["model"](video, True, generator)
-        rec, metrics = self.reconstruction(recon, video)
+        rec, metrics = self.terms.reconstruction(recon, video)
         kl = posterior.kl().mean()
         loss = rec + objective.kl_weight * kl
         metrics["kl"] = kl.item()
         adversarial = step >= objective.disc_start
         if adversarial:
-            g_adv = self.generator_adversarial(recon)
+            g_adv = self.terms.generator_adversarial(recon)
             weight = objective.adv_weight * self.gan_weight(last_layer, last_inputs[0], video)
             loss = loss + weight * g_adv
             metrics |= {"g_adv": g_adv.item(), "adv_weight": float(weight)}
@@ -74,22 +69,6 @@ class AutoencoderTask:
             out.append(("disc", d_loss))
             metrics["d_loss"] = d_loss.item()
         return StepOutput(out, metrics)
-
-    def reconstruction(self, recon: Tensor, video: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """L_rec: the pixel distance, plus the weighted perceptual distance when it is configured."""
-        rec = reconstruction_loss(recon, video, self.objective.loss_type)
-        metrics = {"rec": rec.item()}
-        if self.perceptual is not None:
-            perceptual = perceptual_loss(self.perceptual, recon, video)
-            rec = rec + self.objective.perceptual_weight * perceptual
-            metrics["perceptual"] = perceptual.item()
-        return rec, metrics
-
-    def generator_adversarial(self, recon: Tensor) -> Tensor:
-        """L_gan = -mean D(x̂), through the plain discriminator with its parameters frozen: this
-        backward belongs to the VAE's engine."""
-        with frozen(self.trained["disc"]):
-            return -self.trained["disc"](recon).mean()
 
     def gan_weight(self, last_layer: nn.Module, last_input: Tensor, video: Tensor) -> Tensor | float:
         """The adaptive weight at the decoder's last layer, or 1 when ZeRO-3 partitions that layer
@@ -105,8 +84,8 @@ class AutoencoderTask:
                 self.warned_fixed_weight = True
             return 1.0
         recon = last_layer(last_input.detach())  # (B, 3, T, H, W), equal to the VAE's output
-        rec, _ = self.reconstruction(recon, video)
-        return adaptive_gan_weight(rec, self.generator_adversarial(recon), weight)
+        rec, _ = self.terms.reconstruction(recon, video)
+        return adaptive_gan_weight(rec, self.terms.generator_adversarial(recon), weight)
 
     def preview(self, engines: Engines, batch: Batch, generator: torch.Generator) -> Tensor | None:
         """The first clip and its reconstruction side by side (1, 3, T, H, 2W)."""
@@ -114,6 +93,44 @@ class AutoencoderTask:
             video = batch.pixels()[:1].to(self.device)
             recon, _ = engines["model"](video, False, None)
         return torch.cat([video, recon.clamp(-1, 1)], dim=-1)
+
+
+def build_discriminator(model: ModelConfig) -> nn.Module:
+    """The 3D patch discriminator `model.discriminator` names ('family/flavor', random init)."""
+    family, _, flavor = model.discriminator.partition("/")
+    return model_zoo.build_model(family, flavor or "tiny")
+
+
+class VAELossTerms:
+    """The VAE's loss terms shared by the `autoencoder` and `temporal_decoder` tasks: L_rec (the
+    pixel distance + the weighted perceptual distance when configured) and the generator's GAN
+    term through the discriminator `disc` held fixed."""
+
+    def __init__(self, objective: AutoencoderObjective | TemporalDecoderObjective, disc: nn.Module, device: torch.device):
+        self.objective = objective
+        self.disc = disc
+        # Not a frozen helper: it only shapes the loss and is neither saved with the run nor exported.
+        self.perceptual: PerceptualDistance | None = None
+        if objective.perceptual is None:
+            say(NO_PERCEPTUAL)
+        else:
+            self.perceptual = load_perceptual(objective.perceptual).to(device)
+
+    def reconstruction(self, recon: Tensor, video: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """L_rec: the pixel distance, plus the weighted perceptual distance when it is configured."""
+        rec = reconstruction_loss(recon, video, self.objective.loss_type)
+        metrics = {"rec": rec.item()}
+        if self.perceptual is not None:
+            perceptual = perceptual_loss(self.perceptual, recon, video)
+            rec = rec + self.objective.perceptual_weight * perceptual
+            metrics["perceptual"] = perceptual.item()
+        return rec, metrics
+
+    def generator_adversarial(self, recon: Tensor) -> Tensor:
+        """L_gan = -mean D(x̂), through the plain discriminator with its parameters frozen: this
+        backward belongs to the VAE's engine."""
+        with frozen(self.disc):
+            return -self.disc(recon).mean()
 
 
 def say(text: str) -> None:

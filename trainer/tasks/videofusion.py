@@ -1,20 +1,27 @@
 """Task `videofusion`: decomposed noise ε_i = √λ·b + √(1-λ)·r_i, the base and residual generators
-trained jointly (Luo et al. 2023, "VideoFusion"; docs/methods.md, 'VideoFusion: decomposed noise').
+trained jointly (Luo et al. 2023, "VideoFusion"; docs/methods.md, 'VideoFusion: decomposed noise'
+and 'VideoFusion: the base generator from an image model').
 
-λ is the model's (`model.overrides.lam`), so the export carries the value the sampler uses.
+λ is the model's (`model.overrides.lam`), so the export carries the value the sampler uses. The
+network is told ᾱ_t of each sample (the residual generator's input removes √(1-ᾱ_t)·√λ·b̂).
+`model.base_init_from` starts the base generator from an exported image network.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 import model_zoo
+from common.pipeline_folder import INDEX_FILE
+from model_zoo.unet3d import UNet3DConfig
 from trainer.config import ModelConfig, VideoFusionObjective
-from trainer.tasks.denoising import build_denoising, text_denoiser, text_to_video_preview
+from trainer.tasks.denoising import build_denoising, text_to_video_preview
 from trainer.tasks.encoders import latent_encoders
 from trainer.tasks.interface import Batch, Engines, StepOutput
 from trainer.tasks.networks import init_from_or_build
@@ -25,18 +32,32 @@ class VideoFusionTask:
 
     components = {"model": "denoiser"}
 
-    def __init__(self, objective: VideoFusionObjective, model: ModelConfig, *, latent: bool, seed: int, device: torch.device):
+    def __init__(
+        self,
+        objective: VideoFusionObjective,
+        model: ModelConfig,
+        *,
+        latent: bool,
+        seed: int,
+        device: torch.device,
+    ):
         self.device = device
         self.encoders = latent_encoders(model, vae=not latent, seed=seed, device=device)
         self.diffusion = build_denoising(objective.diffusion, device)
         self.frozen = self.encoders.helpers()
         config = model_zoo.make_config(model.family, model.flavor, **model.overrides)
-        c, d = self.encoders.latent_channels(model), self.encoders.context_dim()
+        channels = self.encoders.latent_channels(model)
+        sizes = dict(in_channels=channels, out_channels=channels, context_dim=self.encoders.context_dim())
+        image = None if model.base_init_from is None else load_image_network(model, sizes)
+        if image is not None:
+            config = dataclasses.replace(config, base=image.config)
         generators = {
-            name: dataclasses.replace(getattr(config, name), in_channels=c, out_channels=c, context_dim=d)
-            for name in ("base", "residual")
+            name: dataclasses.replace(getattr(config, name), **sizes) for name in ("base", "residual")
         }
-        self.trained: dict[str, nn.Module] = {"model": init_from_or_build(model, dataclasses.replace(config, **generators))}
+        network = init_from_or_build(model, dataclasses.replace(config, **generators))
+        if image is not None:
+            network.load_base(image, str(model.base_init_from))
+        self.trained: dict[str, nn.Module] = {"model": network}
 
     def tokenizer(self) -> Callable[[list[str]], Tensor]:
         return self.encoders.tokenizer()
@@ -50,7 +71,47 @@ class VideoFusionTask:
         latents, context = self.encoders.encode(batch, generator, self.device)
         t = self.diffusion.draw_timesteps(latents.shape[0], generator, self.device)
         noise = self.draw_noise(latents, generator)
-        return self.diffusion.loss(engines["model"], latents, t, noise, context=context)
+        alpha_bar = self.diffusion.alphas_cumprod[t]  # (B,)
+        return self.diffusion.loss(engines["model"], latents, t, noise, context=context, alpha_bar=alpha_bar)
 
     def preview(self, engines: Engines, batch: Batch, generator: torch.Generator) -> Tensor | None:
-        return text_to_video_preview(self.diffusion, self.encoders, text_denoiser(engines["model"]), batch, generator, self.device)
+        model, alphas_cumprod = engines["model"], self.diffusion.alphas_cumprod
+
+        def denoise(x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+            return model(x, t, context=context, alpha_bar=alphas_cumprod[t])
+
+        return text_to_video_preview(self.diffusion, self.encoders, denoise, batch, generator, self.device)
+
+
+def load_image_network(model: ModelConfig, sizes: dict[str, Any]) -> nn.Module:
+    """The image network `model.base_init_from` names: an `lvd export` folder (its `denoiser`) or a
+    model folder, a `unet3d` without temporal layers with this run's `sizes` (latent channels, text
+    width); an error naming the path and the key otherwise."""
+    source = Path(str(model.base_init_from))
+    if model.init_from:
+        raise ValueError(
+            f"model.base_init_from={source} and model.init_from={model.init_from}: give one (init_from already holds a base generator)"
+        )
+    folder = source / "denoiser" if (source / INDEX_FILE).is_file() else source
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model.base_init_from={source}: no such export or model folder")
+    image = model_zoo.from_pretrained(folder)
+    if not isinstance(image.config, UNet3DConfig):
+        raise ValueError(
+            f"model.base_init_from={folder}: a {image.family} network; the base generator starts from a unet3d image network"
+        )
+    temporal = [key for key in ("temporal_conv", "temporal_attention") if getattr(image.config, key)]
+    if temporal:
+        raise ValueError(
+            f"model.base_init_from={folder}: not an image network ({', '.join(temporal)} on); train it with model.overrides={{temporal_conv: false, temporal_attention: false}}"
+        )
+    differing = [
+        f"{key} (export {getattr(image.config, key)!r}, this run {value!r})"
+        for key, value in sizes.items()
+        if getattr(image.config, key) != value
+    ]
+    if differing:
+        raise ValueError(
+            f"model.base_init_from={folder}: the image network does not fit this run: " + "; ".join(differing)
+        )
+    return image
