@@ -2,6 +2,8 @@
 
     VAE reconstruction of the held-out clips      PSNR >= 25 dB at 64x64 (SSIM beside it)
     text-to-video frame FID vs held-out frames    <= 0.5 x the FID of the untrained denoiser
+      (beside it, what the FID can reach: real training frames, and the VAE's reconstructions of
+      them, against the held-out frames; and the denoisers against the VAE's reconstructions)
     motion of the text-to-video samples           mean frame-to-frame L1 in 0.5-2 x that of real clips
     SCuts of each 128-frame long video            <= 1
 
@@ -70,6 +72,8 @@ def sample_figures(paths: Paths, sizes: Sizes, videos: Videos, full: bool, say: 
     ratio = fid_trained / fid_untrained
     say(f"frame FID vs held-out frames: trained {fid_trained:.1f}, untrained {fid_untrained:.1f} (ratio {ratio:.2f})")
     frames = {"sample_frames": len(trained) * sizes.clip_frames, "held_out_frames": int(np.prod(held_out.shape[:2])), "size": sizes.size}
+    bounds = fid_bounds(paths, train, held_out, features, say)
+    floor = {"train_frames": int(np.prod(train.shape[:2])), "held_out_frames": frames["held_out_frames"], "size": sizes.size}
     real_motion = motion_l1(np.concatenate([train, held_out]))
     motion = motion_l1(np.stack(trained))
     low, high = MOTION_RANGE
@@ -80,8 +84,33 @@ def sample_figures(paths: Paths, sizes: Sizes, videos: Videos, full: bool, say: 
         Figure(name="t2v_motion_l1", value=motion, goal=f"{low}-{high} x real clips' frame-to-frame L1" if full else "none (quick)",
                met=_goal(full, low * real_motion <= motion <= high * real_motion),
                details={"real_l1": real_motion, "ratio": motion / real_motion, "untrained_l1": motion_l1(np.stack(untrained))}),
+        Figure(name="t2v_fid_floor_real", value=bounds["real"], goal="reported: FID of the real training frames (a perfect denoiser and VAE)",
+               met=None, details={"ratio_to_untrained": bounds["real"] / fid_untrained, **floor}),
+        Figure(name="t2v_fid_floor_vae", value=bounds["vae"], goal="reported: FID of the VAE's reconstructions of the training clips (a perfect denoiser)",
+               met=None, details={"ratio_to_untrained": bounds["vae"] / fid_untrained, **floor}),
+        Figure(name="t2v_fid_denoiser", value=bounds["trained"], goal="reported: trained samples vs the VAE's reconstructions of the held-out clips",
+               met=None, details={"untrained": bounds["untrained"], "ratio": bounds["trained"] / bounds["untrained"], **frames}),
     ]
     return figures, trained, untrained
+
+
+def fid_bounds(paths: Paths, train: np.ndarray, held_out: np.ndarray, features: dict[str, np.ndarray], say: Say) -> dict[str, float]:
+    """What the frame FID can reach: the real training frames against the held-out ones (the
+    data's own spread), the VAE's reconstructions of the training clips against them (the best
+    any denoiser can do through this VAE), and both denoisers against the VAE's reconstructions
+    of the held-out clips (the denoiser judged on what the VAE can express)."""
+    vae = paths.export / "vae" / "vae"
+    reference = features["held-out real"]
+    through_vae = frame_features(reconstruct(vae, held_out))
+    bounds = {
+        "real": fid(frame_features(train), reference),
+        "vae": fid(frame_features(reconstruct(vae, train)), reference),
+        "trained": fid(features["trained-denoiser"], through_vae),
+        "untrained": fid(features["untrained-denoiser"], through_vae),
+    }
+    say(f"frame FID bounds: real training frames {bounds['real']:.1f}, their VAE reconstructions {bounds['vae']:.1f}; "
+        f"against the VAE's held-out reconstructions: trained {bounds['trained']:.1f}, untrained {bounds['untrained']:.1f}")
+    return bounds
 
 
 def scuts_figures(metrics: dict[str, Any], videos: Videos, full: bool) -> list[Figure]:

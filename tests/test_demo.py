@@ -30,6 +30,7 @@ from lvd.demo_report import (
 
 FIGURES = {
     "vae_psnr_db", "vae_ssim", "t2v_fid", "t2v_fid_untrained", "t2v_motion_l1", "scuts_lvdm_hierarchical", "scuts_vidrd",
+    "t2v_fid_floor_real", "t2v_fid_floor_vae", "t2v_fid_denoiser",
 }
 
 
