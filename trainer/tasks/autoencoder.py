@@ -5,7 +5,7 @@ from step `disc_start` on (docs/methods.md, 'Video VAE: training losses')."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -57,18 +57,9 @@ class AutoencoderTask:
         kl = posterior.kl().mean()
         loss = rec + objective.kl_weight * kl
         metrics["kl"] = kl.item()
-        adversarial = step >= objective.disc_start
-        if adversarial:
-            g_adv = self.terms.generator_adversarial(recon)
-            weight = objective.adv_weight * self.gan_weight(last_layer, last_inputs[0], video)
-            loss = loss + weight * g_adv
-            metrics |= {"g_adv": g_adv.item(), "adv_weight": float(weight)}
-        out = [("model", loss)]
-        if adversarial:
-            d_loss = hinge_d_loss(engines["disc"](video), engines["disc"](recon.detach()))
-            out.append(("disc", d_loss))
-            metrics["d_loss"] = d_loss.item()
-        return StepOutput(out, metrics)
+        return self.terms.step_output(
+            engines, video, recon, loss, metrics, step, lambda g_adv: self.gan_weight(last_layer, last_inputs[0], video)
+        )
 
     def gan_weight(self, last_layer: nn.Module, last_input: Tensor, video: Tensor) -> Tensor | float:
         """The adaptive weight at the decoder's last layer, or 1 when ZeRO-3 partitions that layer
@@ -125,6 +116,32 @@ class VAELossTerms:
             rec = rec + self.objective.perceptual_weight * perceptual
             metrics["perceptual"] = perceptual.item()
         return rec, metrics
+
+    def step_output(
+        self,
+        engines: Engines,
+        video: Tensor,
+        recon: Tensor,
+        loss: Tensor,
+        metrics: dict[str, float],
+        step: int,
+        gan_weight: Callable[[Tensor], Tensor | float],
+    ) -> StepOutput:
+        """The VAE's `loss`, plus from `disc_start` on the generator's GAN term at the adaptive
+        weight `gan_weight(L_gan)` and the discriminator's hinge loss on `video` against `recon`."""
+        objective = self.objective
+        adversarial = step >= objective.disc_start
+        if adversarial:
+            g_adv = self.generator_adversarial(recon)
+            weight = objective.adv_weight * gan_weight(g_adv)
+            loss = loss + weight * g_adv
+            metrics |= {"g_adv": g_adv.item(), "adv_weight": float(weight)}
+        out = [("model", loss)]
+        if adversarial:
+            d_loss = hinge_d_loss(engines["disc"](video), engines["disc"](recon.detach()))
+            out.append(("disc", d_loss))
+            metrics["d_loss"] = d_loss.item()
+        return StepOutput(out, metrics)
 
     def generator_adversarial(self, recon: Tensor) -> Tensor:
         """L_gan = -mean D(x̂), through the plain discriminator with its parameters frozen: this

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from trainer.config import ModelConfig, TemporalDecoderObjective
 from trainer.tasks.autoencoder import VAELossTerms, build_discriminator, say
 from trainer.tasks.interface import Batch, Engines, StepOutput
-from trainer.tasks.losses import adaptive_gan_weight, hinge_d_loss
+from trainer.tasks.losses import adaptive_gan_weight
 from trainer.tasks.networks import train_only, trained_model
 
 FIXED_GAN_WEIGHT = (
@@ -68,18 +68,7 @@ class TemporalDecoderTask:
         loss = rec + objective.kl_weight * kl
         frame_diff = F.l1_loss(recon.diff(dim=2), video.diff(dim=2))
         metrics |= {"kl": kl.item(), "frame_diff_err": frame_diff.item()}
-        adversarial = step >= objective.disc_start
-        if adversarial:
-            g_adv = self.terms.generator_adversarial(recon)
-            weight = objective.adv_weight * self.gan_weight(rec, g_adv)
-            loss = loss + weight * g_adv
-            metrics |= {"g_adv": g_adv.item(), "adv_weight": float(weight)}
-        out = [("model", loss)]
-        if adversarial:
-            d_loss = hinge_d_loss(engines["disc"](video), engines["disc"](recon.detach()))
-            out.append(("disc", d_loss))
-            metrics["d_loss"] = d_loss.item()
-        return StepOutput(out, metrics)
+        return self.terms.step_output(engines, video, recon, loss, metrics, step, lambda g_adv: self.gan_weight(rec, g_adv))
 
     def gan_weight(self, rec: Tensor, g_adv: Tensor) -> Tensor | float:
         """The adaptive weight at the last temporal layer's convolution (the decoder's own last
