@@ -46,9 +46,9 @@ from sampler.work import (
 class HierarchicalConfig(LVDMConfig):
     """LVDM's hierarchical knobs: the keyframe stage's autoregressive ones, and the keyframe stride."""
 
-    keyframe_stride: int = field(default=3, metadata={"alias": "--stride"})
+    keyframe_stride: int = field(default=3, metadata={"alias": "--stride", "flag_default": "the exports' recorded stride, else 3"})
     """Latent frames from one keyframe to the next (the interpolation clip is stride + 1 frames).
-    Default: the stride the exports were trained for, when they record it (else this value)."""
+    When the exports record the strides they were trained for, the default is theirs."""
 
     @property
     def interp_clip_frames(self) -> int:
