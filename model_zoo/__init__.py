@@ -11,6 +11,7 @@ from model_zoo import (  # noqa: F401
     temporal_decoder_vae,
     text_encoder,
     unet3d,
+    video_dit,
     video_vae,
     videofusion,
 )
