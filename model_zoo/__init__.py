@@ -5,6 +5,7 @@ Single-device PyTorch only: parallelism is applied from outside by the trainer.
 
 # Family modules register themselves on import (the registry decorator).
 from model_zoo import (  # noqa: F401
+    causal_vae,
     cmd,
     dit,
     streaming,
