@@ -3,6 +3,7 @@ equal the full pass with flat memory, 4x8x8 compression into 16 channels."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
@@ -95,3 +96,16 @@ def test_compression_factors_and_clear_errors() -> None:
         _vae().encode(_video(8))
     with pytest.raises(ValueError, match="temporal_down"):
         build_model("causal_vae", "tiny", temporal_down=(True,))
+
+
+def test_the_samplers_chunk_decoder_keeps_each_chunks_own_frames_of_a_causal_vae() -> None:
+    from sampler.video_io import ChunkDecoder, to_uint8_frames
+
+    vae = _vae()
+    z = torch.randn(1, 16, 5, 4, 4, generator=torch.Generator().manual_seed(3))
+    decoder = ChunkDecoder(vae, vae.downsample_factors[0], max_frames=17, context=1)
+    first, second = decoder.decode(z[:, :, :3]), decoder.decode(z[:, :, 3:])
+    assert first.shape[0] == 9 and second.shape[0] == 8  # 1 + 4*(5 - 1) = 17 frames in all
+    with torch.no_grad():
+        expected = to_uint8_frames(vae.from_latents(z[:, :, 2:])[:, :, 1:])  # z3, z4 after context z2
+    assert np.abs(second.astype(int) - expected.astype(int)).max() <= 1
