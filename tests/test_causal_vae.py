@@ -109,3 +109,11 @@ def test_the_samplers_chunk_decoder_keeps_each_chunks_own_frames_of_a_causal_vae
     with torch.no_grad():
         expected = to_uint8_frames(vae.from_latents(z[:, :, 2:])[:, :, 1:])  # z3, z4 after context z2
     assert np.abs(second.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_the_sampler_asks_a_causal_vae_for_one_plus_ceil_of_the_rest_latent_frames() -> None:
+    from sampler.pipeline import latent_frames_for
+
+    causal, plain = build_model("causal_vae", "tiny"), build_model("video_vae", "tiny")  # ft = 4, 2
+    assert [latent_frames_for(causal, f) for f in (1, 5, 9, 16, 17)] == [1, 2, 3, 5, 5]
+    assert [latent_frames_for(plain, f) for f in (1, 8, 9, 16)] == [1, 4, 5, 8]
