@@ -5,12 +5,14 @@ Single-device PyTorch only: parallelism is applied from outside by the trainer.
 
 # Family modules register themselves on import (the registry decorator).
 from model_zoo import (  # noqa: F401
+    causal_vae,
     cmd,
     dit,
     streaming,
     temporal_decoder_vae,
     text_encoder,
     unet3d,
+    video_dit,
     video_vae,
     videofusion,
 )

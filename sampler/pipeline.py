@@ -4,6 +4,7 @@ common/pipeline_folder.py that `lvd export` writes: its networks on one device a
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,15 @@ def recorded_size(entries: dict[str, Any]) -> tuple[int, int] | None:
 def vae_factors(vae: nn.Module) -> tuple[int, int, int]:
     """(time, height, width) downsampling of a VAE, as its family declares it."""
     return vae.downsample_factors
+
+
+def latent_frames_for(vae: nn.Module, frames: int) -> int:
+    """Latent frames whose decoding covers `frames` pixel frames: ceil(frames / ft), or for a causal
+    VAE (one that declares `latent_frames`: 1 + ft·k frames <-> 1 + k latents) 1 + ceil((frames - 1) / ft)."""
+    time_factor = vae_factors(vae)[0]
+    if hasattr(vae, "latent_frames"):
+        return 1 + math.ceil((frames - 1) / time_factor)
+    return math.ceil(frames / time_factor)
 
 
 def latent_channels(vae: nn.Module) -> int:

@@ -18,7 +18,6 @@ resumed run give the same video.
 from __future__ import annotations
 
 import json
-import math
 import resource
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 from sampler.config import SampleConfig
 from sampler.distributed import World, close_world, init_world
 from sampler.job import VideoJob
-from sampler.pipeline import Pipeline, load_pipeline, vae_factors
+from sampler.pipeline import Pipeline, latent_frames_for, load_pipeline, vae_factors
 from sampler.state import PartsStore
 from sampler.strategies import STRATEGIES
 from sampler.strategies.common import SamplingSetup, pipeline_setup
@@ -119,7 +118,7 @@ def generate(config: SampleConfig) -> list[Path]:
         pipeline2 = None if config.model2 is None else load_pipeline(config.model2, device=device)
         check_tasks(config.strategy, config.model, pipeline.task, config.model2, None if pipeline2 is None else pipeline2.task)
         setup = make_setup(config, pipeline, device)
-        latent_frames = math.ceil(config.frames / vae_factors(pipeline.vae)[0])
+        latent_frames = latent_frames_for(pipeline.vae, config.frames)
         outputs = []
         num_videos = len(config.prompts)
         alone_until = num_videos - num_videos % world.size  # full rounds: one rank per video

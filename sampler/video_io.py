@@ -41,7 +41,8 @@ class ChunkDecoder:
         left = self.previous[:, :, -self.context :] if self.previous is not None and self.context else None
         window = latents if left is None else torch.cat([left, latents], dim=2)  # (1, C, k + t, h, w)
         video = self.vae.from_latents(window.to(next(self.vae.parameters()).device))  # (1, 3, (k+t)*ft, H, W)
-        skip = 0 if left is None else left.shape[2] * self.time_factor
+        # The chunk's own frames are the last t*ft (a causal VAE decodes k + t latents to 1 + (k+t-1)*ft).
+        skip = 0 if left is None else video.shape[2] - latents.shape[2] * self.time_factor
         frames = to_uint8_frames(video[:, :, skip : skip + self.remaining])
         self.remaining -= frames.shape[0]
         self.previous = latents

@@ -39,13 +39,18 @@ def _random_base(directory: Path) -> Path:
 
 NETWORKS = {
     "autoencoder.yaml": ({"vae", "discriminator"}, set()),
+    "causal_vae.yaml": ({"vae", "discriminator"}, set()),
     "cmd_autoencoder.yaml": ({"vae"}, set()),
     "cmd_content.yaml": ({"content_denoiser"}, {"text_encoder", "vae"}),
     "streaming.yaml": ({"denoiser"}, {"text_encoder", "vae", "image_encoder"}),
     "temporal_decoder.yaml": ({"vae", "discriminator"}, set()),
 }
 """Per task config: the exported trained networks and frozen helpers (others: a text-to-video denoiser)."""
-UNMOVED = {"autoencoder.yaml": {"discriminator"}, "temporal_decoder.yaml": {"discriminator"}}
+UNMOVED = {
+    "autoencoder.yaml": {"discriminator"},
+    "causal_vae.yaml": {"discriminator"},
+    "temporal_decoder.yaml": {"discriminator"},
+}
 """Trained networks that must not move in 3 steps (the discriminator waits for disc_start=20)."""
 IDLE = {"dit.yaml": {"cond_embed.weight", "cond_embed.bias"}, "unet3d.yaml": {"level_embed.weight"}}
 """Trainable tensors of inputs the task does not feed (the tiny flavours' content-frame and

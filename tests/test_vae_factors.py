@@ -22,11 +22,14 @@ def test_declared_factors_match_the_encoded_shape(name: str) -> None:
     family, flavor = name.split("/")
     torch.manual_seed(0)
     vae = build_model(family, flavor).eval()
-    video = torch.rand(1, 3, 8, 32, 32) * 2 - 1
+    causal = hasattr(vae, "latent_frames")  # a causal VAE: 1 + ft·k frames -> 1 + k latent frames
+    frames = 9 if causal else 8
+    video = torch.rand(1, 3, frames, 32, 32) * 2 - 1
     with torch.no_grad():
         latents = vae.to_latents(video)
     ft, fh, fw = vae.downsample_factors
-    assert latents.shape[2:] == (8 // ft, 32 // fh, 32 // fw)
+    latent_frames = 1 + (frames - 1) // ft if causal else frames // ft
+    assert latents.shape[2:] == (latent_frames, 32 // fh, 32 // fw)
     assert vae_factors(vae) == (ft, fh, fw)
 
 
