@@ -117,6 +117,7 @@ def test_merged_export_equals_base_plus_adapter_and_the_sampler_merges_the_adapt
     from peft import PeftModel
 
     import model_zoo
+    from trainer import export_cli
     from trainer.export import export
     from trainer.lora import rebuilt_base
 
@@ -127,15 +128,17 @@ def test_merged_export_equals_base_plus_adapter_and_the_sampler_merges_the_adapt
     x, t, context = _inputs()
     with torch.no_grad():
         want = engine(x, t, context=context)  # the base with the peft adapters, as trained
-    merged = export(run, tmp_path / "merged", merge=True, lora_formats=("peft", "diffusers", "comfyui"))
-    adapter_only = export(run, tmp_path / "adapter")
+    merged, adapter_only = tmp_path / "merged", export(run, tmp_path / "adapter")
+    assert (
+        export_cli.main(["--run", str(run), "--out", str(merged), "--merge", "--lora-format", "comfyui"]) == 0
+    )
     assert {p.name for p in adapter_only.iterdir()} == {
         "adapter_config.json",
         "adapter_model.safetensors",
         "lvd_base.json",
     }
     assert {
-        "pytorch_lora_weights.safetensors",
+        "adapter_model.safetensors",
         "lora_comfyui.safetensors",
         "denoiser",
         "model_index.json",
@@ -165,9 +168,25 @@ def test_merged_export_equals_base_plus_adapter_and_the_sampler_merges_the_adapt
         torch.testing.assert_close(unscaled, base_out, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="trained on another base"):
         load_pipeline(merged, lora=str(adapter_only))
+    from sampler.cli import build_parser, config_from_args
+
+    flags = [
+        "--model",
+        str(base_pipe),
+        "--lora",
+        str(adapter_only),
+        "--lora-scale",
+        "0.5",
+        "--prompt",
+        "x",
+        "--out",
+        "v.mp4",
+    ]
+    sample = config_from_args(build_parser().parse_args(flags))
+    assert (sample.lora, sample.lora_scale) == (str(adapter_only), 0.5)
 
 
-def test_lora_config_errors_name_the_key(tmp_path, video_shards):
+def test_lora_config_errors_name_the_key(tmp_path, video_shards, capsys):
     from trainer.lora import target_modules
     from trainer.lora_config import LoraConfig
 
@@ -175,6 +194,11 @@ def test_lora_config_errors_name_the_key(tmp_path, video_shards):
         _config("unet3d.yaml", tmp_path, video_shards, "train.lora.rnk=4")
     with pytest.raises(ConfigError, match=r"train\.lora\.rank"):
         _config("unet3d.yaml", tmp_path, video_shards, "train.lora.rank=-1")
+    from trainer.loop import train
+
+    no_default_targets = _config("autoencoder.yaml", tmp_path / "vae", video_shards)  # a video VAE
+    assert train(no_default_targets) == 1
+    assert "train.lora.targets: the video_vae network has no default LoRA targets" in capsys.readouterr().err
     import model_zoo
 
     unet = model_zoo.build_model("unet3d", "tiny")

@@ -87,8 +87,7 @@ def rank_generator(seed: int, rank: int) -> torch.Generator:
 def build(cfg: TrainJobConfig, info: DistInfo) -> Session:
     """The task, its engines, the loader and the EMA; resumed from the latest complete checkpoint."""
     task = build_task(cfg, info.device)
-    lora = cfg.train.lora
-    lora_base = inject_lora(task.trained["model"], lora, init_from=cfg.model.init_from) if lora.enabled else None
+    lora_base = _inject_lora(task, cfg) if cfg.train.lora.enabled else None
     if info.is_main:
         save_frozen(task, Path(cfg.run.dir) / "frozen")
     for module in task.trained.values():
@@ -112,6 +111,14 @@ def build(cfg: TrainJobConfig, info: DistInfo) -> Session:
         resume(session, tag)
     session.peak_flops = measured_peak_flops(info.device)  # after resume, as the RNG states were saved
     return session
+
+
+def _inject_lora(task: Task, cfg: TrainJobConfig) -> dict[str, Any]:
+    """LoRA adapters on the main network (docs/methods.md, 'LoRA'); the base's identity."""
+    try:
+        return inject_lora(task.trained["model"], cfg.train.lora, init_from=cfg.model.init_from)
+    except ValueError as err:
+        raise TrainingError(str(err)) from None
 
 
 def _apply_block_wrappers(module: torch.nn.Module, *, act_ckpt: bool, compile: bool) -> None:
