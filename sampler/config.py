@@ -29,6 +29,11 @@ class SampleConfig:
     model2: str | None = None
     """Second pipeline: LVDM's interpolation model (lvdm-hierarchical), StreamingT2V's high-resolution
     text-to-video refiner (streaming, unless --no-refine)."""
+    lora: str | None = None
+    """LoRA adapter folder (`lvd export` of a LoRA run, peft layout) merged into --model's denoiser,
+    which must be the base it was trained on."""
+    lora_scale: float = 1.0
+    """Factor of the LoRA update (0: the base alone)."""
     strategy: str = field(default="ddim", metadata={"choices": tuple(STRATEGIES)})
     """Long-video strategy (docs/methods.md §6)."""
     frames: int = 16

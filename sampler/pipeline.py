@@ -17,6 +17,7 @@ from common.files import replacing_folder
 from common.pipeline_folder import NETWORK_COMPONENTS, SchedulerSpec, read_index, write_index
 from model_zoo.diffusion.objectives import Parameterization
 from model_zoo.diffusion.schedules import alphas_cumprod, ddim_timesteps, make_betas
+from model_zoo.lora import apply_adapter, load_adapter
 
 TINY_SCHEDULER = SchedulerSpec(
     schedule="sqrt_linear", parameterization="eps", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012
@@ -133,8 +134,9 @@ def _schedule(spec: SchedulerSpec) -> Schedule:
     )
 
 
-def load_pipeline(folder: str | Path, *, device: str = "cpu") -> Pipeline:
-    """Every network component of `folder` (eval, no grad) and its schedule."""
+def load_pipeline(folder: str | Path, *, device: str = "cpu", lora: str | None = None, lora_scale: float = 1.0) -> Pipeline:
+    """Every network component of `folder` (eval, no grad) and its schedule; `lora`: a LoRA adapter
+    folder merged into the denoiser at `lora_scale` (its base must be this denoiser)."""
     index = read_index(folder)
     path, index_file = index.path, index.index_file
     for required in ("denoiser", "vae"):
@@ -147,11 +149,15 @@ def load_pipeline(folder: str | Path, *, device: str = "cpu") -> Pipeline:
         for name in NETWORK_COMPONENTS
         if name in index.components
     }
+    if lora is not None:
+        adapter = load_adapter(lora)
+        apply_adapter(networks["denoiser"], adapter, scale=lora_scale, where=f"--lora {lora} on {path / 'denoiser'}")
     model_id = {
         "path": str(path.resolve()),
         "task": index.task,
         "source": index.entries.get("source"),
         "step": index.entries.get("step"),
+        "lora": None if lora is None else {"path": str(Path(lora).resolve()), "scale": lora_scale},
         "components": {
             name: hashlib.sha256((path / name / "config.json").read_bytes()).hexdigest()[:16]
             for name in networks

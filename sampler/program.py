@@ -114,7 +114,7 @@ def generate(config: SampleConfig) -> list[Path]:
     device = resolve_device(config.device)
     world = init_world(device)
     try:
-        pipeline = load_pipeline(config.model, device=device)
+        pipeline = load_pipeline(config.model, device=device, lora=config.lora, lora_scale=config.lora_scale)
         pipeline2 = None if config.model2 is None else load_pipeline(config.model2, device=device)
         check_tasks(config.strategy, config.model, pipeline.task, config.model2, None if pipeline2 is None else pipeline2.task)
         setup = make_setup(config, pipeline, device)

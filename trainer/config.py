@@ -18,6 +18,7 @@ from typing import Any, Literal, get_args, get_type_hints
 
 from common.config import field_default
 from data_pipeline.config import DataConfig
+from trainer.lora_config import LoraConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,6 +81,8 @@ class TrainConfig:
     """EMA decay of the trained weights (0: no EMA). Works under ZeRO-3."""
     max_bad_steps: int = 5
     """Consecutive NaN/inf steps that stop the run with an error."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Low-rank adapters: when `lora.rank` > 0 only they train, over the frozen network."""
 
     def __post_init__(self) -> None:
         if self.steps < 1:

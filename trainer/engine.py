@@ -189,14 +189,17 @@ def build_engine(model: nn.Module, train: TrainConfig, dist_info: DistInfo) -> A
     return engine
 
 
-def save_engine(engine: Any, directory: Path, tag: str) -> None:
-    """Every rank writes its part of model, optimizer and LR schedule under directory/tag."""
-    engine.save_checkpoint(str(directory), tag=tag, save_latest=False)
+def save_engine(engine: Any, directory: Path, tag: str, *, trainable_only: bool = False) -> None:
+    """Every rank writes its part of model, optimizer and LR schedule under directory/tag
+    (`trainable_only`: no frozen parameter, e.g. a LoRA run's base, goes into the files)."""
+    engine.save_checkpoint(str(directory), tag=tag, save_latest=False, exclude_frozen_parameters=trainable_only)
 
 
-def load_engine(engine: Any, directory: Path, tag: str) -> None:
+def load_engine(engine: Any, directory: Path, tag: str, *, trainable_only: bool = False) -> None:
+    """Load what `save_engine` wrote; `trainable_only` files leave the frozen parameters as built."""
     path, _ = engine.load_checkpoint(
-        str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
+        load_module_strict=not trainable_only,
     )
     if path is None:
         raise FileNotFoundError(f"{directory / tag}: DeepSpeed found no checkpoint to load")

@@ -18,6 +18,7 @@ import model_zoo
 from common.config import from_dict
 from common.files import replacing_folder
 from common.pipeline_folder import SchedulerSpec, write_index
+from model_zoo.lora import merged_state, save_adapter
 from trainer import checkpoint
 from trainer.config import (
     AutoencoderObjective,
@@ -32,15 +33,25 @@ from trainer.config import (
 from trainer.ema import assemble
 from trainer.engine import consolidated_state_dict
 from trainer.export_cli import LATENT_SCALE_CLIPS
+from trainer.lora import adapter_of, rebuilt_base
 from trainer.tasks import TASKS
 from trainer.tasks.lvdm import no_condition_level
 
 
 def export(
-    run_dir: Path, out: Path, *, step: int | None = None, ema: bool = False, latent_scale_clips: int = LATENT_SCALE_CLIPS
+    run_dir: Path,
+    out: Path,
+    *,
+    step: int | None = None,
+    ema: bool = False,
+    latent_scale_clips: int = LATENT_SCALE_CLIPS,
+    merge: bool = False,
+    lora_formats: tuple[str, ...] = ("peft",),
 ) -> Path:
     """Write the pipeline folder of a run's checkpoint. The `autoencoder` task's latent scale and
-    shift are fitted on `latent_scale_clips` of its training clips (0: keep the configured ones)."""
+    shift are fitted on `latent_scale_clips` of its training clips (0: keep the configured ones).
+    A LoRA run writes its adapter (in `lora_formats`) and, with `merge`, beside it the pipeline
+    folder whose denoiser is the base with the adapter merged in."""
     ckpt_dir = run_dir / "checkpoints"
     tag = checkpoint.tag_for(step) if step is not None else checkpoint.latest_tag(ckpt_dir)
     if tag is None or not checkpoint.is_complete(ckpt_dir, tag):
@@ -58,6 +69,12 @@ def export(
             state = consolidated_state_dict(ckpt_dir / tag, engine_name)
             if ema and engine_name == "model":
                 state = {**state, **_ema_weights(ckpt_dir, tag, meta["world_size"])}
+            if cfg.train.lora.enabled and engine_name == "model":
+                adapter = adapter_of(state, cfg.train.lora, meta.get("lora_base") or {})
+                save_adapter(adapter, folder, formats=lora_formats)
+                if not merge:
+                    return out
+                state = merged_state(rebuilt_base(cfg, meta, where=f"lvd export of {run_dir}").state_dict(), adapter)
             name = names.get(engine_name, engine_name)
             stats = latent_scale_clips if task == "autoencoder" and engine_name == "model" else 0
             components[name], latent_stats = _write_component(run_dir, cfg, engine_name, state, folder / name, stats)

@@ -34,6 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=LATENT_SCALE_CLIPS,
         help="autoencoder runs: training clips encoded to fit the latent scale/shift to unit variance (0: keep the configured ones)",
     )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="LoRA runs: also write the pipeline folder whose denoiser is the base with the adapter merged in "
+        "(without it only the adapter is written)",
+    )
+    parser.add_argument(
+        "--lora-format",
+        choices=("diffusers", "comfyui"),
+        help="LoRA runs: also write the adapter with the key names of diffusers' load_lora_weights "
+        "(pytorch_lora_weights.safetensors) or of ComfyUI (lora_comfyui.safetensors); peft's layout is always written",
+    )
     return parser
 
 
@@ -49,7 +61,11 @@ def main(argv: list[str]) -> int:
         if len(args.run) > 1:
             out = export_cmd_bundle(args.run, args.out, ema=args.ema)
         else:
-            out = export(args.run[0], args.out, step=args.step, ema=args.ema, latent_scale_clips=args.latent_scale_clips)
+            formats = ("peft",) + ((args.lora_format,) if args.lora_format else ())
+            out = export(
+                args.run[0], args.out, step=args.step, ema=args.ema, latent_scale_clips=args.latent_scale_clips,
+                merge=args.merge, lora_formats=formats,
+            )
     except (FileNotFoundError, ValueError) as err:
         print(f"lvd export: {err}", file=sys.stderr)
         return 1

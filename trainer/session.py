@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from trainer.engine import (
     local_shard,
     save_engine,
 )
+from trainer.lora import check_identity, inject_lora
 from trainer.monitor import measured_peak_flops, peak_memory_bytes
 from trainer.tasks import build_task
 from trainer.tasks.interface import Batch, StepOutput, Task
@@ -69,6 +71,8 @@ class Session:
     """Peak FLOP/s of the device, for the MFU (measured when the session is built)."""
     resumed_from: Path | None = None
     """The checkpoint the session started from (None: a fresh run)."""
+    lora_base: dict[str, Any] | None = None
+    """LoRA runs: the identity of the frozen base the adapters apply to (`trainer.lora.base_identity`)."""
 
     @property
     def ckpt_dir(self) -> Path:
@@ -83,6 +87,7 @@ def rank_generator(seed: int, rank: int) -> torch.Generator:
 def build(cfg: TrainJobConfig, info: DistInfo) -> Session:
     """The task, its engines, the loader and the EMA; resumed from the latest complete checkpoint."""
     task = build_task(cfg, info.device)
+    lora_base = _inject_lora(task, cfg) if cfg.train.lora.enabled else None
     if info.is_main:
         save_frozen(task, Path(cfg.run.dir) / "frozen")
     for module in task.trained.values():
@@ -98,12 +103,22 @@ def build(cfg: TrainJobConfig, info: DistInfo) -> Session:
     )
     ema = Ema(engines["model"].module, cfg.train.ema_decay, local_shard) if cfg.train.ema_decay > 0 else None
     generator = rank_generator(cfg.train.seed, info.rank)
-    session = Session(cfg=cfg, info=info, task=task, engines=engines, loader=loader, generator=generator, ema=ema)
+    session = Session(
+        cfg=cfg, info=info, task=task, engines=engines, loader=loader, generator=generator, ema=ema, lora_base=lora_base
+    )
     tag = checkpoint.latest_tag(session.ckpt_dir)
     if tag is not None:
         resume(session, tag)
     session.peak_flops = measured_peak_flops(info.device)  # after resume, as the RNG states were saved
     return session
+
+
+def _inject_lora(task: Task, cfg: TrainJobConfig) -> dict[str, Any]:
+    """LoRA adapters on the main network (docs/methods.md, 'LoRA'); the base's identity."""
+    try:
+        return inject_lora(task.trained["model"], cfg.train.lora, init_from=cfg.model.init_from)
+    except ValueError as err:
+        raise TrainingError(str(err)) from None
 
 
 def _apply_block_wrappers(module: torch.nn.Module, *, act_ckpt: bool, compile: bool) -> None:
@@ -203,11 +218,12 @@ def save(session: Session) -> None:
         "engines": list(session.engines),
         "config": to_dict(session.cfg),
         "time": time.time(),
+        "lora_base": session.lora_base,
     }
 
     def save_engines(directory: Path, tag: str) -> None:
         for name, engine in session.engines.items():
-            save_engine(engine, directory / tag, name)
+            save_engine(engine, directory / tag, name, trainable_only=session.lora_base is not None)
 
     checkpoint.save(
         session.ckpt_dir,
@@ -243,8 +259,14 @@ def resume(session: Session, tag: str) -> None:
             f"{ckpt_dir / tag} was written by {meta_world or 'another number of'} ranks, this run has {info.world_size}; "
             "exact resume needs the same world size (export it and start a new run with model.init_from=...)"
         )
+    if session.lora_base is not None:
+        recorded = json.loads((ckpt_dir / tag / "meta.json").read_text()).get("lora_base") or {}
+        try:
+            check_identity(recorded, session.lora_base, where=f"resume from {ckpt_dir / tag}")
+        except ValueError as err:
+            raise TrainingError(str(err)) from None
     for name, engine in session.engines.items():
-        load_engine(engine, ckpt_dir / tag, name)
+        load_engine(engine, ckpt_dir / tag, name, trainable_only=session.lora_base is not None)
     state = checkpoint.read_rank_state(ckpt_dir, tag, info.rank)
     session.generator.set_state(state.generator)
     torch.set_rng_state(state.torch_rng)
