@@ -176,3 +176,9 @@ def test_the_refinement_starts_at_the_flow_forward_process_of_t_prime() -> None:
     noised = blending.noised_chunk(latents, 0, setup, config, seed=0)
     noise = blending.shared_noise_chunk(0, setup, config, 0)
     torch.testing.assert_close(noised, flow_forward(latents, float(setup.sigmas[0]), noise))
+
+
+def test_videofusion_refuses_another_sampler_than_ddim(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    model = tiny_pipeline(tmp_path / "videofusion", "videofusion", seed=5)
+    code, _ = sample(model, tmp_path / "vf.mp4", "--sampler", "dpmpp_2m", strategy="videofusion")
+    assert code == 1 and "--strategy videofusion steps with DDIM" in capsys.readouterr().err
