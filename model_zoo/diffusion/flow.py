@@ -33,7 +33,8 @@ from model_zoo.diffusion.objectives import LossType, frame_losses
 TimeSampling = Literal["logit_normal", "uniform"]
 LossWeighting = Literal["none", "cosmap"]
 FlowDenoiseFn = Callable[[Tensor, Tensor], Tensor]
-"""`denoise_fn(x_t, time) -> v`, time a float tensor (B,) of t' · T."""
+"""`denoise_fn(x_t, time) -> v`, time a float32 tensor (B,) of t' · T (float32 whatever the latents'
+precision, so a bf16 run does not round the time input)."""
 FlowCallback = Callable[[int, float, Tensor], None]
 """`callback(step_index, t, x_next)`, called after every step."""
 
@@ -104,7 +105,7 @@ def flow_loss(
     in `objectives.diffusion_loss` (mean over the counted frames, float32 error).
     """
     x_t = flow_forward(x0, t, noise)
-    prediction = denoise_fn(x_t, t.to(x0) * num_train_timesteps, **(cond or {}))
+    prediction = denoise_fn(x_t, t.float().to(x0.device) * num_train_timesteps, **(cond or {}))
     per_frame = frame_losses(prediction.float(), flow_target(x0, noise).float(), loss_type)  # (B, T)
     weight = torch.ones_like(per_frame) if frame_weight is None else frame_weight.to(per_frame).expand_as(per_frame)
     per_sample = (per_frame * weight).sum(1) / weight.sum(1).clamp_min(1.0)  # (B, T) -> (B,)
@@ -121,7 +122,7 @@ def flow_sigmas(num_steps: int, shift: float) -> Tensor:
 
 
 def _time_batch(t: float, x: Tensor, num_train_timesteps: int) -> Tensor:
-    return torch.full((x.shape[0],), t * num_train_timesteps, dtype=x.dtype, device=x.device)
+    return torch.full((x.shape[0],), t * num_train_timesteps, dtype=torch.float32, device=x.device)
 
 
 def flow_euler_step(x: Tensor, velocity: Tensor, *, t: float, t_next: float) -> Tensor:

@@ -185,7 +185,7 @@ def denoise_step(
         raise ValueError("--sampler dpmpp_2m is multistep: this strategy steps its windows one step at a time; use ddim")
     t = setup.timesteps[step_index]
     if setup.sigmas is not None:
-        model_output = denoise_fn(x, torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device))
+        model_output = denoise_fn(x, torch.full((x.shape[0],), float(t), dtype=torch.float32, device=x.device))
         t_now, t_next = float(setup.sigmas[step_index]), float(setup.sigmas[step_index + 1])
         if setup.sampler == "heun":
             return flow_heun_step(
