@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from common.pipeline_folder import FlowSchedulerSpec, read_index
-from model_zoo.diffusion.flow import flow_forward, flow_sample, flow_sigmas, shift_time
+from model_zoo.diffusion.flow import flow_forward, flow_sample, flow_sigmas, shift_time, token_shift
 from sampler.cli import main
 from sampler.pipeline import load_pipeline
 from sampler.program import check_objective
@@ -182,3 +182,17 @@ def test_videofusion_refuses_another_sampler_than_ddim(tmp_path: Path, capsys: p
     model = tiny_pipeline(tmp_path / "videofusion", "videofusion", seed=5)
     code, _ = sample(model, tmp_path / "vf.mp4", "--sampler", "dpmpp_2m", strategy="videofusion")
     assert code == 1 and "--strategy videofusion steps with DDIM" in capsys.readouterr().err
+
+
+def test_a_token_derived_shift_counts_the_latent_positions_at_the_sampled_size(tmp_path: Path) -> None:
+    dynamic = FlowSchedulerSpec(**{**FLOW.__dict__, "shift_from_tokens": True})
+    pipeline = load_pipeline(tiny_pipeline(tmp_path / "dynamic", "diffusion", seed=6, scheduler=dynamic))
+    setups = {
+        size: pipeline_setup(pipeline, height=size, width=size, steps=STEPS, eta=0.0, device="cpu", num_frames=4)
+        for size in (32, 64)
+    }
+    for size, setup in setups.items():
+        positions = 4 * (size // 4) ** 2  # the tiny VAE is /4 in space
+        expected = token_shift(positions, base_tokens=256, max_tokens=4096, base_shift=0.5, max_shift=1.15)
+        torch.testing.assert_close(setup.sigmas, flow_sigmas(STEPS, expected))
+    assert bool((setups[64].sigmas[1:-1] > setups[32].sigmas[1:-1]).all())
