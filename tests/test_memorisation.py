@@ -218,12 +218,21 @@ def test_dit_flow_matching_memorises_its_clips_through_the_chain(chain: Chain, d
 def test_vidrd_long_video_stays_on_the_memorised_clip(chain: Chain, unet3d_eps: Path, tmp_path: Path) -> None:
     """VidRD extends the memorised (almost static) clip to 4x its length: every frame stays close
     to some frame of the clip's reconstruction."""
-    frames, _ = sample(unet3d_eps, CAPTION, tmp_path / "long.mp4", "--clip-frames", "4", strategy="vidrd", frames=4 * FRAMES)
+    assert_long_video_on_the_clip(chain, unet3d_eps, tmp_path)
+
+
+def test_vidrd_long_video_of_the_flow_model_stays_on_the_memorised_clip(chain: Chain, dit_flow: Path, tmp_path: Path) -> None:
+    """The same with the flow-matching DiT: VidRD's noise rules and latent copies on the flow path."""
+    assert_long_video_on_the_clip(chain, dit_flow, tmp_path)
+
+
+def assert_long_video_on_the_clip(chain: Chain, pipeline: Path, tmp_path: Path) -> None:
+    frames, _ = sample(pipeline, CAPTION, tmp_path / "long.mp4", "--clip-frames", "4", strategy="vidrd", frames=4 * FRAMES)
     assert frames.shape[0] == 4 * FRAMES
     recon = chain.recon[CAPTION]
     nearest = [max(psnr(frame, ref) for ref in recon) for frame in frames]
     assert min(nearest) >= LONG_DB, f"frames far from the clip (dB per frame): {[round(x, 1) for x in nearest]}"
-    print(f"vidrd long video: the farthest frame {min(nearest):.2f} dB from the clip")
+    print(f"vidrd long video of {pipeline.name}: the farthest frame {min(nearest):.2f} dB from the clip")
 
 
 def run_task(run_dir: Path, *overrides: str):
