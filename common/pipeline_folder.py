@@ -4,15 +4,16 @@
                                           "<component>": ["model_zoo", family], ...,
                                           "scheduler": ["diffusers", "DDIMScheduler"]}
     DIR/<component>/                     config.json + model.safetensors (model_zoo.save_pretrained)
-    DIR/scheduler/scheduler_config.json  a diffusers DDIMScheduler config
+    DIR/scheduler/scheduler_config.json  a diffusers DDIMScheduler config, or for a flow-matching
+                                         denoiser a FlowMatchEulerDiscreteScheduler config
     DIR/<name>/scheduler_config.json     more schedules of a bundle (CMD's content_scheduler)
 
 The entries besides the components describe the export (source checkpoint, step, EMA, the clip
 size trained on, the VAE's fitted latent statistics, LVDM's no-condition level). The scheduler
 config uses diffusers' names; `SchedulerSpec` holds ours (model_zoo.diffusion.schedules: diffusers'
 "scaled_linear" is our `sqrt_linear`, "squaredcos_cap_v2" our `cosine`; "epsilon", "v_prediction"
-and "sample" are the `eps`, `v` and `x0` parameterizations). This module writes and reads the
-JSON; the component folders are written and loaded by model_zoo.
+and "sample" are the `eps`, `v` and `x0` parameterizations; a flow-matching schedule is a
+`FlowSchedulerSpec`, its shift as diffusers records it). This module writes and reads the JSON; the component folders are written and loaded by model_zoo.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ SCHEDULER = "scheduler"
 SCHEDULER_FILE = "scheduler_config.json"
 DDIM_SCHEDULER = ["diffusers", "DDIMScheduler"]
 """The index value of a scheduler folder."""
+FLOW_SCHEDULER = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+"""The index value of a flow-matching scheduler folder."""
 NETWORK_COMPONENTS = ("denoiser", "vae", "text_encoder", "image_encoder", "content_denoiser")
 """The networks a sampler loads, when the folder has them."""
 
@@ -48,6 +51,16 @@ DIFFUSERS_DEFAULTS: dict[str, Any] = {
     "steps_offset": 0,
 }
 """What diffusers' DDIMScheduler assumes for a key its config leaves out."""
+FLOW_DIFFUSERS_DEFAULTS: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "use_dynamic_shifting": False,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+"""What diffusers' FlowMatchEulerDiscreteScheduler assumes for a key its config leaves out."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,6 +84,26 @@ class SchedulerSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class FlowSchedulerSpec:
+    """A flow-matching schedule (docs/methods.md, 'Flow matching'), in our names."""
+
+    num_train_timesteps: int
+    """T: the network sees time t' · T."""
+    shift: float
+    """SD3's timestep shift s (used unless `shift_from_tokens`)."""
+    shift_from_tokens: bool
+    """s = exp(log s), log s linear in the latent positions n between the two points below."""
+    base_tokens: int
+    """n at which log s = base_log_shift."""
+    max_tokens: int
+    """n at which log s = max_log_shift."""
+    base_log_shift: float
+    """log s at `base_tokens`."""
+    max_log_shift: float
+    """log s at `max_tokens`."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class PipelineIndex:
     """What model_index.json and the scheduler config of a pipeline folder say."""
 
@@ -80,8 +113,8 @@ class PipelineIndex:
     """The task the networks were trained for (None in a folder that does not say)."""
     components: dict[str, str]
     """Component name -> model_zoo family, in the index's order."""
-    scheduler: SchedulerSpec | None
-    """The DDIM schedule; None for a folder without one (an exported autoencoder)."""
+    scheduler: SchedulerSpec | FlowSchedulerSpec | None
+    """The DDIM (or flow-matching) schedule; None for a folder without one (an exported autoencoder)."""
     extra_schedulers: dict[str, SchedulerSpec]
     """More DDIM schedules by folder name, for networks of a bundle that trained under their own
     (CMD's `content_scheduler`, the content-frame model's)."""
@@ -115,12 +148,40 @@ def scheduler_config(spec: SchedulerSpec) -> dict[str, Any]:
     }
 
 
+def flow_scheduler_config(spec: FlowSchedulerSpec) -> dict[str, Any]:
+    """`spec` as a diffusers FlowMatchEulerDiscreteScheduler config."""
+    return {
+        "_class_name": FLOW_SCHEDULER[1],
+        "num_train_timesteps": spec.num_train_timesteps,
+        "shift": spec.shift,
+        "use_dynamic_shifting": spec.shift_from_tokens,
+        "base_shift": spec.base_log_shift,
+        "max_shift": spec.max_log_shift,
+        "base_image_seq_len": spec.base_tokens,
+        "max_image_seq_len": spec.max_tokens,
+    }
+
+
+def read_flow_scheduler(raw: dict[str, Any]) -> FlowSchedulerSpec:
+    """The flow-matching schedule of a FlowMatchEulerDiscreteScheduler config."""
+    config = {**FLOW_DIFFUSERS_DEFAULTS, **raw}
+    return FlowSchedulerSpec(
+        num_train_timesteps=config["num_train_timesteps"],
+        shift=config["shift"],
+        shift_from_tokens=config["use_dynamic_shifting"],
+        base_tokens=config["base_image_seq_len"],
+        max_tokens=config["max_image_seq_len"],
+        base_log_shift=config["base_shift"],
+        max_log_shift=config["max_shift"],
+    )
+
+
 def write_index(
     folder: Path,
     *,
     task: str,
     components: dict[str, str],
-    scheduler: SchedulerSpec | None,
+    scheduler: SchedulerSpec | FlowSchedulerSpec | None,
     entries: dict[str, Any] | None = None,
     extra_schedulers: dict[str, SchedulerSpec] | None = None,
 ) -> None:
@@ -131,14 +192,19 @@ def write_index(
     schedulers = ({} if scheduler is None else {SCHEDULER: scheduler}) | (extra_schedulers or {})
     for name, spec in schedulers.items():
         (folder / name).mkdir(parents=True, exist_ok=True)
-        atomic_write_json(folder / name / SCHEDULER_FILE, scheduler_config(spec))
-        index[name] = DDIM_SCHEDULER
+        flow = isinstance(spec, FlowSchedulerSpec)
+        atomic_write_json(folder / name / SCHEDULER_FILE, flow_scheduler_config(spec) if flow else scheduler_config(spec))
+        index[name] = FLOW_SCHEDULER if flow else DDIM_SCHEDULER
     atomic_write_json(folder / INDEX_FILE, index)
 
 
-def read_scheduler(folder: Path) -> SchedulerSpec:
-    """The schedule of a DDIMScheduler config folder (keys it leaves out take diffusers' defaults)."""
-    config = {**DIFFUSERS_DEFAULTS, **json.loads((folder / SCHEDULER_FILE).read_text())}
+def read_scheduler(folder: Path) -> SchedulerSpec | FlowSchedulerSpec:
+    """The schedule of a DDIMScheduler (or FlowMatchEulerDiscreteScheduler) config folder (keys it
+    leaves out take diffusers' defaults)."""
+    raw = json.loads((folder / SCHEDULER_FILE).read_text())
+    if raw.get("_class_name") == FLOW_SCHEDULER[1]:
+        return read_flow_scheduler(raw)
+    config = {**DIFFUSERS_DEFAULTS, **raw}
     kind, prediction = config["beta_schedule"], config["prediction_type"]
     if kind not in BETA_SCHEDULES:
         raise ValueError(f"{folder}: unsupported beta_schedule {kind!r}; valid: {', '.join(BETA_SCHEDULES)}")
@@ -164,7 +230,7 @@ def read_index(folder: str | Path) -> PipelineIndex:
     components = {
         name: value[1] for name, value in index.items() if isinstance(value, list) and value[:1] == ["model_zoo"]
     }
-    schedulers = {name: read_scheduler(path / name) for name, value in index.items() if name == SCHEDULER or value == DDIM_SCHEDULER}
+    schedulers = {name: read_scheduler(path / name) for name, value in index.items() if name == SCHEDULER or value in (DDIM_SCHEDULER, FLOW_SCHEDULER)}
     scheduler = schedulers.pop(SCHEDULER, None)
     entries = {
         k: v for k, v in index.items() if k not in components and k not in schedulers and k not in ("_class_name", "task", SCHEDULER)

@@ -15,6 +15,10 @@ from typing import Any
 from common.pipeline_folder import is_pipeline_folder, read_index
 from sampler.pipeline import recorded_size
 from sampler.strategies import STRATEGIES
+from sampler.strategies.common import DIFFUSION_SAMPLERS, FLOW_SAMPLERS
+
+SAMPLERS = (*DIFFUSION_SAMPLERS, *FLOW_SAMPLERS)
+"""Every `--sampler` choice."""
 
 RUNTIME_FIELDS = ("nproc", "progress")
 """Fields that do not change the result: a resumed run may differ in them."""
@@ -47,9 +51,17 @@ class SampleConfig:
     nproc: int = 1
     """Local ranks to launch (ignored under torchrun / srun, whose environment sets the ranks)."""
     steps: int = 50
-    """DDIM steps."""
+    """Sampling steps (denoising calls; Heun makes two per step but the last)."""
     eta: float = 0.0
     """DDIM η (LVDM's long-video script used 1.0)."""
+    sampler: str | None = field(
+        default=None,
+        metadata={"choices": SAMPLERS, "flag_default": "ddim for ε/v/x0 models, euler for flow-matching models"},
+    )
+    """--model's sampler: ddim or dpmpp_2m (DPM-Solver++(2M)) for ε/v/x0 models, euler or heun for
+    flow-matching models (--model2 uses its model's default)."""
+    shift: float | None = field(default=None, metadata={"flag_default": "the --model export's"})
+    """Timestep shift s of a flow-matching --model, t' = s t / (1 + (s-1) t)."""
     guidance: float = 7.5
     """Text classifier-free guidance scale g (VidRD 10, StreamingT2V 7.5); 1 disables it."""
     height: int = field(default=256, metadata={"flag_default": "the --model's training size"})

@@ -14,7 +14,13 @@ from torch import Tensor, nn
 
 import model_zoo
 from common.files import replacing_folder
-from common.pipeline_folder import NETWORK_COMPONENTS, SchedulerSpec, read_index, write_index
+from common.pipeline_folder import (
+    NETWORK_COMPONENTS,
+    FlowSchedulerSpec,
+    SchedulerSpec,
+    read_index,
+    write_index,
+)
 from model_zoo.diffusion.objectives import Parameterization
 from model_zoo.diffusion.schedules import alphas_cumprod, ddim_timesteps, make_betas
 from model_zoo.lora import apply_adapter, load_adapter
@@ -54,8 +60,8 @@ class Pipeline:
     """model_index.json's task (diffusion, lvdm_prediction, lvdm_interpolation, streaming, ...)."""
     networks: dict[str, nn.Module]
     """denoiser, vae and, when present, text_encoder, image_encoder and (CMD) content_denoiser."""
-    schedule: Schedule
-    """The DDIM schedule."""
+    schedule: Schedule | FlowSchedulerSpec
+    """The DDIM schedule, or a flow-matching model's time scale and shift."""
     content_schedule: Schedule | None = None
     """CMD bundles: the content-frame model's DDIM schedule (`content_scheduler`)."""
     model_id: dict[str, Any]
@@ -79,6 +85,18 @@ class Pipeline:
     @property
     def vae(self) -> nn.Module:
         return self.networks["vae"]
+
+    @property
+    def objective(self) -> str:
+        """What the denoiser was trained with: diffusion (ε/v/x0) or flow_matching."""
+        return "flow_matching" if isinstance(self.schedule, FlowSchedulerSpec) else "diffusion"
+
+    @property
+    def num_train_timesteps(self) -> int:
+        """T of the denoiser's time input."""
+        if isinstance(self.schedule, FlowSchedulerSpec):
+            return self.schedule.num_train_timesteps
+        return len(self.schedule.alphas_cumprod)
 
     def text_context(self, prompt: str) -> Tensor | None:
         """Text tokens (1, 77, D) of `prompt`, or None when the pipeline has no text encoder."""
@@ -123,7 +141,9 @@ def latent_channels(vae: nn.Module) -> int:
     return vae.latent_channels
 
 
-def _schedule(spec: SchedulerSpec) -> Schedule:
+def _schedule(spec: SchedulerSpec | FlowSchedulerSpec) -> Schedule | FlowSchedulerSpec:
+    if isinstance(spec, FlowSchedulerSpec):
+        return spec
     betas = make_betas(spec.schedule, spec.num_train_timesteps, beta_start=spec.beta_start, beta_end=spec.beta_end)
     cumprod = alphas_cumprod(betas)
     return Schedule(
@@ -190,7 +210,7 @@ def save_pipeline(
     task: str,
     networks: dict[str, nn.Module],
     *,
-    scheduler: SchedulerSpec = TINY_SCHEDULER,
+    scheduler: SchedulerSpec | FlowSchedulerSpec = TINY_SCHEDULER,
     uncond_level: int | None = None,
     extra_schedulers: dict[str, SchedulerSpec] | None = None,
     entries: dict[str, Any] | None = None,

@@ -58,7 +58,15 @@ def make_setup(config: SampleConfig, pipeline: Pipeline, device: str) -> Samplin
     if config.height % fh or config.width % fw:
         raise ValueError(f"height and width must be multiples of the VAE's spatial factors ({fh}, {fw})")
     return pipeline_setup(
-        pipeline, height=config.height, width=config.width, steps=config.steps, eta=config.eta, device=device
+        pipeline,
+        height=config.height,
+        width=config.width,
+        steps=config.steps,
+        eta=config.eta,
+        device=device,
+        sampler=config.sampler,
+        shift=config.shift,
+        num_frames=latent_frames_for(pipeline.vae, config.frames),
     )
 
 
@@ -109,6 +117,17 @@ def check_tasks(strategy: str, model: Path | str, task: str, model2: Path | str 
         raise ValueError(f"--strategy {strategy} needs --model2 from a {' or '.join(wanted2)} run; {model2} is a {task2!r} export")
 
 
+def check_objective(strategy: str, pipeline: Pipeline | None) -> None:
+    """One clear line when a flow-matching export is given to a strategy derived only for the
+    DDPM forward process."""
+    if pipeline is not None and pipeline.objective == "flow_matching" and not STRATEGIES[strategy].flow:
+        raise ValueError(
+            f"--strategy {strategy} is derived for the DDPM forward process (ε/v/x0 models) only; "
+            f"{pipeline.path} is a flow_matching export (objective flow_matching). Strategies that "
+            f"sample flow-matching models: {', '.join(name for name, spec in STRATEGIES.items() if spec.flow)}"
+        )
+
+
 def generate(config: SampleConfig) -> list[Path]:
     """Run the command on this rank (joins the process group if the environment has several ranks)."""
     device = resolve_device(config.device)
@@ -117,6 +136,8 @@ def generate(config: SampleConfig) -> list[Path]:
         pipeline = load_pipeline(config.model, device=device, lora=config.lora, lora_scale=config.lora_scale)
         pipeline2 = None if config.model2 is None else load_pipeline(config.model2, device=device)
         check_tasks(config.strategy, config.model, pipeline.task, config.model2, None if pipeline2 is None else pipeline2.task)
+        for given in (pipeline, pipeline2):
+            check_objective(config.strategy, given)
         setup = make_setup(config, pipeline, device)
         latent_frames = latent_frames_for(pipeline.vae, config.frames)
         outputs = []

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import model_zoo
+from common.pipeline_folder import FlowSchedulerSpec, SchedulerSpec
 from model_zoo.cmd import content_model_config, motion_model_config
 from sampler.pipeline import TINY_SCHEDULER, save_pipeline
 
@@ -35,8 +36,16 @@ def wake_zero_parameters(module: nn.Module, seed: int, scale: float = 0.05) -> n
     return module
 
 
-def tiny_pipeline(folder: str | Path, task: str, *, seed: int = 0, vae: str = "video_vae") -> Path:
-    """A pipeline folder for `task` with tiny random networks (latents: 4 channels, /4 in space)."""
+def tiny_pipeline(
+    folder: str | Path,
+    task: str,
+    *,
+    seed: int = 0,
+    vae: str = "video_vae",
+    scheduler: SchedulerSpec | FlowSchedulerSpec = TINY_SCHEDULER,
+) -> Path:
+    """A pipeline folder for `task` with tiny random networks (latents: 4 channels, /4 in space);
+    a `FlowSchedulerSpec` makes it a flow-matching export."""
     if task not in TASK_DENOISERS:
         raise ValueError(f"unknown task {task!r}; valid: {', '.join(TASK_DENOISERS)}")
     family, overrides = TASK_DENOISERS[task]
@@ -50,7 +59,7 @@ def tiny_pipeline(folder: str | Path, task: str, *, seed: int = 0, vae: str = "v
         if task == "streaming":
             networks["image_encoder"] = model_zoo.build_model("image_encoder", "tiny")
     uncond_level = 251 if task.startswith("lvdm_") else None  # s in 0..250, then "no condition"
-    return save_pipeline(folder, task, networks, uncond_level=uncond_level)
+    return save_pipeline(folder, task, networks, scheduler=scheduler, uncond_level=uncond_level)
 
 
 def tiny_cmd_pipeline(folder: str | Path, *, seed: int = 0, clip_frames: int = 4) -> Path:

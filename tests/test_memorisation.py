@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow  # ~2.5 min of training: in the default suite, not in the fast lane
+pytestmark = pytest.mark.slow  # ~3 min of training: in the default suite, not in the fast lane
 
 REPO = Path(__file__).resolve().parent.parent
 CLIPS = {"carphone_pristine": "a man talking on a phone in a car"}
@@ -165,6 +165,12 @@ def dit_v(chain: Chain) -> Path:
     return train_denoiser(chain, "dit", "dit.yaml")
 
 
+@pytest.fixture(scope="module")
+def dit_flow(chain: Chain) -> Path:
+    """The video DiT, flow matching (configs/tiny/dit_flow.yaml), memorising both clips."""
+    return train_denoiser(chain, "dit_flow", "dit_flow.yaml")
+
+
 def sample(pipeline: Path, caption: str, out: Path, *extra: str, strategy: str = "ddim", frames: int = FRAMES) -> tuple[np.ndarray, str]:
     printed = lvd(
         "sample", "--model", str(pipeline), "--strategy", strategy, "--prompt", caption, "--frames", str(frames),
@@ -201,15 +207,32 @@ def test_dit_v_memorises_its_clips_through_the_chain(chain: Chain, dit_v: Path, 
     assert_memorised(chain, dit_v, tmp_path)
 
 
+def test_dit_flow_matching_memorises_its_clips_through_the_chain(chain: Chain, dit_flow: Path, tmp_path: Path) -> None:
+    """The same chain with `objective.name: flow_matching`: the export records the flow schedule and
+    `lvd sample` (flow Euler, 50 steps) gives the clip back."""
+    scheduler = json.loads((dit_flow / "scheduler" / "scheduler_config.json").read_text())
+    assert (scheduler["_class_name"], scheduler["shift"]) == ("FlowMatchEulerDiscreteScheduler", 2.0)
+    assert_memorised(chain, dit_flow, tmp_path)
+
+
 def test_vidrd_long_video_stays_on_the_memorised_clip(chain: Chain, unet3d_eps: Path, tmp_path: Path) -> None:
     """VidRD extends the memorised (almost static) clip to 4x its length: every frame stays close
     to some frame of the clip's reconstruction."""
-    frames, _ = sample(unet3d_eps, CAPTION, tmp_path / "long.mp4", "--clip-frames", "4", strategy="vidrd", frames=4 * FRAMES)
+    assert_long_video_on_the_clip(chain, unet3d_eps, tmp_path)
+
+
+def test_vidrd_long_video_of_the_flow_model_stays_on_the_memorised_clip(chain: Chain, dit_flow: Path, tmp_path: Path) -> None:
+    """The same with the flow-matching DiT: VidRD's noise rules and latent copies on the flow path."""
+    assert_long_video_on_the_clip(chain, dit_flow, tmp_path)
+
+
+def assert_long_video_on_the_clip(chain: Chain, pipeline: Path, tmp_path: Path) -> None:
+    frames, _ = sample(pipeline, CAPTION, tmp_path / "long.mp4", "--clip-frames", "4", strategy="vidrd", frames=4 * FRAMES)
     assert frames.shape[0] == 4 * FRAMES
     recon = chain.recon[CAPTION]
     nearest = [max(psnr(frame, ref) for ref in recon) for frame in frames]
     assert min(nearest) >= LONG_DB, f"frames far from the clip (dB per frame): {[round(x, 1) for x in nearest]}"
-    print(f"vidrd long video: the farthest frame {min(nearest):.2f} dB from the clip")
+    print(f"vidrd long video of {pipeline.name}: the farthest frame {min(nearest):.2f} dB from the clip")
 
 
 def run_task(run_dir: Path, *overrides: str):
@@ -256,6 +279,30 @@ def test_x0_estimate_at_fixed_noise_levels_through_the_sampler(chain: Chain, une
             x0, _ = predict_x0_eps(out, z_t, t, alphas_cumprod=schedule.alphas_cumprod.float(), parameterization=schedule.parameterization)
             errors[t] = round(float(((x0 - z0) ** 2).mean() / (z0**2).mean()), 4)
     assert max(errors.values()) < 0.2, f"relative x0 error per t: {errors}"
+
+
+def test_flow_x0_estimate_and_shift_agree_between_trainer_and_sampler(chain: Chain, dit_flow: Path) -> None:
+    """The flow model's export carries the trainer's shift and time scale; fresh noise at t' = 0.25,
+    0.5, 0.75 taken by the flow forward process, and the velocity turned into x̂_0 = x_t - t' v,
+    is within 20% (relative squared error) of the clip's latents (knowing nothing is 100%)."""
+    from model_zoo.diffusion.flow import flow_forward
+    from sampler.denoisers import text_denoiser
+    from sampler.pipeline import load_pipeline
+
+    _, task = run_task(chain.root / "dit_flow_run")
+    pipeline = load_pipeline(chain.root / "dit_flow")
+    generator = torch.Generator().manual_seed(12345)
+    with torch.no_grad():
+        z0 = pipeline.vae.to_latents(chain.videos[CAPTION], generator=generator)
+        assert pipeline.schedule.shift == task.diffusion.shift(z0)
+        assert pipeline.num_train_timesteps == task.diffusion.num_train_timesteps
+        denoise = text_denoiser(pipeline, CAPTION, 1.0)
+        errors = {}
+        for t in (0.25, 0.5, 0.75):
+            z_t = flow_forward(z0, t, torch.randn(z0.shape, generator=generator))
+            x0 = z_t - t * denoise(z_t, torch.tensor([t * pipeline.num_train_timesteps]))
+            errors[t] = round(float(((x0 - z0) ** 2).mean() / (z0**2).mean()), 4)
+    assert max(errors.values()) < 0.2, f"relative x0 error per t': {errors}"
 
 
 def test_trainer_latents_decode_through_the_sampler_to_the_vae_decoding(chain: Chain, unet3d_eps: Path, tmp_path: Path) -> None:

@@ -225,11 +225,11 @@ def test_the_flags_are_generated_and_repeat_no_default():
     actions = [action for action in build_parser()._actions if action.dest != "help"]
     assert {option for action in actions for option in action.option_strings} == {
         "--model", "--model2", "--strategy", "--frames", "--prompt", "--prompts", "--out", "--seed",
-        "--nproc", "--steps", "--eta", "--guidance", "--height", "--width", "--fps", "--device",
+        "--nproc", "--steps", "--eta", "--sampler", "--shift", "--guidance", "--height", "--width", "--fps", "--device",
         "--decode-context", "--clip-frames", "--N", "--cond-frames", "--k", "--perturb-level", "--s",
         "--uncond-weight", "--w", "--keyframe-stride", "--stride", "--overlap", "--M", "--alpha",
         "--beta", "--lam", "--lambda", "--blend-frames", "--F", "--blend-overlap", "--O", "--refine-t",
-        "--refine-size", "--no-refine", "--no-progress", "--quiet", "--content-strength",
+        "--refine-size", "--no-refine", "--no-progress", "--quiet", "--content-strength", "--lora", "--lora-scale",
     }
     assert all(action.default is None for action in actions)
 

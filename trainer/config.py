@@ -161,13 +161,55 @@ class DiffusionConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class FlowMatchingConfig:
+    """Rectified-flow training: x_t = (1-t) x_0 + t ε, target v = ε - x_0 (docs/methods.md, 'Flow matching')."""
+
+    time_sampling: Literal["logit_normal", "uniform"] = "logit_normal"
+    """How training draws t: sigmoid of N(logit_mean, logit_std) (SD3), or uniform on (0, 1)."""
+    logit_mean: float = 0.0
+    """m of the logit-normal time draw."""
+    logit_std: float = 1.0
+    """s of the logit-normal time draw."""
+    shift: float = 1.0
+    """SD3's timestep shift s, t' = s t / (1 + (s-1) t), in training and sampling (1: none).
+    Ignored when `shift_from_tokens`."""
+    shift_from_tokens: bool = False
+    """Derive s from the latent token count n: log s linear in n between (base_tokens,
+    base_log_shift) and (max_tokens, max_log_shift) (the resolution/length-dependent shift)."""
+    base_tokens: int = 256
+    """Token count at which log s = base_log_shift."""
+    max_tokens: int = 4096
+    """Token count at which log s = max_log_shift."""
+    base_log_shift: float = 0.5
+    """log s at `base_tokens`."""
+    max_log_shift: float = 1.15
+    """log s at `max_tokens`."""
+    loss_weighting: Literal["none", "cosmap"] = "none"
+    """Per-sample loss weight w(t): none, or SD3's cosmap 2 / (π (1 - 2t + 2t²))."""
+
+    def __post_init__(self) -> None:
+        if self.logit_std <= 0:
+            raise ValueError(f"logit_std: must be > 0, got {self.logit_std}")
+        if self.shift <= 0:
+            raise ValueError(f"shift: must be > 0, got {self.shift}")
+        if self.max_tokens <= self.base_tokens:
+            raise ValueError(f"max_tokens: must exceed base_tokens, got {self.max_tokens} <= {self.base_tokens}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class DiffusionObjective:
     """Text-to-video latent diffusion (any denoiser family: unet3d, dit, ...)."""
 
     task: Literal["diffusion"] = "diffusion"
     """Which task trains (the tag of the objective)."""
+    name: Literal["diffusion", "flow_matching"] = "diffusion"
+    """The training process: DDPM diffusion with `diffusion.parameterization` (eps, v, x0), or
+    flow matching (`flow`; of `diffusion` only `num_timesteps`, the network's time scale, and
+    `loss_type` apply)."""
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     """Noise schedule, parameterisation and loss of the denoiser."""
+    flow: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
+    """Time draws, shift and loss weighting of `name: flow_matching`."""
 
 
 @dataclass(frozen=True, kw_only=True)

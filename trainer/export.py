@@ -17,13 +17,14 @@ import torch
 import model_zoo
 from common.config import from_dict
 from common.files import replacing_folder
-from common.pipeline_folder import SchedulerSpec, write_index
+from common.pipeline_folder import FlowSchedulerSpec, SchedulerSpec, write_index
 from model_zoo.lora import merged_state, save_adapter
 from trainer import checkpoint
 from trainer.config import (
     AutoencoderObjective,
     CMDAutoencoderObjective,
     DiffusionConfig,
+    DiffusionObjective,
     LVDMInterpolationObjective,
     LVDMPredictionObjective,
     TemporalDecoderObjective,
@@ -87,7 +88,11 @@ def export(
             entries["uncond_level"] = no_condition_level(cfg.objective.conditioning)  # the ε_u encoding training used
             entries["frame_stride"] = list(cfg.data.stride_bounds())  # the hierarchical sampler's keyframe stride
         diffusion = not isinstance(cfg.objective, AutoencoderObjective | CMDAutoencoderObjective | TemporalDecoderObjective)
-        scheduler = scheduler_spec(cfg.objective.diffusion) if diffusion else None
+        scheduler = None
+        if isinstance(cfg.objective, DiffusionObjective) and cfg.objective.name == "flow_matching":
+            scheduler = flow_scheduler_spec(cfg.objective)
+        elif diffusion:
+            scheduler = scheduler_spec(cfg.objective.diffusion)
         write_index(folder, task=task, components=components, scheduler=scheduler, entries=entries)
     return out
 
@@ -155,4 +160,18 @@ def scheduler_spec(obj: DiffusionConfig) -> SchedulerSpec:
         num_train_timesteps=obj.num_timesteps,
         beta_start=obj.beta_start,
         beta_end=obj.beta_end,
+    )
+
+
+def flow_scheduler_spec(obj: DiffusionObjective) -> FlowSchedulerSpec:
+    """The flow-matching schedule (time scale and shift) a sampler uses with a network trained under `obj`."""
+    flow = obj.flow
+    return FlowSchedulerSpec(
+        num_train_timesteps=obj.diffusion.num_timesteps,
+        shift=flow.shift,
+        shift_from_tokens=flow.shift_from_tokens,
+        base_tokens=flow.base_tokens,
+        max_tokens=flow.max_tokens,
+        base_log_shift=flow.base_log_shift,
+        max_log_shift=flow.max_log_shift,
     )

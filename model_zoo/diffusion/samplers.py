@@ -181,3 +181,48 @@ def ddpm(
         if callback is not None:
             callback(index, t, x)
     return x
+
+
+def _log_snr_half(alpha_bar: Tensor) -> Tensor:
+    """λ = log(α/σ) = ½ log(ᾱ / (1 - ᾱ)); +inf at ᾱ = 1 (the clean end)."""
+    return 0.5 * (alpha_bar.log() - (1 - alpha_bar).log())
+
+
+def dpm_solver_pp_2m(
+    denoise_fn: DenoiseFn,
+    x_T: Tensor,
+    timesteps: Tensor,
+    *,
+    alphas_cumprod: Tensor,
+    parameterization: Parameterization = "eps",
+    callback: StepCallback | None = None,
+) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2) down the descending `timesteps`.
+
+    With α_t = √ᾱ_t, σ_t = √(1-ᾱ_t), λ_t = log(α_t/σ_t), h = λ_t' - λ_t and the data prediction
+    D = x̂_0: the first step is first order, x' = (σ'/σ) x - α' (e^{-h} - 1) D; later steps use
+    D + (h/(2 h_prev)) (D - D_prev) in its place (eq. 2M). The last step goes to σ = 0 (ᾱ = 1)
+    and is first order, i.e. it returns x̂_0 (diffusers' `final_sigmas_type="zero"`).
+    """
+    x, previous_x0, previous_lambda = x_T, None, None
+    for index, (t, t_prev) in enumerate(zip(timesteps.tolist(), previous_timesteps(timesteps))):
+        model_output = denoise_fn(x, _timestep_batch(t, x))
+        x0_hat, _ = predict_x0_eps(
+            model_output.double(), x.double(), t, alphas_cumprod=alphas_cumprod.double(), parameterization=parameterization
+        )
+        alpha_bar, alpha_bar_next = alpha_bar_at(alphas_cumprod, t), alpha_bar_at(alphas_cumprod, t_prev)
+        lam = _log_snr_half(alpha_bar)
+        if t_prev < 0:
+            x = x0_hat
+        else:
+            h = _log_snr_half(alpha_bar_next) - lam
+            data = x0_hat
+            if previous_x0 is not None:
+                data = x0_hat + h / (2 * (lam - previous_lambda)) * (x0_hat - previous_x0)
+            sigma_ratio = ((1 - alpha_bar_next) / (1 - alpha_bar)).sqrt()
+            x = sigma_ratio * x.double() - alpha_bar_next.sqrt() * torch.expm1(-h) * data
+        previous_x0, previous_lambda = x0_hat, lam
+        x = x.to(x_T.dtype)
+        if callback is not None:
+            callback(index, t, x)
+    return x

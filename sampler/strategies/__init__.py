@@ -45,6 +45,9 @@ class Strategy:
     """The export tasks --model2 may have (empty: it takes no --model2)."""
     needs_model2: bool = False
     """--model2 is required."""
+    flow: bool = False
+    """It samples flow-matching exports (its noise rules re-derived for x_t = (1-t) x_0 + t ε,
+    docs/methods.md 'Flow matching'); False: it refuses them."""
     export_knobs: Callable[[dict[str, Any], str, str | None], dict[str, Any]] | None = None
     """`export_knobs(knobs given, --model, --model2)`: the knobs with defaults the exports record
     (and checked against them); None: the knobs as given."""
@@ -59,15 +62,15 @@ STRATEGIES: dict[str, Strategy] = {
         model_tasks=("lvdm_prediction",), model2_tasks=("lvdm_interpolation",), needs_model2=True,
         export_knobs=lvdm_hierarchical.export_knobs,
     ),
-    "vidrd": Strategy(config=vidrd.VidRDConfig, run=vidrd.run, parallel=False, model_tasks=("diffusion",)),
+    "vidrd": Strategy(config=vidrd.VidRDConfig, run=vidrd.run, parallel=False, model_tasks=("diffusion",), flow=True),
     "streaming": Strategy(
         config=streaming.StreamingConfig, run=streaming.run, parallel=True,
-        model_tasks=("streaming",), model2_tasks=("diffusion",),
+        model_tasks=("streaming",), model2_tasks=("diffusion",), flow=True,
     ),
     "videofusion": Strategy(
         config=videofusion.VideoFusionConfig, run=videofusion.run, parallel=False, model_tasks=("videofusion",)
     ),
-    "ddim": Strategy(config=ddim.DDIMConfig, run=ddim.run, parallel=False, model_tasks=("diffusion",)),
+    "ddim": Strategy(config=ddim.DDIMConfig, run=ddim.run, parallel=False, model_tasks=("diffusion",), flow=True),
     "cmd": Strategy(config=cmd.CMDSamplingConfig, run=cmd.run, parallel=False, model_tasks=("cmd",)),
 }
 """Every strategy by its `--strategy` name, in the order of `lvd sample --help`."""

@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from model_zoo.diffusion.objectives import q_sample
 from model_zoo.diffusion.samplers import DenoiseFn
-from sampler.strategies.common import SamplingSetup, denoise_step
+from sampler.strategies.common import SamplingSetup, denoise_step, noised_to_first_step
 from sampler.strategies.seeding import unit_generator
 
 Overlaps = tuple[dict[int, Tensor], dict[int, Tensor]]
@@ -94,9 +93,10 @@ def shared_noise_chunk(index: int, setup: SamplingSetup, config: BlendingConfig,
 def noised_chunk(
     latents_chunk: Tensor, index: int, setup: SamplingSetup, config: BlendingConfig, seed: int
 ) -> Tensor:
-    """SDEdit start of one chunk: q_sample to the first timestep of `setup` with the shared noise."""
+    """SDEdit start of one chunk: taken to the first step of `setup` by the model's forward process
+    (q_sample, or the flow's (1 - t) x_0 + t ε) with the shared noise."""
     noise = shared_noise_chunk(index, setup, config, seed)
-    return q_sample(latents_chunk, int(setup.timesteps[0]), noise, setup.alphas_cumprod)
+    return noised_to_first_step(latents_chunk, noise, setup)
 
 
 def draw_f_thr(seed: int, step_index: int, config: BlendingConfig) -> int:

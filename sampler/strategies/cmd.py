@@ -33,7 +33,7 @@ from model_zoo.diffusion.samplers import DenoiseFn
 from sampler.denoisers import conditioned_denoiser, counted
 from sampler.distributed import branch_parallel_guide
 from sampler.job import VideoJob
-from sampler.strategies.common import SamplingSetup, clip_noise, run_ddim
+from sampler.strategies.common import SamplingSetup, clip_noise, run_sampler
 from sampler.strategies.seeding import unit_generator
 from sampler.video_io import Mp4Writer, to_uint8_frames
 from sampler.work import State, run_chunks
@@ -70,13 +70,13 @@ def content_frame(
     generator = unit_generator(seed, "cmd-content", index)
     noise = clip_noise(setup, 1, generator)
     if previous is None:
-        return run_ddim(content_fn, noise, setup, generator)
+        return run_sampler(content_fn, noise, setup, generator)
     rerun = math.ceil(strength * setup.num_steps)
     if rerun == 0:
         return previous
     timesteps = setup.timesteps[-rerun:]
     start = q_sample(previous, int(timesteps[0]), noise, setup.alphas_cumprod)
-    return run_ddim(content_fn, start, replace(setup, timesteps=timesteps), generator)
+    return run_sampler(content_fn, start, replace(setup, timesteps=timesteps), generator)
 
 
 def chunk(
@@ -97,7 +97,7 @@ def chunk(
     content = content_frame(content_fn, index, previous, setup=content_setup, strength=config.content_strength, seed=seed)
     image = to_image(content[:, :, 0])  # (B, 3, H, W)
     generator = unit_generator(seed, "cmd-motion", index)
-    motion = run_ddim(motion_fns(image), clip_noise(setup, num_frames, generator), setup, generator)
+    motion = run_sampler(motion_fns(image), clip_noise(setup, num_frames, generator), setup, generator)
     return decode(image, motion).clamp(-1, 1), content
 
 

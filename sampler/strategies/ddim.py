@@ -15,7 +15,7 @@ from torch import Tensor
 from model_zoo.diffusion.samplers import DenoiseFn
 from sampler.denoisers import counted
 from sampler.job import VideoJob
-from sampler.strategies.common import SamplingSetup, clip_noise, run_ddim
+from sampler.strategies.common import SamplingSetup, clip_noise, run_sampler
 from sampler.strategies.seeding import unit_generator
 from sampler.work import State, run_chunks_to_video
 
@@ -37,7 +37,7 @@ def sample_window(denoise_fn: DenoiseFn, index: int, num_frames: int, *, setup: 
     """Window `index` (B, C, num_frames, h, w) from its own noise."""
     generator = unit_generator(seed, "ddim-window", index)
     x_T = clip_noise(setup, num_frames, generator)
-    return run_ddim(denoise_fn, x_T, setup, generator)
+    return run_sampler(denoise_fn, x_T, setup, generator)
 
 
 def ddim_windows(

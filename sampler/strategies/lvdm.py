@@ -27,7 +27,7 @@ from torch import Tensor
 from model_zoo.diffusion.guidance import Guide, cfg, unconditional_guidance
 from model_zoo.diffusion.objectives import apply_mask_conditioning, perturb_condition
 from model_zoo.diffusion.samplers import DenoiseFn
-from sampler.strategies.common import SamplingSetup, clip_noise, run_ddim
+from sampler.strategies.common import SamplingSetup, clip_noise, run_sampler
 
 MaskedPredictFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 """`predict_fn(net_input (B, C+1, l, h, w), t (B,), perturb_level (B,) | None) -> ε (B, C, l, h, w)`."""
@@ -95,4 +95,4 @@ def sample_masked_clip(
     denoiser = _masked_denoiser(
         predict_fn, z_cond, mask.to(x_T), config.perturb_level, config.uncond_weight, guide
     )
-    return run_ddim(denoiser, x_T, setup, generator)
+    return run_sampler(denoiser, x_T, setup, generator)

@@ -31,7 +31,7 @@ from sampler.distributed import NeighbourExchange, branch_parallel_guide, chunk_
 from sampler.job import VideoJob
 from sampler.pipeline import Pipeline, anchor_embedding, latent_channels, vae_factors
 from sampler.strategies import blending
-from sampler.strategies.common import SamplingSetup, clip_noise, pipeline_setup, run_ddim
+from sampler.strategies.common import SamplingSetup, clip_noise, pipeline_setup, run_sampler, steps_from
 from sampler.strategies.seeding import unit_generator
 from sampler.work import (
     UNIT_TIMEOUT,
@@ -117,11 +117,11 @@ def stage_step(
     generator = unit_generator(seed, "streaming-chunk", index)
     x_T = clip_noise(setup, config.clip_frames, generator)
     if state is None:
-        chunk = run_ddim(base, x_T, setup, generator)
+        chunk = run_sampler(base, x_T, setup, generator)
         anchor = anchor_from(chunk[:, :, :1])
     else:
         anchor = state["anchor"]
-        chunk = run_ddim(conditioned(state["cond"], anchor), x_T, setup, generator)
+        chunk = run_sampler(conditioned(state["cond"], anchor), x_T, setup, generator)
     return chunk, {"cond": chunk[:, :, -cond_frames:], "anchor": anchor}
 
 
@@ -175,8 +175,8 @@ def upsample_latents(
 
 
 def refinement_steps(setup: SamplingSetup, refine_t: int) -> SamplingSetup:
-    """The refinement's DDIM run: the steps with t <= T'."""
-    return replace(setup, timesteps=setup.timesteps[setup.timesteps <= refine_t])
+    """The refinement's run: the steps with t <= T' (a flow-matching model's t' · T <= T')."""
+    return steps_from(setup, int((setup.timesteps > refine_t).sum()))
 
 
 def refiner_setup(job: VideoJob, config: StreamingConfig) -> SamplingSetup:
@@ -205,7 +205,7 @@ def refiner_setup(job: VideoJob, config: StreamingConfig) -> SamplingSetup:
         raise ValueError(
             f"--model2 {pipeline2.path}: its denoiser takes {wanted} latent channels, its VAE gives {channels}"
         )
-    num_train_timesteps = len(pipeline2.schedule.alphas_cumprod)
+    num_train_timesteps = pipeline2.num_train_timesteps
     if not 0 <= config.refine_t < num_train_timesteps:
         raise ValueError(
             f"--refine-t {config.refine_t}: T' must be in [0, T) with T = {num_train_timesteps} (--model2)"

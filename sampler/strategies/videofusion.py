@@ -151,6 +151,10 @@ def videofusion(
 
 def run(job: VideoJob, config: VideoFusionConfig) -> None:
     """The windows in order, each a resumable unit (b is recomputed from the seed), into the mp4."""
+    if job.setup.sampler != "ddim":
+        raise ValueError(
+            f"--strategy videofusion steps with DDIM (its step noise is decomposed too); --sampler {job.setup.sampler} is not offered"
+        )
     config = with_model_lam(config, job.pipeline.denoiser.config.lam)
     guide = branch_parallel_guide(job.world)
     denoiser = videofusion_denoiser(

@@ -1,8 +1,9 @@
 """The diffusion process a task trains a denoiser against: schedule, draws, loss and a preview.
 
-The loss is `model_zoo.diffusion.objectives.diffusion_loss`, the function the objective tests
-check; a task only chooses what goes in (the clean latents, the condition, a frame weight). See
-docs/methods.md, 'The denoising loss and its reduction'.
+The loss is `model_zoo.diffusion.objectives.diffusion_loss` (or, for flow matching,
+`model_zoo.diffusion.flow.flow_loss`), the function the objective tests check; a task only
+chooses what goes in (the clean latents, the condition, a frame weight). See docs/methods.md,
+'The denoising loss and its reduction' and 'Flow matching'.
 """
 
 from __future__ import annotations
@@ -14,10 +15,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from model_zoo.diffusion.flow import (
+    draw_flow_time,
+    flow_loss,
+    flow_sample,
+    flow_sigmas,
+    shift_time,
+    token_shift,
+)
 from model_zoo.diffusion.objectives import diffusion_loss
 from model_zoo.diffusion.samplers import ddim
 from model_zoo.diffusion.schedules import alphas_cumprod, ddim_timesteps, make_betas
-from trainer.config import DiffusionConfig
+from trainer.config import DiffusionConfig, DiffusionObjective, FlowMatchingConfig
 from trainer.tasks.encoders import LatentEncoders
 from trainer.tasks.interface import Batch, StepOutput
 
@@ -88,6 +97,72 @@ def build_denoising(config: DiffusionConfig, device: torch.device) -> Denoising:
     return Denoising(config, alphas_cumprod(betas).float().to(device))
 
 
+@dataclass(frozen=True)
+class FlowMatching:
+    """Flow-matching training (`objective.name: flow_matching`): the same draws, loss and preview
+    interface as `Denoising`, with t in (0, 1) instead of integer timesteps."""
+
+    config: FlowMatchingConfig
+    """Time draws, shift and loss weighting."""
+    num_train_timesteps: int
+    """T: the network sees time t' · T."""
+    loss_type: str
+    """l2 or l1."""
+
+    def shift(self, latents: Tensor) -> float:
+        """s: fixed, or from the latent positions per sample (frames × height × width)."""
+        config = self.config
+        if not config.shift_from_tokens:
+            return config.shift
+        positions = latents.shape[2] * latents.shape[3] * latents.shape[4]
+        return token_shift(
+            positions, base_tokens=config.base_tokens, max_tokens=config.max_tokens,
+            base_shift=config.base_log_shift, max_shift=config.max_log_shift,
+        )
+
+    def draw(self, latents: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Shifted times t' (B,) in (0, 1) and Gaussian noise shaped like `latents`."""
+        config = self.config
+        t = draw_flow_time(generator, latents.shape[0], config.time_sampling, mean=config.logit_mean, std=config.logit_std)
+        noise = torch.randn(latents.shape, generator=generator).to(latents)
+        return shift_time(t, self.shift(latents)).to(latents.device), noise
+
+    def loss(
+        self,
+        denoise_fn: Callable[..., Tensor],
+        x0: Tensor,
+        t: Tensor,
+        noise: Tensor,
+        *,
+        frame_weight: Tensor | None = None,
+        engine: str = "model",
+        **cond: Any,
+    ) -> StepOutput:
+        """The batch mean of the per-sample flow-matching loss, logged per quarter of t."""
+        per_sample = flow_loss(
+            denoise_fn, x0, cond=cond, t=t, noise=noise, num_train_timesteps=self.num_train_timesteps,
+            loss_type=self.loss_type, weighting=self.config.loss_weighting, frame_weight=frame_weight,
+        )
+        return StepOutput([(engine, per_sample.mean())], bucket_metrics(per_sample, t, 1))
+
+    @torch.no_grad()
+    def preview(
+        self, denoise_fn: Callable[[Tensor, Tensor], Tensor], like: Tensor, vae: nn.Module, generator: torch.Generator
+    ) -> Tensor:
+        """A flow Euler sample of latents shaped like `like`, decoded by `vae` to [-1, 1]."""
+        x_1 = torch.randn(like.shape, generator=generator).to(like)
+        sigmas = flow_sigmas(PREVIEW_STEPS, self.shift(like))
+        sample = flow_sample(denoise_fn, x_1, sigmas, num_train_timesteps=self.num_train_timesteps)
+        return vae.from_latents(sample).clamp(-1, 1)
+
+
+def build_process(objective: DiffusionObjective, device: torch.device) -> Denoising | FlowMatching:
+    """The training process `objective.name` names: DDPM diffusion or flow matching."""
+    if objective.name == "flow_matching":
+        return FlowMatching(objective.flow, objective.diffusion.num_timesteps, objective.diffusion.loss_type)
+    return build_denoising(objective.diffusion, device)
+
+
 def text_denoiser(model: Callable[..., Tensor]) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     """`denoise_fn(x, t, context)` of a network conditioned on text only."""
     return lambda x, t, context: model(x, t, context=context)
@@ -95,7 +170,7 @@ def text_denoiser(model: Callable[..., Tensor]) -> Callable[[Tensor, Tensor, Ten
 
 @torch.no_grad()
 def text_to_video_preview(
-    diffusion: Denoising,
+    diffusion: Denoising | FlowMatching,
     encoders: LatentEncoders,
     denoise_fn: Callable[[Tensor, Tensor, Tensor], Tensor],
     batch: Batch,

@@ -1,5 +1,5 @@
-"""Task `diffusion`: text-to-video latent diffusion (ε/v/x0; caption dropout is the loader's).
-See docs/methods.md, 'Training: what every task shares'."""
+"""Task `diffusion`: text-to-video latent diffusion (ε/v/x0) or flow matching (caption dropout is
+the loader's). See docs/methods.md, 'Training: what every task shares' and 'Flow matching'."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from trainer.config import DiffusionObjective, ModelConfig
-from trainer.tasks.denoising import build_denoising, text_denoiser, text_to_video_preview
+from trainer.tasks.denoising import build_process, text_denoiser, text_to_video_preview
 from trainer.tasks.encoders import latent_encoders
 from trainer.tasks.interface import Batch, Engines, StepOutput
 from trainer.tasks.networks import trained_model
@@ -23,7 +23,7 @@ class DiffusionTask:
     def __init__(self, objective: DiffusionObjective, model: ModelConfig, *, latent: bool, seed: int, device: torch.device):
         self.device = device
         self.encoders = latent_encoders(model, vae=not latent, seed=seed, device=device)
-        self.diffusion = build_denoising(objective.diffusion, device)
+        self.diffusion = build_process(objective, device)
         channels = self.encoders.latent_channels(model)
         self.frozen = self.encoders.helpers()
         self.trained: dict[str, nn.Module] = {
