@@ -7,6 +7,7 @@ Single-device PyTorch only: parallelism is applied from outside by the trainer.
 from model_zoo import (  # noqa: F401
     cmd,
     dit,
+    hf_encoders,
     streaming,
     temporal_decoder_vae,
     text_encoder,
