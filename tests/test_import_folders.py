@@ -84,3 +84,26 @@ def test_train_log_names_each_helpers_weights(pipeline, capsys) -> None:
     out = capsys.readouterr().out
     assert "lvd train: vae: random video_vae/tiny (seed 3)" in out
     assert f"lvd train: text_encoder: transformers CLIPTextModel {pipeline / 'text_encoder'}" in out
+
+
+def test_t5_encoder_uses_the_attention_mask(tmp_path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    words = ["<pad>", "</s>", "<unk>", "a", "cat", "on", "the", "mat"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>").save_pretrained(
+        tmp_path / "tokenizer"
+    )
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(T5Config(vocab_size=8, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2)).eval()
+    t5.save_pretrained(tmp_path / "text_encoder")
+    encoder, line = load(tmp_path / "text_encoder", "text_encoder")
+    assert "T5EncoderModel" in line and encoder.config.context_dim == 16
+    tokens = encoder.tokenize(["a cat on the mat", "a cat"])
+    with torch.no_grad():
+        out = encoder(tokens)
+        short = t5(input_ids=tokens[1:, :2]).last_hidden_state
+    assert out.shape == (2, 77, 16) and out[1, 2:].abs().max() == 0
+    assert torch.allclose(out[1, :2], short[0], atol=1e-5)
