@@ -81,7 +81,7 @@ def test_train_log_names_each_helpers_weights(pipeline, capsys) -> None:
 
     build_helper("video_vae/tiny", seed=3, device=torch.device("cpu"), role="vae")
     build_helper(str(pipeline), seed=4, device=torch.device("cpu"), role="text_encoder")
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "lvd train: vae: random video_vae/tiny (seed 3)" in out
     assert f"lvd train: text_encoder: transformers CLIPTextModel {pipeline / 'text_encoder'}" in out
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,10 @@ from trainer.config import ModelConfig
 
 
 def announce(line: str) -> None:
-    """Print a line of the run log on rank 0 (which weights each network starts from)."""
+    """Print a line of the run log to stderr on rank 0 (which weights each network starts from;
+    stdout stays clean for `lvd plan --json`)."""
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"lvd train: {line}", flush=True)
+        print(f"lvd train: {line}", file=sys.stderr, flush=True)
 
 
 def build_helper(
