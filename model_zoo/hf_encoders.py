@@ -107,14 +107,14 @@ class HFTextEncoder(PretrainedMixin, nn.Module):
         self.config = dataclasses.replace(config, pretrained_path=None)
         self.model = _build(config.hf_config, TEXT_ARCHITECTURES, "hf_text_encoder")
         self.masked = config.hf_config.get("model_type") == "t5"
-        self._tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_path)
         if config.pretrained_path is not None:
             load_hf_weights(self.model, config.pretrained_path)
         _freeze(self)
 
     def tokenize(self, prompts: list[str]) -> Tensor:
         """Token ids (B, context_length), padded with the tokenizer's pad token."""
-        ids = self._tokenizer(
+        ids = self.tokenizer(
             prompts, padding="max_length", max_length=self.config.context_length, truncation=True, return_tensors="pt"
         ).input_ids
         return ids.to(next(self.model.parameters()).device)
@@ -123,7 +123,7 @@ class HFTextEncoder(PretrainedMixin, nn.Module):
         """tokens (B, L) long -> last hidden states (B, L, context_dim)."""
         if not self.masked:
             return self.model(input_ids=tokens).last_hidden_state
-        mask = (tokens != self._tokenizer.pad_token_id).long()  # (B, L)
+        mask = (tokens != self.tokenizer.pad_token_id).long()  # (B, L)
         hidden = self.model(input_ids=tokens, attention_mask=mask).last_hidden_state
         return hidden * mask[..., None].to(hidden.dtype)
 

@@ -17,7 +17,7 @@ UNET2D = dict(
     layers_per_block=1,
     norm_num_groups=8,
     cross_attention_dim=32,
-    attention_head_dim=4,
+    attention_head_dim=(4, 8),
 )
 VAE = dict(
     block_out_channels=(16, 32),
@@ -51,7 +51,7 @@ def write_tokenizer(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>", model_max_length=77)
     tokenizer.save_pretrained(folder)
     return folder
 

@@ -44,10 +44,18 @@ def test_train_from_diffusers_folders_resumes_and_exports(tmp_path, video_shards
     exported = run_lvd("export", "--run", str(run), "--out", str(tmp_path / "export"))
     assert exported.returncode == 0, exported.stderr[-3000:]
     denoiser = from_pretrained(tmp_path / "export" / "denoiser")
-    assert denoiser.config.input_temporal == (8, 4) and denoiser.config.context_dim == 32
+    assert denoiser.config.input_temporal == (8, 8) and denoiser.config.context_dim == 32
     index = json.loads((tmp_path / "export" / "model_index.json").read_text())
     assert index["vae"][1] == "temporal_decoder_vae" and index["text_encoder"][1] == "hf_text_encoder"
     text = from_pretrained(tmp_path / "export" / "text_encoder")
     assert text.tokenize(["a cat"]).shape == (1, 77)
     assert any(p.abs().max() > 0 for n, p in denoiser.named_parameters() if ".temporal." in n and "proj_out" in n)
     assert torch.isfinite(next(denoiser.parameters())).all()
+    as_diffusers = run_lvd("export", "--run", str(run), "--out", str(tmp_path / "diffusers"), "--format", "diffusers")
+    assert as_diffusers.returncode == 0, as_diffusers.stderr[-3000:]
+    assert "wrote a diffusers TextToVideoSDPipeline folder" in as_diffusers.stdout
+    from diffusers import TextToVideoSDPipeline
+
+    pipe = TextToVideoSDPipeline.from_pretrained(tmp_path / "diffusers")
+    frames = pipe("a cat", num_frames=2, height=32, width=32, num_inference_steps=2, output_type="pt").frames
+    assert frames.shape == (1, 2, 3, 32, 32) and torch.isfinite(frames).all()

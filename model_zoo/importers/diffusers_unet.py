@@ -99,7 +99,9 @@ def unet3d_config(diffusers_config: dict[str, Any], where: str) -> UNet3DConfig:
                 f"{where}: attention_head_dim={heads} per block is not supported for {UNET3D_CLASS}"
             )
         return UNet3DConfig(input_temporal=(8, heads), **{**common, "head_dim": heads})
-    return UNet3DConfig(input_temporal=(8, base // 8), **common)
+    # The input temporal transformer is ModelScope's 8 heads of the attention head width (SD 2.x:
+    # 64), or of base / 8 channels when the image U-Net's head width varies by level (SD 1.x).
+    return UNet3DConfig(input_temporal=(8, head_options.get("head_dim", base // 8)), **common)
 
 
 def _attention_levels(cfg: dict[str, Any], cls: str, where: str) -> list[int]:
