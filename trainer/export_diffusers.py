@@ -21,18 +21,24 @@ def export_diffusers(run_dir: Path, out: Path, *, step: int | None = None, ema: 
     class for it) and a sentence saying which was written."""
     with tempfile.TemporaryDirectory() as tmp:
         lvd = export(run_dir, Path(tmp) / "lvd", step=step, ema=ema)
-        index = json.loads((lvd / "model_index.json").read_text())
-        try:
-            networks = {name: model_zoo.from_pretrained(lvd / name) for name in ("denoiser", "vae", "text_encoder")}
-            if index.get("task") != "diffusion":
-                raise ValueError(f"task {index.get('task')!r} is not plain text-to-video diffusion")
-            with replacing_folder(out) as folder:
-                _write_pipeline(networks, lvd, folder)
-        except (ValueError, FileNotFoundError) as why:
-            with replacing_folder(out) as folder:
-                shutil.copytree(lvd, folder, dirs_exist_ok=True)
-            return out, f"diffusers has no pipeline class for this run ({why}): wrote lvd's layout"
-    return out, "wrote a diffusers TextToVideoSDPipeline folder"
+        return out, lvd_to_diffusers(lvd, out)
+
+
+def lvd_to_diffusers(lvd: Path, out: Path) -> str:
+    """Write the lvd pipeline folder `lvd` into `out` as a TextToVideoSDPipeline folder, or as a
+    copy of lvd's layout when diffusers has no class for it; a sentence saying which."""
+    index = json.loads((lvd / "model_index.json").read_text())
+    try:
+        if index.get("task") != "diffusion":
+            raise ValueError(f"task {index.get('task')!r} is not plain text-to-video diffusion")
+        networks = {name: model_zoo.from_pretrained(lvd / name) for name in ("denoiser", "vae", "text_encoder")}
+        with replacing_folder(out) as folder:
+            _write_pipeline(networks, lvd, folder)
+    except (ValueError, FileNotFoundError) as why:
+        with replacing_folder(out) as folder:
+            shutil.copytree(lvd, folder, dirs_exist_ok=True)
+        return f"diffusers has no pipeline class for this run ({why}): wrote lvd's layout"
+    return "wrote a diffusers TextToVideoSDPipeline folder"
 
 
 def _write_pipeline(networks: dict, lvd: Path, folder: Path) -> None:
