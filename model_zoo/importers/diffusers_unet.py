@@ -29,7 +29,7 @@ _PLAIN_DOWN = {UNET3D_CLASS: "DownBlock3D", UNET2D_CLASS: "DownBlock2D"}
 _CROSS_UP = {UNET3D_CLASS: "CrossAttnUpBlock3D", UNET2D_CLASS: "CrossAttnUpBlock2D"}
 _PLAIN_UP = {UNET3D_CLASS: "UpBlock3D", UNET2D_CLASS: "UpBlock2D"}
 # UNet2DConditionModel options whose value must be the Stable Diffusion one for the mapping to hold.
-_SD_DEFAULTS: dict[str, Any] = {
+_SD_REQUIRED: dict[str, Any] = {
     "act_fn": "silu",
     "flip_sin_to_cos": True,
     "freq_shift": 0,
@@ -64,7 +64,7 @@ def unet3d_config(diffusers_config: dict[str, Any], where: str) -> UNet3DConfig:
         raise ValueError(f"{where}: _class_name={cls!r} is not {UNET3D_CLASS} or {UNET2D_CLASS}")
     cfg = dict(diffusers_config)
     if cls == UNET2D_CLASS:
-        wrong = {k: cfg[k] for k, v in _SD_DEFAULTS.items() if k in cfg and cfg[k] != v}
+        wrong = {k: cfg[k] for k, v in _SD_REQUIRED.items() if k in cfg and cfg[k] != v}
         if wrong:
             raise ValueError(f"{where}: options outside the Stable Diffusion layout: {wrong}")
     channels = list(cfg.get("block_out_channels", (320, 640, 1280, 1280)))

@@ -111,13 +111,11 @@ def _text_encoder(folder: Path, config: dict[str, Any], tokenizer: str | None) -
     tokenizer_folder = Path(tokenizer) if tokenizer else folder.parent / "tokenizer"
     if not tokenizer_folder.is_dir():
         raise FileNotFoundError(f"{folder}: no tokenizer at {tokenizer_folder} (give model.tokenizer=PATH)")
-    width = config.get("d_model") if config.get("model_type") == "t5" else config.get("hidden_size")
-    length = config.get("max_position_embeddings", 77) if config.get("model_type") != "t5" else 77
+    t5 = config.get("model_type") == "t5"
     encoder_config = HFTextEncoderConfig(
         hf_config=config,
         tokenizer_path=str(tokenizer_folder.resolve()),
-        context_length=min(int(length), 77),
-        context_dim=int(width),
+        context_dim=int(config["d_model"] if t5 else config["hidden_size"]),
         pretrained_path=str(folder),
     )
     return HFTextEncoder(encoder_config)
