@@ -31,6 +31,8 @@ from model_zoo.registry import register_family
 
 TEXT_ARCHITECTURES = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")
 IMAGE_ARCHITECTURES = ("CLIPVisionModelWithProjection",)
+TOKENIZER_FOLDER = "tokenizer"
+"""Subfolder of a saved `hf_text_encoder` that holds its tokenizer."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,13 +40,20 @@ class HFTextEncoderConfig:
     hf_config: dict[str, Any] = field(default_factory=dict)
     """The transformers `config.json` of the text model (its `architectures` name the class)."""
     tokenizer_path: str = ""
-    """Folder of the model's tokenizer files (read with `AutoTokenizer.from_pretrained`)."""
+    """Folder of the model's tokenizer files (read with `AutoTokenizer.from_pretrained`); in a
+    saved model folder, relative to it."""
     context_length: int = 77
     """Tokens per prompt (padded / truncated)."""
     context_dim: int = 768
     """Width of the output tokens: the model's hidden size."""
     pretrained_path: str | None = None
     """Hugging Face model folder whose weights load at build time (then reset to None)."""
+
+    def in_folder(self, folder: Path) -> HFTextEncoderConfig:
+        """This config with a relative `tokenizer_path` taken inside the model folder `folder`."""
+        if Path(self.tokenizer_path).is_absolute():
+            return self
+        return dataclasses.replace(self, tokenizer_path=str(folder / self.tokenizer_path))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,6 +120,11 @@ class HFTextEncoder(PretrainedMixin, nn.Module):
         if config.pretrained_path is not None:
             load_hf_weights(self.model, config.pretrained_path)
         _freeze(self)
+
+    def bundle_files(self, folder: Path) -> HFTextEncoderConfig:
+        """Write the tokenizer into `folder`/tokenizer; the config naming it relative to `folder`."""
+        self.tokenizer.save_pretrained(folder / TOKENIZER_FOLDER)
+        return dataclasses.replace(self.config, tokenizer_path=TOKENIZER_FOLDER)
 
     def tokenize(self, prompts: list[str]) -> Tensor:
         """Token ids (B, context_length), padded with the tokenizer's pad token."""

@@ -3,6 +3,8 @@ the diffusers / transformers models they come from compute (real-format random c
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from hf_checkpoints import write_pipeline
@@ -52,8 +54,12 @@ def test_clip_image_encoder(pipeline) -> None:
 
 
 def test_exported_helpers_reload_as_lvd_folders(pipeline, tmp_path) -> None:
+    import shutil
+
     encoder, _ = load(pipeline, "text_encoder")
-    encoder.save_pretrained(tmp_path / "te")
+    encoder.save_pretrained(tmp_path / "saved")
+    shutil.move(tmp_path / "saved", tmp_path / "te")  # the folder is self-contained: it holds its tokenizer
+    assert json.loads((tmp_path / "te" / "config.json").read_text())["tokenizer_path"] == "tokenizer"
     again, line = load(tmp_path / "te", "text_encoder")
     tokens = encoder.tokenize(["a dog"])
     assert line.startswith("text_encoder: lvd hf_text_encoder")
