@@ -4,6 +4,7 @@ UNet2DConditionModel inflates into a unet3d that equals it per frame at initiali
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -103,3 +104,17 @@ def test_unknown_and_mismatched_keys_are_named(tmp_path) -> None:
         ValueError, match=r"conv_in.weight \(32, 4, 5, 5\).*input_conv.weight \(32, 4, 3, 3\)"
     ):
         load_unet(folder, config)
+
+
+def test_modelscope_flavour_is_diffusers_default_unet3d_config() -> None:
+    """The `modelscope` flavour is what a ModelScope / zeroscope unet/config.json (diffusers'
+    UNet3DConditionModel defaults) translates to, with the same 1.41e9 parameters."""
+    from model_zoo import build_model
+    from model_zoo.importers.diffusers_unet import unet3d_config
+
+    with torch.device("meta"):
+        theirs = UNet3DConditionModel()
+    ours = build_model("unet3d", "modelscope", device="meta")
+    translated = unet3d_config({**theirs.config, "_class_name": "UNet3DConditionModel"}, "config.json")
+    assert translated == dataclasses.replace(ours.config, num_heads=64)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters()) == 1_411_233_860
