@@ -8,6 +8,7 @@ from model_zoo import (  # noqa: F401
     causal_vae,
     cmd,
     dit,
+    hf_encoders,
     streaming,
     temporal_decoder_vae,
     text_encoder,

@@ -63,7 +63,10 @@ def write_config(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     """Write only `config.json` (with the family name): enough to rebuild the module empty."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    config = {"_family": model.family, **config_to_dict(model.config)}
+    # A model with files of its own (a tokenizer) writes them into the folder and says how its
+    # config names them there, so that the folder is self-contained.
+    own = model.bundle_files(out) if hasattr(model, "bundle_files") else model.config
+    config = {"_family": model.family, **config_to_dict(own)}
     atomic_write_json(out / CONFIG_NAME, config)
     return out
 
@@ -98,7 +101,9 @@ def load_config(directory: str | os.PathLike[str]) -> Any:
     family = data.pop("_family", None)
     if family is None:
         raise ValueError(f"{path}: no '_family' key (not an lvd model folder)")
-    return config_from_dict(get_family(family).config_cls, data)
+    config = config_from_dict(get_family(family).config_cls, data)
+    # Files a model bundled into its folder are named relative to it.
+    return config.in_folder(Path(directory)) if hasattr(config, "in_folder") else config
 
 
 def from_pretrained(directory: str | os.PathLike[str], *, device: str | torch.device = "cpu", strict: bool = True) -> nn.Module:

@@ -74,8 +74,8 @@ class UNet3DConfig:
     """Add a zero-initialised 3x1x1 temporal convolution branch to every ResNet block."""
     temporal_attention: bool = True
     """Add a temporal transformer (attention over T per location) after every spatial transformer."""
-    temporal_position: Literal["bias", "rope"] = "bias"
-    """Relative position over time in temporal attention: learned clipped-distance bias or RoPE."""
+    temporal_position: Literal["bias", "rope", "none"] = "bias"
+    """Relative position over time in temporal attention: learned clipped-distance bias, RoPE or none."""
     max_temporal_distance: int = 32
     """Largest frame distance with its own learned bias (longer distances share the last entry)."""
     transformer_ff_mult: float = 4.0
@@ -86,6 +86,21 @@ class UNet3DConfig:
     """Dropout inside ResNet blocks."""
     time_embed_dim: int | None = None
     """Width of the timestep embedding; None means 4 * model_channels."""
+    additive_time_embedding: bool = False
+    """ResNet blocks add Linear(SiLU(emb)) as a per-channel bias after their first convolution and
+    use an affine GroupNorm (Stable Diffusion / ModelScope) instead of adaptive GroupNorm."""
+    norm_eps: float = 1e-6
+    """Epsilon of the ResNet blocks' and the output head's GroupNorms."""
+    temporal_conv_layers: int = 1
+    """GroupNorm -> SiLU -> temporal conv stages in each temporal convolution branch (ModelScope: 4)."""
+    temporal_clip_norm: bool = False
+    """GroupNorms of the temporal convolutions and temporal transformers take their statistics
+    over the whole clip (ModelScope) instead of per frame."""
+    temporal_double_attention: bool = False
+    """Temporal transformers run a second LayerNorm + self-attention before the feed-forward."""
+    input_temporal: tuple[int, int] | None = None
+    """(heads, head_dim) of a temporal transformer of width heads * head_dim applied after the input
+    convolution (ModelScope's `transformer_in`); None builds none."""
 
 
 FLAVORS: dict[str, dict[str, Any]] = {
@@ -111,6 +126,23 @@ FLAVORS: dict[str, dict[str, Any]] = {
         attention_resolutions=(4, 2, 1),
         num_heads=8,
         context_dim=768,
+    ),
+    # ModelScope text-to-video / zeroscope layout: maps 1:1 onto diffusers' UNet3DConditionModel
+    # (model_zoo.importers.diffusers_unet).
+    "modelscope": dict(
+        model_channels=320,
+        channel_mult=(1, 2, 4, 4),
+        num_res_blocks=2,
+        attention_resolutions=(1, 2, 4),
+        head_dim=64,
+        context_dim=1024,
+        additive_time_embedding=True,
+        norm_eps=1e-5,
+        temporal_conv_layers=4,
+        temporal_clip_norm=True,
+        temporal_position="none",
+        temporal_double_attention=True,
+        input_temporal=(8, 64),
     ),
     # Billion-parameter flavour: the t2v layout with OpenCLIP ViT-H text context (1.19e9 params).
     "1b": dict(
@@ -143,6 +175,10 @@ class UNetBlock(nn.Module):
             groups=groups,
             dropout=config.dropout,
             temporal_conv=config.temporal_conv,
+            eps=config.norm_eps,
+            additive_emb=config.additive_time_embedding,
+            temporal_layers=config.temporal_conv_layers,
+            temporal_clip_norm=config.temporal_clip_norm,
         )
         self.spatial = (
             SpatialTransformer(
@@ -163,6 +199,8 @@ class UNetBlock(nn.Module):
                 ff_mult=config.transformer_ff_mult,
                 position=config.temporal_position,
                 max_distance=config.max_temporal_distance,
+                double_attention=config.temporal_double_attention,
+                clip_norm=config.temporal_clip_norm,
             )
             if attention and config.temporal_attention
             else None
@@ -188,8 +226,11 @@ class UNet3D(PretrainedMixin, nn.Module):
         emb_dim = config.time_embed_dim or 4 * ch
         self.time_embed = TimestepEmbedding(emb_dim, frequency_dim=ch)
         self.level_embed = nn.Embedding(config.num_levels, emb_dim) if config.num_levels else None
-        self.stride_embed = zero_module(nn.Embedding(config.num_strides, emb_dim)) if config.num_strides else None
+        self.stride_embed = (
+            zero_module(nn.Embedding(config.num_strides, emb_dim)) if config.num_strides else None
+        )
         self.input_conv = nn.Conv2d(config.in_channels, ch, 3, padding=1)
+        self.input_temporal = self._build_input_temporal()
         self.encoder, skip_channels, ch = self._build_encoder(emb_dim)
         self.middle = nn.ModuleList(
             [
@@ -198,10 +239,27 @@ class UNet3D(PretrainedMixin, nn.Module):
             ]
         )
         self.decoder, ch = self._build_decoder(emb_dim, skip_channels, ch)
-        self.out_norm = nn.GroupNorm(config.num_groups, ch, eps=1e-6)
+        self.out_norm = nn.GroupNorm(config.num_groups, ch, eps=config.norm_eps)
         self.out_conv = zero_module(nn.Conv2d(ch, config.out_channels, 3, padding=1))
         # Conv weights in the activations' channels_last format: no per-call weight reorder copy.
         self.to(memory_format=torch.channels_last)
+
+    def _build_input_temporal(self) -> TemporalTransformer | None:
+        cfg = self.config
+        if cfg.input_temporal is None:
+            return None
+        heads, head_dim = cfg.input_temporal
+        return TemporalTransformer(
+            cfg.model_channels,
+            heads,
+            groups=cfg.num_groups,
+            ff_mult=cfg.transformer_ff_mult,
+            position=cfg.temporal_position,
+            max_distance=cfg.max_temporal_distance,
+            width=heads * head_dim,
+            double_attention=cfg.temporal_double_attention,
+            clip_norm=cfg.temporal_clip_norm,
+        )
 
     def _build_encoder(self, emb_dim: int) -> tuple[nn.ModuleList, list[int], int]:
         cfg = self.config
@@ -245,7 +303,9 @@ class UNet3D(PretrainedMixin, nn.Module):
             if self.stride_embed is None:
                 raise ValueError("stride was given but this UNet3D has num_strides=0")
             if int(stride.max()) >= self.config.num_strides:
-                raise ValueError(f"stride {int(stride.max())} is outside this UNet3D's num_strides={self.config.num_strides}")
+                raise ValueError(
+                    f"stride {int(stride.max())} is outside this UNet3D's num_strides={self.config.num_strides}"
+                )
             emb = emb + self.stride_embed(stride)
         return emb
 
@@ -257,6 +317,8 @@ class UNet3D(PretrainedMixin, nn.Module):
         num_frames = x.shape[2]
         frame_emb = per_frame(emb, num_frames)  # (B*T, D)
         h = self.input_conv(video_to_frames(x))  # (B*T, C, H, W)
+        if self.input_temporal is not None:
+            h = self.input_temporal(h, num_frames)
         skips = [h]
         for block in self.encoder:
             h = block(h) if isinstance(block, Downsample) else block(h, frame_emb, context, num_frames)

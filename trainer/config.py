@@ -119,19 +119,28 @@ class ModelConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     """Fields of the family's config that differ from the flavour (checked by the model zoo)."""
     init_from: str | None = None
-    """Exported model folder to start the trained network from (fine-tuning)."""
+    """Folder to start the trained network from (fine-tuning): an lvd export or model folder, a
+    diffusers UNet3DConditionModel (ModelScope layout) or UNet2DConditionModel (inflated) folder,
+    or a diffusers pipeline folder (its unet). A diffusers U-Net's own config gives the
+    architecture."""
     base_init_from: str | None = None
     """`videofusion` task: an `lvd export` (or model folder) of a `unet3d` image network (temporal
     layers off) whose architecture and weights start the base generator."""
     vae: str = "video_vae/tiny"
-    """Frozen autoencoder of latent tasks: 'family/flavor' (random init) or an exported folder.
+    """Frozen autoencoder of latent tasks: 'family/flavor' (random init), an exported folder, a
+    diffusers AutoencoderKL folder (applied per frame with its scaling_factor) or a pipeline folder.
     The cmd_content and cmd_motion tasks take the trained CMD autoencoder here (`<export>/vae`)."""
     text_encoder: str = "text_encoder/tiny"
-    """Frozen text encoder: 'family/flavor' or an exported folder."""
+    """Frozen text encoder: 'family/flavor', an exported folder, a transformers CLIPTextModel /
+    T5EncoderModel folder or a diffusers pipeline folder (its text_encoder)."""
+    tokenizer: str | None = None
+    """Tokenizer folder of a transformers text encoder; None looks for `../tokenizer` beside it
+    (the diffusers pipeline layout)."""
     base: str | None = None
     """Frozen base U-Net of the `streaming` task: an exported folder or 'family/flavor'."""
     image_encoder: str = "image_encoder/tiny"
-    """Frozen image encoder of the `streaming` task (APM's anchor embedding)."""
+    """Frozen image encoder of the `streaming` task (APM's anchor embedding): 'family/flavor', an
+    exported folder or a transformers CLIPVisionModelWithProjection folder."""
     discriminator: str = "video_discriminator/tiny"
     """3D patch discriminator of the `autoencoder` task: 'family/flavor'."""
 

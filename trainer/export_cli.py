@@ -29,6 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ema", action="store_true", help="export the EMA weights of the trained network")
     parser.add_argument("--out", type=Path, required=True, help="pipeline folder to write")
     parser.add_argument(
+        "--format",
+        choices=("lvd", "diffusers"),
+        default="lvd",
+        help="diffusers: a TextToVideoSDPipeline folder (ModelScope-layout unet3d, AutoencoderKL, CLIP text "
+        "encoder); runs diffusers has no class for are written in lvd's layout, with a message",
+    )
+    parser.add_argument(
         "--latent-scale-clips",
         type=int,
         default=LATENT_SCALE_CLIPS,
@@ -58,7 +65,12 @@ def main(argv: list[str]) -> int:
     from trainer.export_cmd import export_cmd_bundle
 
     try:
-        if len(args.run) > 1:
+        if args.format == "diffusers":
+            from trainer.export_diffusers import export_diffusers
+
+            out, message = export_diffusers(args.run[0], args.out, step=args.step, ema=args.ema)
+            print(f"lvd export: {message}")
+        elif len(args.run) > 1:
             out = export_cmd_bundle(args.run, args.out, ema=args.ema)
         else:
             formats = ("peft",) + ((args.lora_format,) if args.lora_format else ())

@@ -12,6 +12,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model_zoo.layers.norm import AdaGroupNorm
+from model_zoo.layers.video import frames_to_video, video_to_frames
+
+
+def clip_group_norm(norm: nn.GroupNorm, frames: Tensor, num_frames: int) -> Tensor:
+    """GroupNorm of frames (B*T, C, H, W) with statistics over each whole clip (all T frames of a
+    group's channels, as ModelScope's temporal layers normalise) -> (B*T, C, H, W) channels_last."""
+    return video_to_frames(norm(frames_to_video(frames, num_frames)))
 
 
 def zero_module(module: nn.Module) -> nn.Module:
@@ -39,24 +46,59 @@ class TemporalConv(nn.Module):
     Returns only the branch (the caller adds it), so at initialisation it contributes zero.
     """
 
-    def __init__(self, channels: int, *, groups: int = 32) -> None:
+    def __init__(
+        self,
+        channels: int,
+        *,
+        groups: int = 32,
+        eps: float = 1e-6,
+        zero_init: bool = True,
+        clip_norm: bool = False,
+    ) -> None:
         super().__init__()
-        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
-        self.conv = zero_module(nn.Conv2d(channels, channels, (3, 1), padding=(1, 0)))
+        self.clip_norm = clip_norm
+        self.norm = nn.GroupNorm(groups, channels, eps=eps)
+        self.conv = nn.Conv2d(channels, channels, (3, 1), padding=(1, 0))
+        if zero_init:
+            zero_module(self.conv)
 
     def forward(self, frames: Tensor, num_frames: int) -> Tensor:
         bt, c, h, w = frames.shape
-        act = F.silu(self.norm(frames))
+        act = F.silu(clip_group_norm(self.norm, frames, num_frames) if self.clip_norm else self.norm(frames))
         clip = act.permute(0, 2, 3, 1).reshape(bt // num_frames, num_frames, h * w, c)  # (B, T, H*W, C)
         out = self.conv(clip.permute(0, 3, 1, 2))  # (B, C, T, H*W), channels_last
         return out.permute(0, 2, 3, 1).reshape(bt, h, w, c).permute(0, 3, 1, 2)  # (B*T, C, H, W)
+
+
+class TemporalConvStack(nn.Module):
+    """Residual branch of several `TemporalConv` stages applied in sequence (ModelScope's four);
+    only the last stage is zero-initialised, so the branch contributes zero
+    at initialisation."""
+
+    def __init__(
+        self, channels: int, layers: int, *, groups: int = 32, eps: float = 1e-5, clip_norm: bool = False
+    ) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(
+            TemporalConv(channels, groups=groups, eps=eps, zero_init=i == layers - 1, clip_norm=clip_norm)
+            for i in range(layers)
+        )
+
+    def forward(self, frames: Tensor, num_frames: int) -> Tensor:
+        for stage in self.stages:
+            frames = stage(frames, num_frames)
+        return frames
 
 
 class ResBlock(nn.Module):
     """LDM ResNet block with space-only 3x3 convolutions and the embedding injected by AdaGroupNorm.
 
     GN -> SiLU -> conv3x3 -> AdaGN(emb) -> SiLU -> dropout -> conv3x3 (zero-init), plus a 1x1
-    skip when channels change, then an optional `TemporalConv` residual branch.
+    skip when channels change, then an optional `TemporalConv` residual branch. With
+    `additive_emb` the embedding is instead a per-channel bias Linear(SiLU(emb)) added after the
+    first convolution, followed by an affine GroupNorm (the Stable Diffusion / ModelScope block);
+    `temporal_layers > 1` makes the temporal branch a `TemporalConvStack`; `temporal_clip_norm`
+    normalises it over whole clips (`clip_group_norm`).
     """
 
     def __init__(
@@ -68,19 +110,40 @@ class ResBlock(nn.Module):
         groups: int = 32,
         dropout: float = 0.0,
         temporal_conv: bool = True,
+        eps: float = 1e-6,
+        additive_emb: bool = False,
+        temporal_layers: int = 1,
+        temporal_clip_norm: bool = False,
     ) -> None:
         super().__init__()
-        self.in_norm = nn.GroupNorm(groups, in_channels, eps=1e-6)
+        self.in_norm = nn.GroupNorm(groups, in_channels, eps=eps)
         self.in_conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.out_norm = AdaGroupNorm(out_channels, emb_dim, groups=groups)
+        self.emb_proj = nn.Linear(emb_dim, out_channels) if additive_emb else None
+        self.out_norm: nn.Module = (
+            nn.GroupNorm(groups, out_channels, eps=eps)
+            if additive_emb
+            else AdaGroupNorm(out_channels, emb_dim, groups=groups, eps=eps)
+        )
         self.dropout = nn.Dropout(dropout)
         self.out_conv = zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip = nn.Identity() if in_channels == out_channels else PointwiseConv(in_channels, out_channels)
-        self.temporal = TemporalConv(out_channels, groups=groups) if temporal_conv else None
+        self.temporal: nn.Module | None = None
+        if temporal_conv:
+            self.temporal = (
+                TemporalConv(out_channels, groups=groups, clip_norm=temporal_clip_norm)
+                if temporal_layers == 1
+                else TemporalConvStack(
+                    out_channels, temporal_layers, groups=groups, clip_norm=temporal_clip_norm
+                )
+            )
 
     def forward(self, frames: Tensor, emb: Tensor, num_frames: int) -> Tensor:
         h = self.in_conv(F.silu(self.in_norm(frames)))  # (B*T, C_out, H, W)
-        h = self.out_conv(self.dropout(F.silu(self.out_norm(h, emb))))
+        if self.emb_proj is not None:
+            h = self.out_norm(h + self.emb_proj(F.silu(emb))[:, :, None, None])
+        else:
+            h = self.out_norm(h, emb)
+        h = self.out_conv(self.dropout(F.silu(h)))
         h = self.skip(frames) + h
         if self.temporal is not None:
             h = h + self.temporal(h, num_frames)

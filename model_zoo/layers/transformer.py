@@ -15,7 +15,7 @@ from model_zoo.layers.attention import (
     rotary_tables,
 )
 from model_zoo.layers.norm import modulate
-from model_zoo.layers.resnet import zero_module
+from model_zoo.layers.resnet import clip_group_norm, zero_module
 from model_zoo.layers.video import frames_to_tokens, tokens_to_frames
 
 
@@ -57,8 +57,12 @@ class TemporalTransformer(nn.Module):
     """Self-attention over time at every spatial location (LVDM's temporal transformer).
 
     Relative position over time is a learned per-head bias on the clipped distance
-    (`position="bias"`) or rotary embedding of queries/keys (`position="rope"`). The output
-    projection is zero-initialised, so the block starts as the identity.
+    (`position="bias"`), rotary embedding of queries/keys (`position="rope"`) or absent
+    (`position="none"`). `width` sets the attention width between proj_in and proj_out
+    (default: channels); `double_attention` adds a second LayerNorm + self-attention before the
+    feed-forward and `clip_norm` takes the input GroupNorm's statistics over the whole clip
+    (ModelScope's temporal block). The output projection is zero-initialised, so the
+    block starts as the identity.
     """
 
     def __init__(
@@ -68,31 +72,44 @@ class TemporalTransformer(nn.Module):
         *,
         groups: int = 32,
         ff_mult: float = 4.0,
-        position: Literal["bias", "rope"] = "bias",
+        position: Literal["bias", "rope", "none"] = "bias",
         max_distance: int = 32,
+        width: int | None = None,
+        double_attention: bool = False,
+        clip_norm: bool = False,
     ) -> None:
         super().__init__()
+        inner = width or channels
+        self.clip_norm = clip_norm
         self.heads = heads
+        self.position = position
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
-        self.proj_in = nn.Linear(channels, channels)
-        self.norm_attn = nn.LayerNorm(channels)
-        self.attn = SelfAttention(channels, heads)
+        self.proj_in = nn.Linear(channels, inner)
+        self.norm_attn = nn.LayerNorm(inner)
+        self.attn = SelfAttention(inner, heads)
         self.position_bias = RelativePositionBias(heads, max_distance) if position == "bias" else None
-        self.norm_ff = nn.LayerNorm(channels)
-        self.ff = FeedForward(channels, mult=ff_mult, gated=True)
-        self.proj_out = zero_module(nn.Linear(channels, channels))
+        self.norm_attn2 = nn.LayerNorm(inner) if double_attention else None
+        self.attn2 = SelfAttention(inner, heads) if double_attention else None
+        self.norm_ff = nn.LayerNorm(inner)
+        self.ff = FeedForward(inner, mult=ff_mult, gated=True)
+        self.proj_out = zero_module(nn.Linear(inner, channels))
 
     def forward(self, frames: Tensor, num_frames: int) -> Tensor:
         bt, c, h, w = frames.shape
         b = bt // num_frames
-        tokens = frames_to_tokens(self.norm(frames)).view(b, num_frames, h * w, c)  # (B, T, H*W, C)
+        normed = clip_group_norm(self.norm, frames, num_frames) if self.clip_norm else self.norm(frames)
+        tokens = frames_to_tokens(normed).view(b, num_frames, h * w, c)  # (B, T, H*W, C)
         x = tokens.transpose(1, 2).reshape(b * h * w, num_frames, c)  # (B*H*W, T, C)
-        x = self.proj_in(x)
+        x = self.proj_in(x)  # (B*H*W, T, inner)
         if self.position_bias is not None:
             x = x + self.attn(self.norm_attn(x), bias=self.position_bias(num_frames))
-        else:
-            rotary = rotary_tables(num_frames, c // self.heads, frames.device)
+        elif self.position == "rope":
+            rotary = rotary_tables(num_frames, x.shape[-1] // self.heads, frames.device)
             x = x + self.attn(self.norm_attn(x), rotary=rotary)
+        else:
+            x = x + self.attn(self.norm_attn(x))
+        if self.attn2 is not None:
+            x = x + self.attn2(self.norm_attn2(x))
         x = x + self.ff(self.norm_ff(x))
         x = self.proj_out(x).view(b, h * w, num_frames, c).transpose(1, 2)  # (B, T, H*W, C)
         return frames + tokens_to_frames(x.reshape(bt, h * w, c), h, w)  # (B*T, C, H, W)

@@ -84,7 +84,9 @@ class FrozenAutoencoder:
                 f"model.vae={model.vae}: the CMD stages need the CMD autoencoder (an export of the "
                 f"cmd_autoencoder task, <export>/vae, or 'cmd/<flavor>'), not a {self.autoencoder.family!r} network"
             )
-        self.text_encoder = build_helper(model.text_encoder, seed=seed + TEXT_ENCODER_SEED, device=device)
+        self.text_encoder = build_helper(
+            model.text_encoder, seed=seed + TEXT_ENCODER_SEED, device=device, role="text_encoder", tokenizer=model.tokenizer
+        )
         self.device = device
 
     def helpers(self) -> dict[str, nn.Module]:

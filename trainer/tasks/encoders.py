@@ -64,6 +64,12 @@ class LatentEncoders:
 def latent_encoders(model: ModelConfig, *, vae: bool, seed: int, device: torch.device) -> LatentEncoders:
     """The text encoder and, for pixel data, the VAE of `model` (seeded when random)."""
     return LatentEncoders(
-        text_encoder=build_helper(model.text_encoder, seed=seed + TEXT_ENCODER_SEED, device=device),
-        vae=build_helper(model.vae, seed=seed + VAE_SEED, device=device) if vae else None,
+        text_encoder=build_helper(
+            model.text_encoder,
+            seed=seed + TEXT_ENCODER_SEED,
+            device=device,
+            role="text_encoder",
+            tokenizer=model.tokenizer,
+        ),
+        vae=build_helper(model.vae, seed=seed + VAE_SEED, device=device, role="vae") if vae else None,
     )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -11,20 +13,43 @@ import torch
 from torch import nn
 
 import model_zoo
+from model_zoo.importers import folders
 from trainer.config import ModelConfig
 
 
-def build_helper(spec: str, *, seed: int, device: torch.device) -> nn.Module:
-    """A frozen helper network from 'family/flavor' (seeded random init) or an exported folder."""
+def announce(line: str) -> None:
+    """Print a line of the run log to stderr on rank 0 (which weights each network starts from;
+    stdout stays clean for `lvd plan --json`)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"lvd train: {line}", file=sys.stderr, flush=True)
+
+
+def build_helper(
+    spec: str, *, seed: int, device: torch.device, role: folders.Role | None = None, tokenizer: str | None = None
+) -> nn.Module:
+    """A frozen helper network from 'family/flavor' (seeded random init) or a folder: an lvd
+    export, a diffusers / Hugging Face model folder or a pipeline folder (its `role` subfolder)."""
     if Path(spec).is_dir():
-        module = model_zoo.from_pretrained(spec)
+        module, line = folders.load(spec, role or _own_role(spec), tokenizer=tokenizer)
+        announce(line)
     else:
         family, _, flavor = spec.partition("/")
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             module = model_zoo.build_model(family, flavor or "tiny")
+        announce(f"{role or family}: random {family}/{flavor or 'tiny'} (seed {seed})")
     module.requires_grad_(False).eval()
     return module.to(device)
+
+
+def _own_role(spec: str) -> folders.Role:
+    """The role a model folder's own class serves (lvd folders load whatever they hold)."""
+    _, config = folders.resolve(spec, "denoiser")
+    cls = folders.model_class(config)
+    for role, classes in folders.ROLE_CLASSES.items():
+        if cls in classes:
+            return role  # type: ignore[return-value]
+    return "denoiser"
 
 
 def trained_model(model: ModelConfig, **forced: Any) -> nn.Module:
@@ -33,9 +58,16 @@ def trained_model(model: ModelConfig, **forced: Any) -> nn.Module:
     must already hold in it (no override is silently dropped)."""
     overrides = {**model.overrides, **forced}
     if not model.init_from:
+        announce(f"model: random {model.family}/{model.flavor}")
         return model_zoo.build_model(model.family, model.flavor, **overrides)
-    loaded = model_zoo.from_pretrained(model.init_from)
-    check_init_config(model.init_from, loaded.config, overrides)
+    loaded, line = folders.load(model.init_from, "denoiser")
+    if line.startswith("denoiser: lvd"):
+        check_init_config(model.init_from, loaded.config, overrides)
+    else:
+        check_init_config(model.init_from, loaded.config, forced)
+        ignored = sorted(k for k in model.overrides if k not in forced)
+        line += f"; the YAML's model sizes give way to it (flavor {model.flavor}" + (f", overrides {ignored})" if ignored else ")")
+    announce(line)
     return loaded
 
 

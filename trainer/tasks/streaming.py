@@ -44,7 +44,9 @@ class StreamingTask:
     ):
         self.device = device
         self.encoders = latent_encoders(model, vae=True, seed=seed, device=device)
-        image_encoder = build_helper(model.image_encoder, seed=seed + IMAGE_ENCODER_SEED, device=device)
+        image_encoder = build_helper(
+            model.image_encoder, seed=seed + IMAGE_ENCODER_SEED, device=device, role="image_encoder"
+        )
         self.diffusion = build_denoising(objective.diffusion, device)
         self.frozen = {**self.encoders.helpers(), "image_encoder": image_encoder}
         if model.base is None or not Path(model.base).is_dir():

@@ -1,0 +1,2 @@
+"""Importers of Hugging Face / diffusers checkpoints into lvd models (see docs/methods.md,
+'Pretrained weights')."""
