@@ -9,9 +9,13 @@ the worker roles by that amount. Per-sample randomness (temporal offset, crop, c
 is keyed by (seed, rank, worker, sample number), never drawn from a shared generator; so is the
 frame stride of each clip when `data.frame_stride_range` is set.
 
-Clips are batched per aspect-ratio bucket (buckets.py). Video batches travel as uint8 through a
-fixed ring of shared-memory cells (video_ring.py) and are converted to float32 in [-1, 1] by the
-main process in `VideoLoader.__next__`.
+Clips are batched per aspect-ratio bucket (buckets.py). The n-th batch of every rank comes from
+bucket `scheduled_bucket(seed, n, buckets)`, so the ranks of a step agree on its shape; a worker
+holds the clips of the other buckets until their turn (at most `HELD_BATCHES` batches each; older
+clips beyond that are dropped and counted). Every clip left out of training is counted by reason
+in the slot state, and the loader logs the counts when they grow. Video batches travel as uint8
+through a fixed ring of shared-memory cells (video_ring.py) and are converted to float32 in
+[-1, 1] by the main process in `VideoLoader.__next__`.
 
 World size change: positions are per slot and slots change with the world size (or the worker
 count), so `load_state_dict` then starts every slot at the start of the epoch after the furthest
@@ -36,7 +40,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipeline.buckets import Bucket, build_buckets, choose_bucket
+from data_pipeline.buckets import Bucket, build_buckets, choose_bucket, scheduled_bucket
 from data_pipeline.config import DataConfig
 from data_pipeline.stages import (
     decode_clip,
@@ -61,6 +65,10 @@ from data_pipeline.video_ring import VideoRing
 log = logging.getLogger(__name__)
 Tokenizer = Callable[[list[str]], torch.Tensor]
 MAX_CONSECUTIVE_BAD = 1000
+HELD_BATCHES = 8
+"""Batches' worth of clips a worker holds per bucket while other buckets have their turn."""
+MAX_WAIT = 10_000
+"""Samples read for one batch of the scheduled bucket before the loader gives up on it."""
 
 
 class _BatchMaker:
@@ -75,24 +83,29 @@ class _BatchMaker:
         tokenizer: Tokenizer | None,
         state: dict[str, Any] | None,
         handoff: tuple[VideoRing, int] | None,
+        first_batch: int,
     ) -> None:
         self.cfg, self.slot, self.buckets, self.tokenizer = cfg, slot, buckets, tokenizer
         self.handoff = handoff  # (ring, ring row of this process), None for latent shards
         self.handed = 0
+        self.batch_number = first_batch  # the rank's number of this worker's next batch
+        self.skipped: dict[str, int] = dict(state.get("skipped", {})) if state else {}
         self.stream = SampleStream(
             sets, slot, buffer_size=cfg.shuffle_buffer, state=state and state["stream"]
         )
         self.pending: list[list[tuple[list[Any], int, dict[str, Any]]]] = [[] for _ in buckets]
         self.videos: list[np.ndarray | None] = [None for _ in buckets]
         for bucket, ref, counter in state["pending"] if state else []:
-            self.pending[bucket].append(
-                (ref, counter, self._prepare(read_sample(ref[1], ref[2]), ref, counter, bucket))
-            )
+            item, _ = self._prepare(read_sample(ref[1], ref[2]), ref, counter, bucket)
+            self.pending[bucket].append((ref, counter, item))
 
     def _key(self, kind: str, counter: int) -> tuple[object, ...]:
         return (kind, self.slot.seed, self.slot.rank, self.slot.worker, counter)
 
-    def _prepare(self, sample: TarSample, ref: list[Any], counter: int, bucket: int) -> dict[str, Any] | None:
+    def _prepare(
+        self, sample: TarSample, ref: list[Any], counter: int, bucket: int
+    ) -> tuple[dict[str, Any] | None, str]:
+        """(the clip ready for its bucket, '') or (None, why it is left out)."""
         files = sample.files
         meta = dict(sample_meta(files), __key__=sample.key, __url__=ref[1], set=ref[0], epoch=ref[3])
         caption = drop_caption(
@@ -104,13 +117,22 @@ class _BatchMaker:
             item["latents"] = strided_latents(load_npy(files["latents.npy"]), stride, self.cfg.stride_bounds()[1])
             if "text_emb.npy" in files:
                 item["text_emb"] = load_npy(files["text_emb.npy"])
-            return item
+            return item, ""
         if "mp4" not in files:
-            return None
+            return None, "no mp4 in the sample"
         rng = keyed_random(*self._key("aug", counter)) if self.cfg.random_crop else None
-        row = self._video_batch(bucket)[len(self.pending[bucket])]  # (L, H, W, 3)
         shape = dataclasses.replace(self.buckets[bucket].shape, frame_stride=stride)
-        return item if decode_clip(files["mp4"], shape, rng, out=row) is not None else None
+        item["video"] = decode_clip(files["mp4"], shape, rng)  # (L, H, W, 3)
+        if item["video"] is None:
+            return None, f"fewer frames than the {shape.span}-frame span of its bucket {self._name(bucket)}"
+        return item, ""
+
+    def _name(self, bucket: int) -> str:
+        shape = self.buckets[bucket].shape
+        return f"{shape.frames}x{shape.height}x{shape.width}"
+
+    def _skip(self, reason: str, count: int = 1) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + count
 
     def _frame_stride(self, counter: int) -> int:
         """The clip's frame stride: `data.frame_stride`, or drawn from `data.frame_stride_range`."""
@@ -118,8 +140,8 @@ class _BatchMaker:
         return low if low == high else keyed_random(*self._key("stride", counter)).randint(low, high)
 
     def _video_batch(self, bucket: int) -> np.ndarray:
-        """(B, L, H, W, 3) uint8 batch the bucket's clips are decoded into (no stacking copies),
-        reused from batch to batch: its contents are copied into the hand-off ring when complete."""
+        """(B, L, H, W, 3) uint8 batch the bucket's clips are stacked into, reused from batch to
+        batch: its contents are copied into the hand-off ring when complete."""
         if self.videos[bucket] is None:
             shape, size = self.buckets[bucket].shape, self.buckets[bucket].batch_size
             self.videos[bucket] = np.empty((size, shape.frames, shape.height, shape.width, 3), np.uint8)
@@ -129,15 +151,33 @@ class _BatchMaker:
         pending = [
             [bucket, ref, counter] for bucket, items in enumerate(self.pending) for ref, counter, _ in items
         ]
-        return {"stream": self.stream.state(), "pending": pending}
+        return {"stream": self.stream.state(), "pending": pending, "skipped": dict(self.skipped)}
+
+    def _target(self) -> int:
+        count = 1 if self.cfg.latent else len(self.buckets)
+        return scheduled_bucket(self.slot.seed, self.batch_number, count)
+
+    def _hold(self, bucket: int, target: int) -> None:
+        """Drop the oldest clips of a non-scheduled bucket beyond `HELD_BATCHES` batches (counted)."""
+        excess = len(self.pending[bucket]) - HELD_BATCHES * self.buckets[bucket].batch_size
+        if bucket != target and excess > 0:
+            del self.pending[bucket][:excess]
+            self._skip(f"bucket {self._name(bucket)} held more clips than {HELD_BATCHES} batches", excess)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        bad = 0
+        bad, waited, target = 0, 0, self._target()
         for ref, sample in self.stream:
             counter = self.stream.emitted - 1
             bucket = choose_bucket(self.buckets, sample_meta(sample.files)) if not self.cfg.latent else 0
-            item = self._prepare(sample, ref, counter, bucket)
+            item, reason = self._prepare(sample, ref, counter, bucket)
+            waited += 1
+            if waited > MAX_WAIT:
+                raise RuntimeError(
+                    f"data.buckets: {MAX_WAIT} samples read without a batch of bucket {self._name(target)}: "
+                    "the shards hold (almost) no clip for it; remove it from data.buckets"
+                )
             if item is None:
+                self._skip(reason)
                 bad += 1
                 if bad >= MAX_CONSECUTIVE_BAD:
                     raise RuntimeError(
@@ -146,12 +186,15 @@ class _BatchMaker:
                 continue
             bad = 0
             self.pending[bucket].append((ref, counter, item))
-            if len(self.pending[bucket]) == self.buckets[bucket].batch_size:
-                items = [entry[2] for entry in self.pending[bucket]]
-                self.pending[bucket] = []
-                yield self._collate(items, bucket) | {
-                    "_position": {"worker": self.slot.worker, "state": self._state()}
-                }
+            self._hold(bucket, target)
+            while len(self.pending[target]) >= self.buckets[target].batch_size:
+                size = self.buckets[target].batch_size
+                items = [entry[2] for entry in self.pending[target][:size]]
+                del self.pending[target][:size]
+                batch = self._collate(items, target)
+                self.batch_number += self.slot.workers
+                target, waited = self._target(), 0
+                yield batch | {"_position": {"worker": self.slot.worker, "state": self._state()}}
 
     def _collate(self, items: list[dict[str, Any]], bucket: int) -> dict[str, Any]:
         captions = [item["caption"] for item in items]
@@ -163,7 +206,8 @@ class _BatchMaker:
                 batch["text_emb"] = torch.from_numpy(np.stack([item["text_emb"] for item in items])).float()
         else:
             ring, row = self.handoff  # set for pixel shards: VideoLoader makes the ring
-            batch["_video_cell"] = ring.put(row, self.handed, self.videos[bucket])
+            videos = np.stack([item["video"] for item in items], out=self._video_batch(bucket))
+            batch["_video_cell"] = ring.put(row, self.handed, videos)
             self.handed += 1
         if self.tokenizer is not None:
             batch["tokens"] = self.tokenizer(captions).long()
@@ -188,6 +232,7 @@ class _SlotDataset(IterableDataset):
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.workers = max(1, cfg.workers)
         self.rotation = 0
+        self.start = 0  # the rank's batch number where the current iteration starts
         self.states: dict[int, dict[str, Any]] = {}
         self.ring: VideoRing | None = None
 
@@ -211,6 +256,7 @@ class _SlotDataset(IterableDataset):
             self.tokenizer,
             self.states.get(worker),
             handoff,
+            self.start + physical,
         )
         return iter(maker)
 
@@ -243,6 +289,7 @@ class VideoLoader:
     def __init__(self, dataset: _SlotDataset) -> None:
         self.dataset = dataset
         self.batches = 0
+        self.logged_skips = 0
         self._iterator: Iterator[dict[str, Any]] | None = None
         self.batches_per_epoch = self._epoch_length()
 
@@ -256,6 +303,7 @@ class VideoLoader:
 
     def _start(self) -> Iterator[dict[str, Any]]:
         self.dataset.rotation = self.batches % self.dataset.workers
+        self.dataset.start = self.batches
         # A new ring per start: workers of an abandoned iterator may still be writing the old one.
         self.dataset.ring = self.dataset.new_ring()
         if self.dataset.cfg.workers == 0:
@@ -284,9 +332,25 @@ class VideoLoader:
         position = batch.pop("_position")
         self.dataset.states[position["worker"]] = position["state"]
         self.batches += 1
+        self._log_skipped()
         if "_video_cell" in batch:
             batch["video"] = self.dataset.ring.take(*batch.pop("_video_cell"))
         return batch
+
+    def skipped(self) -> dict[str, int]:
+        """Clips of this rank left out of training so far, counted by reason."""
+        totals: dict[str, int] = {}
+        for state in self.dataset.states.values():
+            for reason, count in state.get("skipped", {}).items():
+                totals[reason] = totals.get(reason, 0) + count
+        return totals
+
+    def _log_skipped(self) -> None:
+        totals = self.skipped()
+        if sum(totals.values()) > self.logged_skips:
+            self.logged_skips = sum(totals.values())
+            details = "; ".join(f"{count} {reason}" for reason, count in sorted(totals.items()))
+            log.warning("rank %d skipped %d clips so far: %s", self.dataset.rank, self.logged_skips, details)
 
     def state_dict(self) -> dict[str, Any]:
         return {
