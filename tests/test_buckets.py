@@ -204,3 +204,26 @@ def test_two_rank_zero2_run_touches_every_bucket_and_resumes_bit_identically(mix
     ]
     ours, theirs = _final_weights(interrupted), _final_weights(reference)
     assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
+
+
+def test_plan_of_buckets_takes_the_largest_memory_and_the_mean_step(capsys):
+    import json
+
+    from trainer.plan_cli import main as plan_main
+
+    def planned(*overrides: str) -> dict:
+        assert plan_main(["--config", str(CONFIG), "--json", *overrides]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    mixed = planned()
+    wide = planned(
+        "data.buckets=[]", "data.frames=8", "data.height=32", "data.width=64", "train.micro_batch_size=1"
+    )
+    square = planned(
+        "data.buckets=[]", "data.frames=8", "data.height=32", "data.width=40", "train.micro_batch_size=2"
+    )
+    assert mixed["step_flops"] == pytest.approx((wide["step_flops"] + square["step_flops"]) / 2)
+    assert mixed["step_time_s"] == pytest.approx((wide["step_time_s"] + square["step_time_s"]) / 2)
+    assert mixed["memory_gb"]["total"] == max(wide["memory_gb"]["total"], square["memory_gb"]["total"])
+    assert mixed["step_flops"] not in (wide["step_flops"], square["step_flops"])
+    assert any("data.buckets: 2 buckets" in line for line in mixed["assumptions"])
