@@ -294,11 +294,12 @@ class VideoLoader:
         self.batches_per_epoch = self._epoch_length()
 
     def _epoch_length(self) -> int | None:
-        """Batches per rank in one pass over all sets (None unless manifests give the counts)."""
+        """Batches per rank in one pass over all sets (None unless manifests give the counts); with
+        buckets, at their mean batch size (the schedule gives each bucket an equal share)."""
         if any(shard_set.samples is None for shard_set in self.dataset.sets):
             return None
         total = sum(shard_set.samples or 0 for shard_set in self.dataset.sets)
-        batch = self.dataset.buckets[0].batch_size
+        batch = sum(bucket.batch_size for bucket in self.dataset.buckets) / len(self.dataset.buckets)
         return max(1, math.ceil(total / (self.dataset.world_size * batch)))
 
     def _start(self) -> Iterator[dict[str, Any]]:
