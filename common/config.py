@@ -46,10 +46,13 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError("", f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError("", f"not a text file (byte {err.start} is not UTF-8)", str(path)) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError("", f"invalid YAML{line}: {getattr(err, 'problem', err)}", str(path)) from None
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        raise ConfigError("", f"invalid YAML{line}: {problem}", str(path)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

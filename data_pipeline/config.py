@@ -39,19 +39,23 @@ class DataConfig:
     """Batches each DataLoader worker prepares ahead (ignored when workers = 0)."""
     buckets: tuple[str, ...] = ()
     """Optional buckets 'FRAMESxHEIGHTxWIDTH:BATCH' (e.g. '16x64x64:4', '8x64x112:6'): each clip
-    goes to the bucket whose aspect ratio is closest among those its length fits, and batches are
-    made per bucket. Empty: one bucket (frames x height x width, the trainer's batch size)."""
+    goes to the bucket whose aspect ratio is closest among those its length fits, is resized and
+    cropped to its shape, and every batch holds one bucket; all ranks draw the same bucket for a
+    step. Without ':BATCH' the batch size keeps the bucket's tokens per batch near those of
+    frames x height x width at the trainer's batch size. Empty: that one bucket."""
 
     def bucket_shapes(self) -> list[tuple[int, int, int, int]]:
-        """Parsed buckets as (frames, height, width, batch size)."""
+        """Parsed buckets as (frames, height, width, batch size; 0 when left to the tokens rule)."""
         shapes = []
         for text in self.buckets:
             try:
-                dims, batch = text.split(":")
+                dims, _, batch = text.partition(":")
                 frames, height, width = (int(part) for part in dims.lower().split("x"))
-                shapes.append((frames, height, width, int(batch)))
+                shapes.append((frames, height, width, int(batch) if batch else 0))
             except ValueError:
-                raise ValueError(f"buckets: {text!r} is not 'FRAMESxHEIGHTxWIDTH:BATCH'") from None
+                raise ValueError(f"buckets: {text!r} is not 'FRAMESxHEIGHTxWIDTH[:BATCH]'") from None
+            if min(shapes[-1][:3]) < 1 or (batch and shapes[-1][3] < 1):
+                raise ValueError(f"buckets: every number must be >= 1, got {text!r}")
         return shapes
 
     def stride_bounds(self) -> tuple[int, int]:
@@ -79,5 +83,4 @@ class DataConfig:
             raise ValueError(f"weights: must be non-negative, got {self.weights}")
         if self.prefetch < 1:
             raise ValueError(f"prefetch: must be >= 1, got {self.prefetch}")
-        if any(min(shape) < 1 for shape in self.bucket_shapes()):
-            raise ValueError(f"buckets: every number must be >= 1, got {self.buckets}")
+        self.bucket_shapes()

@@ -67,8 +67,21 @@ def read_caption(path: Path, *, first_line: bool) -> tuple[str, str | None]:
     return text, issue
 
 
+def file_issue(path: Path) -> str | None:
+    """Why an input path cannot be read as a media file (missing, a directory, empty), else None."""
+    if path.is_dir():
+        return "a directory, not a media file"
+    if not path.is_file():
+        return "not found"
+    if path.stat().st_size == 0:
+        return "empty file (0 bytes)"
+    return None
+
+
 def _from_folder(folder: Path, *, first_line: bool) -> list[InputItem]:
-    files = sorted(path for path in folder.rglob("*") if path.is_file())
+    # every file is an input, and so is a directory named like a file (`clip.mp4/`), which is
+    # then skipped with its reason instead of vanishing from the listing
+    files = sorted(path for path in folder.rglob("*") if path.is_file() or (path.is_dir() and path.suffix))
     stems = {path.with_suffix("") for path in files if path.suffix != CAPTION_SUFFIX}
     items = []
     for path in files:

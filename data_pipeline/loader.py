@@ -9,9 +9,13 @@ the worker roles by that amount. Per-sample randomness (temporal offset, crop, c
 is keyed by (seed, rank, worker, sample number), never drawn from a shared generator; so is the
 frame stride of each clip when `data.frame_stride_range` is set.
 
-Clips are batched per aspect-ratio bucket (buckets.py). Video batches travel as uint8 through a
-fixed ring of shared-memory cells (video_ring.py) and are converted to float32 in [-1, 1] by the
-main process in `VideoLoader.__next__`.
+Clips are batched per aspect-ratio bucket (buckets.py, batching.py). The n-th batch of every rank
+comes from bucket `scheduled_bucket(seed, n, buckets)`, so the ranks of a step agree on its shape;
+a worker holds the clips of the other buckets until their turn (at most `HELD_BATCHES` batches
+each; older clips beyond that are dropped and counted). Every clip left out of training is counted by reason
+in the slot state, and the loader logs the counts when they grow. Video batches travel as uint8
+through a fixed ring of shared-memory cells (video_ring.py) and are converted to float32 in
+[-1, 1] by the main process in `VideoLoader.__next__`.
 
 World size change: positions are per slot and slots change with the world size (or the worker
 count), so `load_state_dict` then starts every slot at the start of the epoch after the furthest
@@ -24,150 +28,29 @@ See docs/methods.md, 'Data: the training loader and caption dropout'.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import math
 import multiprocessing
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipeline.buckets import Bucket, build_buckets, choose_bucket
+from data_pipeline.batching import BatchMaker, Tokenizer
+from data_pipeline.buckets import Bucket, build_buckets
 from data_pipeline.config import DataConfig
-from data_pipeline.stages import (
-    decode_clip,
-    drop_caption,
-    load_npy,
-    sample_caption,
-    sample_meta,
-    strided_latents,
-)
 from data_pipeline.stream import (
-    SampleStream,
     ShardSet,
     Slot,
     expand_shard_sets,
     fresh_state,
-    keyed_random,
     latest_epoch,
 )
-from data_pipeline.tario import TarSample, read_sample
 from data_pipeline.video_ring import VideoRing
 
 log = logging.getLogger(__name__)
-Tokenizer = Callable[[list[str]], torch.Tensor]
-MAX_CONSECUTIVE_BAD = 1000
-
-
-class _BatchMaker:
-    """One slot's stream turned into batches, plus the state that reproduces what follows."""
-
-    def __init__(
-        self,
-        cfg: DataConfig,
-        sets: list[ShardSet],
-        slot: Slot,
-        buckets: list[Bucket],
-        tokenizer: Tokenizer | None,
-        state: dict[str, Any] | None,
-        handoff: tuple[VideoRing, int] | None,
-    ) -> None:
-        self.cfg, self.slot, self.buckets, self.tokenizer = cfg, slot, buckets, tokenizer
-        self.handoff = handoff  # (ring, ring row of this process), None for latent shards
-        self.handed = 0
-        self.stream = SampleStream(
-            sets, slot, buffer_size=cfg.shuffle_buffer, state=state and state["stream"]
-        )
-        self.pending: list[list[tuple[list[Any], int, dict[str, Any]]]] = [[] for _ in buckets]
-        self.videos: list[np.ndarray | None] = [None for _ in buckets]
-        for bucket, ref, counter in state["pending"] if state else []:
-            self.pending[bucket].append(
-                (ref, counter, self._prepare(read_sample(ref[1], ref[2]), ref, counter, bucket))
-            )
-
-    def _key(self, kind: str, counter: int) -> tuple[object, ...]:
-        return (kind, self.slot.seed, self.slot.rank, self.slot.worker, counter)
-
-    def _prepare(self, sample: TarSample, ref: list[Any], counter: int, bucket: int) -> dict[str, Any] | None:
-        files = sample.files
-        meta = dict(sample_meta(files), __key__=sample.key, __url__=ref[1], set=ref[0], epoch=ref[3])
-        caption = drop_caption(
-            sample_caption(files), self.cfg.p_uncond, keyed_random(*self._key("uncond", counter))
-        )
-        stride = self._frame_stride(counter)
-        item: dict[str, Any] = {"caption": caption, "meta": meta, "frame_stride": stride}
-        if self.cfg.latent:
-            item["latents"] = strided_latents(load_npy(files["latents.npy"]), stride, self.cfg.stride_bounds()[1])
-            if "text_emb.npy" in files:
-                item["text_emb"] = load_npy(files["text_emb.npy"])
-            return item
-        if "mp4" not in files:
-            return None
-        rng = keyed_random(*self._key("aug", counter)) if self.cfg.random_crop else None
-        row = self._video_batch(bucket)[len(self.pending[bucket])]  # (L, H, W, 3)
-        shape = dataclasses.replace(self.buckets[bucket].shape, frame_stride=stride)
-        return item if decode_clip(files["mp4"], shape, rng, out=row) is not None else None
-
-    def _frame_stride(self, counter: int) -> int:
-        """The clip's frame stride: `data.frame_stride`, or drawn from `data.frame_stride_range`."""
-        low, high = self.cfg.stride_bounds()
-        return low if low == high else keyed_random(*self._key("stride", counter)).randint(low, high)
-
-    def _video_batch(self, bucket: int) -> np.ndarray:
-        """(B, L, H, W, 3) uint8 batch the bucket's clips are decoded into (no stacking copies),
-        reused from batch to batch: its contents are copied into the hand-off ring when complete."""
-        if self.videos[bucket] is None:
-            shape, size = self.buckets[bucket].shape, self.buckets[bucket].batch_size
-            self.videos[bucket] = np.empty((size, shape.frames, shape.height, shape.width, 3), np.uint8)
-        return self.videos[bucket]
-
-    def _state(self) -> dict[str, Any]:
-        pending = [
-            [bucket, ref, counter] for bucket, items in enumerate(self.pending) for ref, counter, _ in items
-        ]
-        return {"stream": self.stream.state(), "pending": pending}
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        bad = 0
-        for ref, sample in self.stream:
-            counter = self.stream.emitted - 1
-            bucket = choose_bucket(self.buckets, sample_meta(sample.files)) if not self.cfg.latent else 0
-            item = self._prepare(sample, ref, counter, bucket)
-            if item is None:
-                bad += 1
-                if bad >= MAX_CONSECUTIVE_BAD:
-                    raise RuntimeError(
-                        f"{bad} samples in a row could not be decoded (last: {sample.key} in {ref[1]})"
-                    )
-                continue
-            bad = 0
-            self.pending[bucket].append((ref, counter, item))
-            if len(self.pending[bucket]) == self.buckets[bucket].batch_size:
-                items = [entry[2] for entry in self.pending[bucket]]
-                self.pending[bucket] = []
-                yield self._collate(items, bucket) | {
-                    "_position": {"worker": self.slot.worker, "state": self._state()}
-                }
-
-    def _collate(self, items: list[dict[str, Any]], bucket: int) -> dict[str, Any]:
-        captions = [item["caption"] for item in items]
-        batch: dict[str, Any] = {"caption": captions, "meta": [item["meta"] for item in items]}
-        batch["frame_stride"] = torch.tensor([item["frame_stride"] for item in items], dtype=torch.long)
-        if self.cfg.latent:
-            batch["latents"] = torch.from_numpy(np.stack([item["latents"] for item in items])).float()
-            if all("text_emb" in item for item in items):
-                batch["text_emb"] = torch.from_numpy(np.stack([item["text_emb"] for item in items])).float()
-        else:
-            ring, row = self.handoff  # set for pixel shards: VideoLoader makes the ring
-            batch["_video_cell"] = ring.put(row, self.handed, self.videos[bucket])
-            self.handed += 1
-        if self.tokenizer is not None:
-            batch["tokens"] = self.tokenizer(captions).long()
-        return batch
 
 
 class _SlotDataset(IterableDataset):
@@ -188,6 +71,7 @@ class _SlotDataset(IterableDataset):
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.workers = max(1, cfg.workers)
         self.rotation = 0
+        self.start = 0  # the rank's batch number where the current iteration starts
         self.states: dict[int, dict[str, Any]] = {}
         self.ring: VideoRing | None = None
 
@@ -203,7 +87,7 @@ class _SlotDataset(IterableDataset):
             torch.set_num_threads(1)
         worker = (physical + self.rotation) % self.workers
         handoff = (self.ring, physical) if self.ring is not None else None
-        maker = _BatchMaker(
+        maker = BatchMaker(
             self.cfg,
             self.sets,
             self.slot(worker),
@@ -211,6 +95,7 @@ class _SlotDataset(IterableDataset):
             self.tokenizer,
             self.states.get(worker),
             handoff,
+            self.start + physical,
         )
         return iter(maker)
 
@@ -243,19 +128,22 @@ class VideoLoader:
     def __init__(self, dataset: _SlotDataset) -> None:
         self.dataset = dataset
         self.batches = 0
+        self.logged_skips = 0
         self._iterator: Iterator[dict[str, Any]] | None = None
         self.batches_per_epoch = self._epoch_length()
 
     def _epoch_length(self) -> int | None:
-        """Batches per rank in one pass over all sets (None unless manifests give the counts)."""
+        """Batches per rank in one pass over all sets (None unless manifests give the counts); with
+        buckets, at their mean batch size (the schedule gives each bucket an equal share)."""
         if any(shard_set.samples is None for shard_set in self.dataset.sets):
             return None
         total = sum(shard_set.samples or 0 for shard_set in self.dataset.sets)
-        batch = self.dataset.buckets[0].batch_size
+        batch = sum(bucket.batch_size for bucket in self.dataset.buckets) / len(self.dataset.buckets)
         return max(1, math.ceil(total / (self.dataset.world_size * batch)))
 
     def _start(self) -> Iterator[dict[str, Any]]:
         self.dataset.rotation = self.batches % self.dataset.workers
+        self.dataset.start = self.batches
         # A new ring per start: workers of an abandoned iterator may still be writing the old one.
         self.dataset.ring = self.dataset.new_ring()
         if self.dataset.cfg.workers == 0:
@@ -284,9 +172,25 @@ class VideoLoader:
         position = batch.pop("_position")
         self.dataset.states[position["worker"]] = position["state"]
         self.batches += 1
+        self._log_skipped()
         if "_video_cell" in batch:
             batch["video"] = self.dataset.ring.take(*batch.pop("_video_cell"))
         return batch
+
+    def skipped(self) -> dict[str, int]:
+        """Clips of this rank left out of training so far, counted by reason."""
+        totals: dict[str, int] = {}
+        for state in self.dataset.states.values():
+            for reason, count in state.get("skipped", {}).items():
+                totals[reason] = totals.get(reason, 0) + count
+        return totals
+
+    def _log_skipped(self) -> None:
+        totals = self.skipped()
+        if sum(totals.values()) > self.logged_skips:
+            self.logged_skips = sum(totals.values())
+            details = "; ".join(f"{count} {reason}" for reason, count in sorted(totals.items()))
+            log.warning("rank %d skipped %d clips so far: %s", self.dataset.rank, self.logged_skips, details)
 
     def state_dict(self) -> dict[str, Any]:
         return {

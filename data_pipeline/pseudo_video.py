@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_pipeline.inputs import InputItem, sample_key, stable_hash
+from data_pipeline.inputs import InputItem, file_issue, sample_key, stable_hash
 from data_pipeline.shard_writer import UnitResult
 from data_pipeline.video_io import encode_mp4, short_side_size
 
@@ -110,10 +110,9 @@ def process_image(item: InputItem, options: PseudoOptions) -> UnitResult:
     if item.skip_reason is not None:
         return UnitResult(skipped=item.skip_reason)
     path = Path(item.path)
-    if not path.is_file():
-        return UnitResult(skipped="not found")
-    if path.stat().st_size == 0:
-        return UnitResult(skipped="empty file (0 bytes)")
+    issue = file_issue(path)
+    if issue is not None:
+        return UnitResult(skipped=issue)
     try:
         image = load_rgb(item.path)
     except Exception as error:  # PIL raises many types for bad files; all mean "not an image"

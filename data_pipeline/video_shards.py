@@ -12,7 +12,7 @@ from pathlib import Path
 import av
 
 from data_pipeline.clips import ClipGrid, SegmentTracker, detect_cut_seconds
-from data_pipeline.inputs import InputItem, sample_key
+from data_pipeline.inputs import InputItem, file_issue, sample_key
 from data_pipeline.shard_writer import UnitResult
 from data_pipeline.video_io import encode_mp4, iter_frames, probe, short_side_size, to_rgb
 
@@ -85,10 +85,9 @@ def process_video(item: InputItem, options: CutOptions) -> UnitResult:
     if item.skip_reason is not None:
         return UnitResult(skipped=item.skip_reason)
     path = Path(item.path)
-    if not path.is_file():
-        return UnitResult(skipped="not found")
-    if path.stat().st_size == 0:
-        return UnitResult(skipped="empty file (0 bytes)")
+    issue = file_issue(path)
+    if issue is not None:
+        return UnitResult(skipped=issue)
     try:
         cuts = detect_cut_seconds(item.path) if options.scene_split else []
         samples, decoded = _cut(item, options, cuts)

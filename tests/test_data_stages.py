@@ -13,15 +13,16 @@ import pytest
 import torch
 from PIL import Image
 
+from data_pipeline.buckets import Bucket, build_buckets, choose_bucket
 from data_pipeline.clips import ClipGrid, SegmentTracker
 from data_pipeline.config import DataConfig
 from data_pipeline.inputs import sample_key
-from data_pipeline.loader import Bucket, VideoRing, build_buckets, choose_bucket
 from data_pipeline.pseudo_video import draw_path, render
 from data_pipeline.stages import ClipShape, decode_clip, drop_caption, resize_and_crop_box, to_unit_range
 from data_pipeline.stream import ShardSet, Slot, first_draw_of_epoch, shard_of_draw
 from data_pipeline.tario import iter_samples, read_sample, split_key, tar_bytes
 from data_pipeline.video_io import encode_mp4, iter_frames, to_rgb
+from data_pipeline.video_ring import VideoRing
 
 
 @pytest.mark.parametrize("frames,stride,length", [(8, 1, 30), (4, 3, 46), (16, 4, 61), (5, 2, 9), (3, 1, 2)])

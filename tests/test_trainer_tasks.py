@@ -52,7 +52,12 @@ UNMOVED = {
     "temporal_decoder.yaml": {"discriminator"},
 }
 """Trained networks that must not move in 3 steps (the discriminator waits for disc_start=20)."""
-IDLE = {"dit.yaml": {"cond_embed.weight", "cond_embed.bias"}, "dit_flow.yaml": {"cond_embed.weight", "cond_embed.bias"}, "unet3d.yaml": {"level_embed.weight"}}
+IDLE = {
+    "dit.yaml": {"cond_embed.weight", "cond_embed.bias"},
+    "dit_flow.yaml": {"cond_embed.weight", "cond_embed.bias"},
+    "unet3d.yaml": {"level_embed.weight"},
+    "unet3d_buckets.yaml": {"level_embed.weight"},
+}
 """Trainable tensors of inputs the task does not feed (the tiny flavours' content-frame and
 level embeddings, which CMD and LVDM use): they get no gradient and keep their initial values."""
 

@@ -47,7 +47,10 @@ class Counters:
     its checkpoints. `FlopCounterMode` runs some ops through their decompositions, so a counted
     step's gradients differ from an uncounted step's in the last bits: a resumed run that counted
     again would drift an ulp from the uninterrupted run (tests/test_trainer_multirank.py compares
-    the final weights bitwise)."""
+    the final weights bitwise). With several data buckets: the FLOPs of the last step's shape."""
+    flops_by_shape: dict[str, float] = dataclasses.field(default_factory=dict)
+    """FLOPs of one optimizer step per micro-batch shape ('2x3x8x32x48,...'), each counted the
+    first time the run met the shape and kept in the checkpoints for the same reason."""
 
 
 @dataclass

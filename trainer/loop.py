@@ -56,7 +56,8 @@ def train(cfg: TrainJobConfig) -> int:
             micro_batches = next_micro_batches(session)
             data_wait = time.perf_counter() - started
             metrics = train_step(session, micro_batches)
-            metrics |= throughput(session, time.perf_counter() - started, data_wait)
+            clips = sum(len(batch.captions) for batch in micro_batches)
+            metrics |= throughput(session, time.perf_counter() - started, data_wait, clips)
             if session.ema is not None and metrics["skipped"] == 0.0:
                 session.ema.update()
             step = session.counters.step

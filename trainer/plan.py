@@ -13,7 +13,8 @@ communication buckets, 10% of GPU memory kept free for fragmentation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from statistics import mean
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import model_zoo
+from data_pipeline.buckets import build_buckets
 from trainer.config import TrainJobConfig
 from trainer.gpus import GPUS
 
@@ -239,6 +241,45 @@ def make_plan(
             f"step time at an assumed MFU of {mfu:.0%} of {'bf16' if bf16 else 'fp32'} peak ({peak / 1e12:.0f} TFLOP/s)",
             "activations measured on meta: bytes autograd saves for backward, per sample, with PyTorch's "
             "reference kernels except attention, counted as a fused (flash) kernel saves it",
+        ],
+    )
+
+
+def bucket_configs(cfg: TrainJobConfig) -> list[TrainJobConfig]:
+    """One config per bucket of `data.buckets` (its clip shape and batch size); [cfg] without."""
+    if not cfg.data.buckets:
+        return [cfg]
+    return [
+        replace(
+            cfg,
+            data=replace(cfg.data, frames=b.shape.frames, height=b.shape.height, width=b.shape.width, buckets=()),
+            train=replace(cfg.train, micro_batch_size=b.batch_size),
+        )
+        for b in build_buckets(cfg.data, cfg.train.micro_batch_size)
+    ]
+
+
+def combine_plans(plans: list[Plan]) -> Plan:
+    """The plan of a run whose steps visit every bucket equally often (the loader's schedule):
+    the memory of the bucket that needs most (it must fit), the mean step FLOPs and time, and the
+    clips and tokens of a round of steps over its time."""
+    if len(plans) == 1:
+        return plans[0]
+    largest = max(plans, key=lambda plan: plan.memory_gb["total"])
+    step_time = mean(plan.step_time_s for plan in plans)
+    clips_per_s = mean(plan.clips_per_s * plan.step_time_s for plan in plans) / step_time
+    return replace(
+        largest,
+        fits=all(plan.fits for plan in plans),
+        step_flops=mean(plan.step_flops for plan in plans),
+        step_time_s=step_time,
+        clips_per_s=clips_per_s,
+        tokens_per_s=mean(plan.tokens_per_s * plan.step_time_s for plan in plans) / step_time,
+        days_for_samples=largest.samples / clips_per_s / 86400,
+        assumptions=[
+            *largest.assumptions,
+            f"data.buckets: {len(plans)} buckets, each on an equal share of the steps; memory of the "
+            f"bucket that needs most (micro-batch {largest.micro_batch_size}), step FLOPs and time the mean",
         ],
     )
 

@@ -36,16 +36,20 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
-    from trainer.plan import format_table, make_plan, measure
+    from trainer.plan import bucket_configs, combine_plans, format_table, make_plan, measure
 
     cfg = load_config(TrainJobConfig, args.config, args.overrides)
     zero = cfg.train.zero_stage if args.zero_stage is None else args.zero_stage
     act_ckpt = cfg.train.act_ckpt if args.act_ckpt is None else args.act_ckpt
     cfg = replace(cfg, train=replace(cfg.train, zero_stage=zero, act_ckpt=act_ckpt))
-    counts = measure(cfg, dtype=torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32)
-    plan = make_plan(
-        cfg, counts, config_name=str(args.config), gpu=args.gpu, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-        zero_stage=zero, act_ckpt=act_ckpt, mfu=args.mfu, samples=args.samples,
-    )
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    plans = [
+        make_plan(
+            shape_cfg, measure(shape_cfg, dtype=dtype), config_name=str(args.config), gpu=args.gpu, nodes=args.nodes,
+            gpus_per_node=args.gpus_per_node, zero_stage=zero, act_ckpt=act_ckpt, mfu=args.mfu, samples=args.samples,
+        )
+        for shape_cfg in bucket_configs(cfg)
+    ]
+    plan = combine_plans(plans)
     sys.stdout.write(json.dumps(asdict(plan), indent=2) + "\n" if args.json else format_table(plan) + "\n")
     return 0

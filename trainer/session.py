@@ -141,7 +141,8 @@ def train_step(session: Session, micro_batches: list[Batch]) -> dict[str, float]
     counters, accum = session.counters, session.cfg.train.grad_accum
     totals: dict[str, float] = {}
     skipped = False
-    counter = flop_counter() if counters.flops_per_step == 0.0 else None
+    shape = step_shape(micro_batches)
+    counter = flop_counter() if shape not in counters.flops_by_shape else None
     lr = current_lr(session.engines["model"])
     grad_norm = float("nan")
     for batch in micro_batches:
@@ -161,13 +162,20 @@ def train_step(session: Session, micro_batches: list[Batch]) -> dict[str, float]
         for key, value in {"loss": mean_values[0], **out.metrics}.items():
             totals[key] = totals.get(key, 0.0) + value / accum
     if counter is not None:
-        counters.flops_per_step = float(counter.get_total_flops())
+        counters.flops_by_shape[shape] = float(counter.get_total_flops())
+    counters.flops_per_step = counters.flops_by_shape[shape]
     counters.step += 1
     counters.bad_streak = counters.bad_streak + 1 if skipped else 0
     counters.skipped_total += int(skipped)
     if skipped:
         totals.setdefault("loss", float("nan"))
     return totals | {"lr": lr, "grad_norm": grad_norm, "skipped": float(skipped), "skipped_total": float(counters.skipped_total)}
+
+
+def step_shape(micro_batches: list[Batch]) -> str:
+    """The micro-batches' clip shapes, e.g. '2x3x8x32x48,2x3x8x32x48' (buckets vary them by step)."""
+    clips = (batch.video if batch.video is not None else batch.latents for batch in micro_batches)
+    return ",".join("x".join(map(str, clip.shape)) for clip in clips)
 
 
 def _losses(session: Session, batch: Batch) -> StepOutput:
@@ -178,10 +186,10 @@ def _losses(session: Session, batch: Batch) -> StepOutput:
         return session.task.losses(session.engines, batch, session.generator, session.counters.step)
 
 
-def throughput(session: Session, elapsed: float, data_wait: float) -> dict[str, float]:
-    """Speed of a step that took `elapsed` seconds, `data_wait` of them waiting for data."""
-    train = session.cfg.train
-    global_batch = train.micro_batch_size * train.grad_accum * session.info.world_size
+def throughput(session: Session, elapsed: float, data_wait: float, clips: int) -> dict[str, float]:
+    """Speed of a step of `clips` clips per rank that took `elapsed` seconds, `data_wait` of them
+    waiting for data; the MFU counts the FLOPs of this step's shape."""
+    global_batch = clips * session.info.world_size
     return {
         "step_time": elapsed,
         "samples_per_sec": global_batch / elapsed,

@@ -1,0 +1,186 @@
+"""One reader slot's samples turned into batches: per bucket, in the bucket schedule's order.
+
+A `BatchMaker` reads its slot's `SampleStream`, sends each clip to its bucket (buckets.py),
+decodes it there, and yields the batch of the bucket that `scheduled_bucket` names for the slot's
+next batch number. Each batch carries the state that reproduces everything after it: the
+stream's position, the clips held for other buckets (re-read on resume), and the counts of the
+clips left out of training, by reason.
+
+See docs/methods.md, 'Data: aspect and length buckets in training'.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from data_pipeline.buckets import Bucket, choose_bucket, scheduled_bucket
+from data_pipeline.config import DataConfig
+from data_pipeline.stages import (
+    decode_clip,
+    drop_caption,
+    load_npy,
+    sample_caption,
+    sample_meta,
+    strided_latents,
+)
+from data_pipeline.stream import SampleStream, ShardSet, Slot, keyed_random
+from data_pipeline.tario import TarSample, read_sample
+from data_pipeline.video_ring import VideoRing
+
+Tokenizer = Callable[[list[str]], torch.Tensor]
+
+MAX_CONSECUTIVE_BAD = 1000
+HELD_BATCHES = 8
+"""Batches' worth of clips a worker holds per bucket while other buckets have their turn."""
+MAX_WAIT = 10_000
+"""Samples read for one batch of the scheduled bucket before the loader gives up on it."""
+
+
+class BatchMaker:
+    """One slot's stream turned into batches, plus the state that reproduces what follows."""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        sets: list[ShardSet],
+        slot: Slot,
+        buckets: list[Bucket],
+        tokenizer: Tokenizer | None,
+        state: dict[str, Any] | None,
+        handoff: tuple[VideoRing, int] | None,
+        first_batch: int,
+    ) -> None:
+        self.cfg, self.slot, self.buckets, self.tokenizer = cfg, slot, buckets, tokenizer
+        self.handoff = handoff  # (ring, ring row of this process), None for latent shards
+        self.handed = 0
+        self.batch_number = first_batch  # the rank's number of this worker's next batch
+        self.skipped: dict[str, int] = dict(state.get("skipped", {})) if state else {}
+        self.stream = SampleStream(
+            sets, slot, buffer_size=cfg.shuffle_buffer, state=state and state["stream"]
+        )
+        self.pending: list[list[tuple[list[Any], int, dict[str, Any]]]] = [[] for _ in buckets]
+        self.videos: list[np.ndarray | None] = [None for _ in buckets]
+        for bucket, ref, counter in state["pending"] if state else []:
+            item, _ = self._prepare(read_sample(ref[1], ref[2]), ref, counter, bucket)
+            self.pending[bucket].append((ref, counter, item))
+
+    def _key(self, kind: str, counter: int) -> tuple[object, ...]:
+        return (kind, self.slot.seed, self.slot.rank, self.slot.worker, counter)
+
+    def _prepare(
+        self, sample: TarSample, ref: list[Any], counter: int, bucket: int
+    ) -> tuple[dict[str, Any] | None, str]:
+        """(the clip ready for its bucket, '') or (None, why it is left out)."""
+        files = sample.files
+        meta = dict(sample_meta(files), __key__=sample.key, __url__=ref[1], set=ref[0], epoch=ref[3])
+        caption = drop_caption(
+            sample_caption(files), self.cfg.p_uncond, keyed_random(*self._key("uncond", counter))
+        )
+        stride = self._frame_stride(counter)
+        item: dict[str, Any] = {"caption": caption, "meta": meta, "frame_stride": stride}
+        if self.cfg.latent:
+            item["latents"] = strided_latents(
+                load_npy(files["latents.npy"]), stride, self.cfg.stride_bounds()[1]
+            )
+            if "text_emb.npy" in files:
+                item["text_emb"] = load_npy(files["text_emb.npy"])
+            return item, ""
+        if "mp4" not in files:
+            return None, "no mp4 in the sample"
+        rng = keyed_random(*self._key("aug", counter)) if self.cfg.random_crop else None
+        shape = dataclasses.replace(self.buckets[bucket].shape, frame_stride=stride)
+        item["video"] = decode_clip(files["mp4"], shape, rng)  # (L, H, W, 3)
+        if item["video"] is None:
+            return None, f"fewer frames than the {shape.span}-frame span of its bucket {self._name(bucket)}"
+        return item, ""
+
+    def _name(self, bucket: int) -> str:
+        shape = self.buckets[bucket].shape
+        return f"{shape.frames}x{shape.height}x{shape.width}"
+
+    def _skip(self, reason: str, count: int = 1) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + count
+
+    def _frame_stride(self, counter: int) -> int:
+        """The clip's frame stride: `data.frame_stride`, or drawn from `data.frame_stride_range`."""
+        low, high = self.cfg.stride_bounds()
+        return low if low == high else keyed_random(*self._key("stride", counter)).randint(low, high)
+
+    def _video_batch(self, bucket: int) -> np.ndarray:
+        """(B, L, H, W, 3) uint8 batch the bucket's clips are stacked into, reused from batch to
+        batch: its contents are copied into the hand-off ring when complete."""
+        if self.videos[bucket] is None:
+            shape, size = self.buckets[bucket].shape, self.buckets[bucket].batch_size
+            self.videos[bucket] = np.empty((size, shape.frames, shape.height, shape.width, 3), np.uint8)
+        return self.videos[bucket]
+
+    def _state(self) -> dict[str, Any]:
+        pending = [
+            [bucket, ref, counter] for bucket, items in enumerate(self.pending) for ref, counter, _ in items
+        ]
+        return {"stream": self.stream.state(), "pending": pending, "skipped": dict(self.skipped)}
+
+    def _target(self) -> int:
+        count = 1 if self.cfg.latent else len(self.buckets)
+        return scheduled_bucket(self.slot.seed, self.batch_number, count)
+
+    def _hold(self, bucket: int, target: int) -> None:
+        """Drop the oldest clips of a non-scheduled bucket beyond `HELD_BATCHES` batches (counted)."""
+        excess = len(self.pending[bucket]) - HELD_BATCHES * self.buckets[bucket].batch_size
+        if bucket != target and excess > 0:
+            del self.pending[bucket][:excess]
+            self._skip(f"bucket {self._name(bucket)} held more clips than {HELD_BATCHES} batches", excess)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        bad, waited, target = 0, 0, self._target()
+        for ref, sample in self.stream:
+            counter = self.stream.emitted - 1
+            bucket = choose_bucket(self.buckets, sample_meta(sample.files)) if not self.cfg.latent else 0
+            item, reason = self._prepare(sample, ref, counter, bucket)
+            waited += 1
+            if waited > MAX_WAIT:
+                raise RuntimeError(
+                    f"data.buckets: {MAX_WAIT} samples read without a batch of bucket {self._name(target)}: "
+                    "the shards hold (almost) no clip for it; remove it from data.buckets"
+                )
+            if item is None:
+                self._skip(reason)
+                bad += 1
+                if bad >= MAX_CONSECUTIVE_BAD:
+                    raise RuntimeError(
+                        f"{bad} samples in a row could not be decoded (last: {sample.key} in {ref[1]})"
+                    )
+                continue
+            bad = 0
+            self.pending[bucket].append((ref, counter, item))
+            self._hold(bucket, target)
+            while len(self.pending[target]) >= self.buckets[target].batch_size:
+                size = self.buckets[target].batch_size
+                items = [entry[2] for entry in self.pending[target][:size]]
+                del self.pending[target][:size]
+                batch = self._collate(items, target)
+                self.batch_number += self.slot.workers
+                target, waited = self._target(), 0
+                yield batch | {"_position": {"worker": self.slot.worker, "state": self._state()}}
+
+    def _collate(self, items: list[dict[str, Any]], bucket: int) -> dict[str, Any]:
+        captions = [item["caption"] for item in items]
+        batch: dict[str, Any] = {"caption": captions, "meta": [item["meta"] for item in items]}
+        batch["frame_stride"] = torch.tensor([item["frame_stride"] for item in items], dtype=torch.long)
+        if self.cfg.latent:
+            batch["latents"] = torch.from_numpy(np.stack([item["latents"] for item in items])).float()
+            if all("text_emb" in item for item in items):
+                batch["text_emb"] = torch.from_numpy(np.stack([item["text_emb"] for item in items])).float()
+        else:
+            ring, row = self.handoff  # set for pixel shards: VideoLoader makes the ring
+            videos = np.stack([item["video"] for item in items], out=self._video_batch(bucket))
+            batch["_video_cell"] = ring.put(row, self.handed, videos)
+            self.handed += 1
+        if self.tokenizer is not None:
+            batch["tokens"] = self.tokenizer(captions).long()
+        return batch
