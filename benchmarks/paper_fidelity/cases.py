@@ -186,7 +186,9 @@ def lvdm_drift(inputs: Inputs) -> list[dict[str, Any]]:
     curves = []
     for (video,) in sides:
         features = frame_features(list(read_frames(video))[:: recipe.feature_stride])
-        curves.append(drift_curve(features, recipe.drift_chunk // recipe.feature_stride))
+        curve = drift_curve(features, recipe.drift_chunk // recipe.feature_stride)
+        starts = [start * recipe.feature_stride for start in curve["chunk_start_frames"]]  # pixel frames
+        curves.append({**curve, "chunk_start_frames": starts})
     drift = [float(np.mean(curve["mean_feature_sq_distance"][1:])) for curve in curves]
     rollout = f"{recipe.lvdm_frames} frames" + (
         "" if recipe.lvdm_frames >= 512 else " (shortened from 512: --quick)"
