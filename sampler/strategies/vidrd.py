@@ -42,8 +42,9 @@ class VidRDConfig:
     beta: float = 0.4
     """β of DSG in [0, 1]: the fraction of the denoising steps during which frame 0 is copied."""
     noise_reversion: bool = True
-    """FNR: the first M frames start from the previous clip's reversed initial noise; --no-noise-
-    reversion draws them fresh (with --alpha 0 --beta 0: naive chunking, every clip independent)."""
+    """FNR: the first M frames start from the previous clip's reversed initial noise;
+    --no-noise-reversion draws them fresh (with --alpha 0 --beta 0: naive chunking, every clip
+    independent)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.overlap <= self.clip_frames:
