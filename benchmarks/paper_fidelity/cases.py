@@ -201,7 +201,7 @@ def lvdm_drift(inputs: Inputs) -> list[dict[str, Any]]:
             better="lower",
             values=(drift[0], drift[1]),
             measurement=f"squared distance of each {recipe.drift_chunk}-frame chunk's mean Inception feature from the first chunk's, "
-            f"mean over the later chunks (features of every {recipe.feature_stride}th frame)",
+            f"mean over the later chunks (features of one frame in {recipe.feature_stride})",
             detail={
                 "rollout": rollout,
                 "prompt": inputs.prompts[0],
