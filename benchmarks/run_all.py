@@ -22,7 +22,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-SKIP = {"__init__.py", "__main__.py", "run_all.py"}
+SKIP = {"__init__.py", "__main__.py", "run_all.py", "fidelity.py"}
+"""Not benchmark scripts, or (fidelity.py) one that needs a FULL `lvd demo` folder and ~20 min: run it alone."""
 RESULTS_BEGIN = "<!-- performance:begin -->"
 RESULTS_END = "<!-- performance:end -->"
 

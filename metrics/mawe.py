@@ -88,7 +88,9 @@ def pair_stats(frame: np.ndarray, next_frame: np.ndarray, flow: cv2.DISOpticalFl
     return PairStats(warp_error=warp_error, flow_magnitude=magnitude, valid_fraction=float(valid.mean()))
 
 
-def _summary(pairs: list[PairStats], config: MaweConfig) -> dict[str, Any]:
+def summary(pairs: list[PairStats], config: MaweConfig) -> dict[str, Any]:
+    """MAWE of a set of frame pairs (all of a video's, or a subset such as the pairs across chunk
+    seams), with W, OFS and pair counts."""
     usable = [pair for pair in pairs if np.isfinite(pair.warp_error)]
     if not usable:
         return {"computed": False, "reason": f"every pixel of all {len(pairs)} frame pairs was occluded"}
@@ -110,8 +112,9 @@ def _summary(pairs: list[PairStats], config: MaweConfig) -> dict[str, Any]:
     }
 
 
-def mawe(frames: Iterable[np.ndarray], config: MaweConfig = MaweConfig()) -> dict[str, Any]:
-    """MAWE of a stream of RGB uint8 frames, with W, OFS and pair counts; needs >= 2 frames."""
+def consecutive_pairs(frames: Iterable[np.ndarray], config: MaweConfig = MaweConfig()) -> list[PairStats]:
+    """Warp error and flow magnitude of every consecutive pair (t, t+1) of a stream of RGB uint8
+    frames, in order, on frames resized to `config.size`."""
     flow = cv2.DISOpticalFlow_create(DIS_PRESETS[config.preset])
     pairs: list[PairStats] = []
     previous = None
@@ -120,6 +123,12 @@ def mawe(frames: Iterable[np.ndarray], config: MaweConfig = MaweConfig()) -> dic
         if previous is not None:
             pairs.append(pair_stats(previous, resized, flow))
         previous = resized
+    return pairs
+
+
+def mawe(frames: Iterable[np.ndarray], config: MaweConfig = MaweConfig()) -> dict[str, Any]:
+    """MAWE of a stream of RGB uint8 frames, with W, OFS and pair counts; needs >= 2 frames."""
+    pairs = consecutive_pairs(frames, config)
     if not pairs:
         return {"computed": False, "reason": "needs at least 2 frames"}
-    return _summary(pairs, config)
+    return summary(pairs, config)

@@ -318,14 +318,16 @@ class StreamingT2V(PretrainedMixin, nn.Module):
         *,
         context: Tensor,
         cond_latents: Tensor,
-        anchor: Tensor,
+        anchor: Tensor | None,
         level: Tensor | None = None,
     ) -> Tensor:
         """x (B, C_in, T, H, W) noisy chunk; context (B, L, D) text tokens; cond_latents
         (B, C_out, F_cond, H, W) last latent frames of the previous chunk; anchor (B, D_img)
-        CLIP image embedding of the anchor frame -> prediction (B, C_out, T, H, W)."""
+        CLIP image embedding of the anchor frame, or None for the model without APM (x_mixed = 0,
+        so every cross-attention reads x_text alone) -> prediction (B, C_out, T, H, W)."""
         emb = self.base.time_embedding(t, level)  # (B, D_emb)
-        packed = torch.cat([context, self.apm(context, anchor)], dim=1)  # (B, 2L, D)
+        mixed = torch.zeros_like(context) if anchor is None else self.apm(context, anchor)  # (B, L, D)
+        packed = torch.cat([context, mixed], dim=1)  # (B, 2L, D)
         h, skips = self.base.encode(x, emb, packed)
         cam = self.cam.features(x, cond_latents, emb, context)
         *skips, h = self.cam([*skips, h], cam, x.shape[0])

@@ -64,10 +64,11 @@ def streaming_denoiser(
     guidance: float,
     *,
     cond_latents: Tensor,
-    anchor: Tensor,
+    anchor: Tensor | None,
     guide: Guide = cfg,
 ) -> DenoiseFn:
-    """StreamingT2V: CAM reads `cond_latents` (B, C, F_cond, h, w), APM the `anchor` embedding (B, D)."""
+    """StreamingT2V: CAM reads `cond_latents` (B, C, F_cond, h, w), APM the `anchor` embedding (B, D)
+    (None: the model without APM)."""
     model = pipeline.denoiser
 
     def branch(context: Tensor | None) -> DenoiseFn:

@@ -316,3 +316,32 @@ def test_streaming_with_a_refiner_on_exports_the_cli_trained(tmp_path, video_sha
     assert lvd_main([*argv, "--out", str(out)]) == 0
     assert read_mp4(out).shape == (24, 64, 64, 3)
     assert json.loads(out.with_suffix(".json").read_text())["model2"]["path"] == str(refiner.resolve())
+
+
+def test_no_apm_keeps_the_first_chunk_and_drops_the_anchor_from_the_later_ones(
+    exports, tmp_path, monkeypatch
+):
+    """--no-apm (APM's ablation): chunk 0 is the same base chunk, the later chunks are sampled
+    with anchor=None (the model without APM), so they differ from the APM run's."""
+    from model_zoo.streaming import StreamingT2V
+
+    anchors = []
+    original = StreamingT2V.forward
+
+    def recording(self, x, t, **kwargs):
+        anchors.append(kwargs["anchor"])
+        return original(self, x, t, **kwargs)
+
+    monkeypatch.setattr(StreamingT2V, "forward", recording)
+    argv = ["sample", "--model", str(exports["streaming"]), "--strategy", "streaming", "--no-refine"]
+    argv += ["--frames", "16", "--N", "4", "--steps", "2", *COMMON]
+    runs = {}
+    for name, flags in (("apm", []), ("no_apm", ["--no-apm"])):
+        anchors.clear()
+        assert lvd_main([*argv, *flags, "--out", str(tmp_path / f"{name}.mp4")]) == 0
+        runs[name] = (parts(tmp_path / f"{name}.mp4", "stream"), list(anchors))
+    (with_apm, seen_with), (without, seen_without) = runs["apm"], runs["no_apm"]
+    assert seen_with and all(anchor is not None for anchor in seen_with)
+    assert len(seen_without) == len(seen_with) and all(anchor is None for anchor in seen_without)
+    assert torch.equal(with_apm[0]["latents"], without[0]["latents"])
+    assert not torch.allclose(with_apm[1]["latents"], without[1]["latents"], atol=1e-4)

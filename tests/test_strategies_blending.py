@@ -198,3 +198,27 @@ def test_two_simulated_ranks_equal_one_process(eta):
 def test_config_rejects_overlapping_head_and_tail():
     with pytest.raises(ValueError):
         BlendingConfig(blend_frames=16, blend_overlap=8)
+
+
+def test_no_blend_refines_each_chunk_alone_on_its_own_noise():
+    """--no-blend (the paper's naive concatenation): every chunk is SDEdit-refined as if it were
+    alone, with its own noise, and the video concatenates the chunks past their overlaps."""
+    setup, seed, num_frames = make_setup(num_steps=6), 5, 56
+    config = BlendingConfig(blend=False)
+    latents = low_res_latents(num_frames)
+    first, second = shared_noise_chunk(0, setup, config, seed), shared_noise_chunk(1, setup, config, seed)
+    assert not torch.equal(first[:, :, 16:], second[:, :, :8])
+    video = randomized_blending(rolling_denoiser, latents, setup=setup, config=config, seed=seed)
+    pieces = split_chunks(latents, config)
+    alone = []
+    for index, piece in enumerate(pieces):
+        chunk = noised_chunk(piece, index, setup, config, seed)
+        for step in range(setup.num_steps):  # η = 0: the step noise's generator does not matter
+            chunk = refine_step(
+                rolling_denoiser, {0: chunk}, step, total_chunks=1, setup=setup, config=config, seed=seed
+            )[0][0]
+        alone.append(chunk)
+    torch.testing.assert_close(video, merge_chunks(alone, num_frames, config))
+    assert not torch.allclose(alone[0][:, :, 16:], alone[1][:, :, :8])  # the seams are not blended
+    blended = randomized_blending(rolling_denoiser, latents, setup=setup, config=CONFIG, seed=seed)
+    assert not torch.allclose(video, blended)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -84,3 +85,23 @@ def test_vidrd_long_sequence_is_deterministic_and_resumable():
     clip0, state = vidrd_clip(denoise, None, setup=setup, config=CONFIG, seed=9)
     clip1, state = vidrd_clip(denoise, state, setup=setup, config=CONFIG, seed=9)
     torch.testing.assert_close(torch.cat([clip0, clip1], dim=2), video[:, :, :16])
+
+
+def test_naive_chunking_flags_give_every_clip_fresh_noise_and_no_guidance():
+    """--no-noise-reversion --alpha 0 --beta 0: no FNR, no PNS, no DSG, i.e. independent clips."""
+    naive = VidRDConfig(clip_frames=8, overlap=4, alpha=0.0, beta=0.0, noise_reversion=False)
+    gen = torch.Generator().manual_seed(0)
+    previous, fresh = torch.randn(1, 2, 8, 3, 3, generator=gen), torch.randn(1, 2, 8, 3, 3, generator=gen)
+    assert torch.equal(reused_noise(previous, fresh, naive), fresh)
+    assert not dsg_schedule(10, naive).any()
+    setup, denoise = make_setup(), temporal_mixing_denoiser()
+    first, state = vidrd_clip(denoise, None, setup=setup, config=naive, seed=3)
+    second, _ = vidrd_clip(denoise, state, setup=setup, config=naive, seed=3)
+    # Clip 1 does not depend on clip 0: another previous clip gives the same clip 1.
+    other = replace(state, initial_noise=torch.randn_like(state.initial_noise))
+    other = replace(other, guide_trajectory=torch.randn_like(state.guide_trajectory))
+    torch.testing.assert_close(vidrd_clip(denoise, other, setup=setup, config=naive, seed=3)[0], second)
+    _, guided = vidrd_clip(denoise, None, setup=setup, config=CONFIG, seed=3)  # with FNR + PNS + DSG it does
+    changed = replace(guided, initial_noise=torch.randn_like(guided.initial_noise))
+    clips = [vidrd_clip(denoise, s, setup=setup, config=CONFIG, seed=3)[0] for s in (guided, changed)]
+    assert not torch.allclose(*clips)

@@ -166,3 +166,23 @@ def test_gradients_reach_every_cam_and_apm_parameter_within_two_steps() -> None:
     assert with_gradient[0] == p_out | alphas
     assert with_gradient[1] == set(named) - e_cond
     assert with_gradient[2] == set(named)
+
+
+def test_no_anchor_is_the_model_without_apm_whatever_alpha() -> None:
+    """anchor=None (`lvd sample --no-apm`): every cross-attention reads x_text alone, i.e. the
+    trained model with every α_l at 0, while CAM still works."""
+    model, _ = _model_over_random_base()
+    _wake(model.cam, seed=5)
+    _wake(model.apm, seed=6)
+    x, inputs = _inputs(model)
+    layers = [m for m in model.base.modules() if hasattr(m, "alpha")]
+    with torch.no_grad():
+        for layer in layers:
+            layer.alpha.fill_(0.8)
+        with_apm = model(x, **inputs)
+        without = model(x, **{**inputs, "anchor": None})
+        for layer in layers:
+            layer.alpha.zero_()
+        alpha_zero = model(x, **inputs)
+    torch.testing.assert_close(without, alpha_zero, rtol=0, atol=1e-6)
+    assert (with_apm - without).abs().amax() > 1e-3

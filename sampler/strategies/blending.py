@@ -43,6 +43,10 @@ class BlendingConfig:
     """F: latent frames per refinement chunk."""
     blend_overlap: int = field(default=8, metadata={"alias": "--O"})
     """O: latent frames shared by consecutive refinement chunks (0 < O, 2·O < F so a chunk's head and tail are apart)."""
+    blend: bool = True
+    """Randomised blending of the overlaps, whose frames share their noise; --no-blend refines
+    every chunk on its own noise, unblended, and concatenates them (the paper's naive-concatenation
+    ablation)."""
 
     def __post_init__(self) -> None:
         if not 0 < 2 * self.blend_overlap < self.blend_frames:
@@ -79,12 +83,12 @@ def merge_chunks(chunks: Sequence[Tensor], num_frames: int, config: BlendingConf
 
 
 def shared_noise_chunk(index: int, setup: SamplingSetup, config: BlendingConfig, seed: int) -> Tensor:
-    """N(0, I) noise of chunk `index`, drawn per global frame: overlapping chunks get the same noise."""
+    """N(0, I) noise of chunk `index`, drawn per global frame: overlapping chunks get the same
+    noise (with --no-blend every chunk draws its own)."""
     start, end = chunk_span(index, config)
+    stream = "blend-noise" if config.blend else f"blend-noise-chunk-{index}"
     frames = [
-        torch.randn(
-            setup.frame_shape, generator=unit_generator(seed, "blend-noise", frame), dtype=setup.dtype
-        )
+        torch.randn(setup.frame_shape, generator=unit_generator(seed, stream, frame), dtype=setup.dtype)
         for frame in range(start, end)
     ]
     return torch.stack(frames, dim=2).to(setup.device)  # F x (B, C, h, w) -> (B, C, F, h, w)
@@ -143,7 +147,7 @@ def refine_step(
 ) -> tuple[dict[int, Tensor], int]:
     """One denoising step of the owned `chunks` {index: (B, C, F, h, w)}, then randomised blending.
 
-    Returns the new chunks and the f_thr used. Step noise (η > 0) comes from a per-(chunk, step)
+    Returns the new chunks and the f_thr used (drawn, but not applied, with --no-blend). Step noise (η > 0) comes from a per-(chunk, step)
     generator, so the result does not depend on which rank owns which chunk.
     """
     overlap = config.blend_overlap
@@ -163,6 +167,8 @@ def refine_step(
     tails = {**{i: x[:, :, -overlap:] for i, x in stepped.items()}, **far_tails}
     heads = {**{i: x[:, :, :overlap] for i, x in stepped.items()}, **far_heads}
     f_thr = draw_f_thr(seed, step_index, config)
+    if not config.blend:
+        return {index: stepped[index] for index in chunks}, f_thr
     blended = {}
     for index in chunks:  # in the caller's order
         chunk = stepped[index]

@@ -64,6 +64,9 @@ class StreamingConfig(blending.BlendingConfig):
     """HEIGHTxWIDTH pixels of the refined video, e.g. 512x512: the size --model2 was trained at."""
     refine: bool = True
     """Run the refinement by --model2 after the autoregressive stage."""
+    apm: bool = True
+    """APM: the chunks after the first attend to the anchor frame's image embedding; --no-apm
+    samples them with the text context alone (the model without APM, its ablation)."""
 
     def __post_init__(self) -> None:
         if self.refine:
@@ -243,7 +246,7 @@ def stepper(job: VideoJob, config: StreamingConfig) -> Stepper:
 
     def conditioned(cond: Tensor, anchor: Tensor) -> DenoiseFn:
         denoise = streaming_denoiser(
-            pipeline, prompt, guidance, cond_latents=cond, anchor=anchor, guide=guide
+            pipeline, prompt, guidance, cond_latents=cond, anchor=anchor if config.apm else None, guide=guide
         )
         return counted(denoise, tick)
 
@@ -325,8 +328,9 @@ def write_refined(refiner: VideoJob, config: StreamingConfig, total: int) -> Non
         return chunk(index) if index == 0 else chunk(index)[:, :, overlap:]
 
     def context(index: int) -> Tensor:
-        """The end of piece index - 1, which is the blended overlap chunk `index` begins with: a
-        rank starts decoding its own chunks without waiting for its neighbour's file."""
+        """The end of piece index - 1, which is the blended overlap chunk `index` begins with (with
+        --no-blend, chunk `index`'s own head): a rank starts decoding its own chunks without
+        waiting for its neighbour's file."""
         if refiner.config.decode_context > overlap:
             return piece(index - 1)[:, :, : kept[index - 1]]
         return chunk(index)[:, :, :overlap]

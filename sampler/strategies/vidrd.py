@@ -41,6 +41,10 @@ class VidRDConfig:
     """α of PNS: how strongly a clip's initial noise follows the previous clip's (α >= 0)."""
     beta: float = 0.4
     """β of DSG in [0, 1]: the fraction of the denoising steps during which frame 0 is copied."""
+    noise_reversion: bool = True
+    """FNR: the first M frames start from the previous clip's reversed initial noise;
+    --no-noise-reversion draws them fresh (with --alpha 0 --beta 0: naive chunking, every clip
+    independent)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.overlap <= self.clip_frames:
@@ -60,11 +64,13 @@ class VidRDState:
 
 
 def reused_noise(previous_noise: Tensor, noise: Tensor, config: VidRDConfig) -> Tensor:
-    """FNR + PNS: clip i's z_T from clip i-1's z_T and fresh N(0, I) `noise` of the same shape."""
+    """FNR + PNS: clip i's z_T from clip i-1's z_T and fresh N(0, I) `noise` of the same shape
+    (PNS alone on every frame with --no-noise-reversion)."""
     reversed_previous = previous_noise.flip(2)  # frame j <- frame N-j-1
     alpha = config.alpha
     z_T = alpha / math.sqrt(1 + alpha**2) * reversed_previous + noise / math.sqrt(1 + alpha**2)
-    z_T[:, :, : config.overlap] = reversed_previous[:, :, : config.overlap]
+    if config.noise_reversion:
+        z_T[:, :, : config.overlap] = reversed_previous[:, :, : config.overlap]
     return z_T
 
 
