@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
-from webdataset.gopen import gopen
-
 CHUNK = 1 << 20
 CURL_REASONS = {
     6: "could not resolve the host",
@@ -69,6 +67,8 @@ class RemoteShard(io.RawIOBase):
         return True
 
     def _open(self) -> Any:
+        from webdataset.gopen import gopen  # imports torch: only when a remote shard is read
+
         stream = gopen(self.url, "rb")
         left = self.position
         while left:
