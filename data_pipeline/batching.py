@@ -61,12 +61,12 @@ class BatchMaker:
         self.batch_number = first_batch  # the rank's number of this worker's next batch
         self.skipped: dict[str, int] = dict(state.get("skipped", {})) if state else {}
         self.stream = SampleStream(
-            sets, slot, buffer_size=cfg.shuffle_buffer, state=state and state["stream"]
+            sets, slot, buffer_size=cfg.shuffle_buffer, state=state and state["stream"], retry=cfg.retry()
         )
         self.pending: list[list[tuple[list[Any], int, dict[str, Any]]]] = [[] for _ in buckets]
         self.videos: list[np.ndarray | None] = [None for _ in buckets]
         for bucket, ref, counter in state["pending"] if state else []:
-            item, _ = self._prepare(read_sample(ref[1], ref[2]), ref, counter, bucket)
+            item, _ = self._prepare(read_sample(ref[1], ref[2], cfg.retry()), ref, counter, bucket)
             self.pending[bucket].append((ref, counter, item))
 
     def _key(self, kind: str, counter: int) -> tuple[object, ...]:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from data_pipeline.remote import Retry
+
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
     shards: str = ""
-    """Shard URLs: a brace glob such as '/data/clips/{000000..000127}.tar'. Several shard sets
-    are separated by '::' and mixed by `weights`."""
+    """Shard URLs: a brace glob such as '/data/clips/{000000..000127}.tar', or a brace pattern of
+    remote shards read through WebDataset's handlers: 'http(s)://host/clips-{000000..000127}.tar'
+    or a 'pipe:' command writing a shard to stdout ('pipe:aws s3 cp s3://b/c-{000..127}.tar -').
+    Several shard sets are separated by '::' and mixed by `weights`."""
     weights: tuple[float, ...] = ()
     """Mixing weight of each shard set in `shards` (empty: equal weights)."""
     latent: bool = False
@@ -37,6 +41,11 @@ class DataConfig:
     """DataLoader worker processes per rank (0: decode in the training process)."""
     prefetch: int = 2
     """Batches each DataLoader worker prepares ahead (ignored when workers = 0)."""
+    shard_retries: int = 3
+    """Re-opens of a remote shard after a failed read before the run stops with an error naming
+    the URL and the reason."""
+    shard_retry_backoff: float = 1.0
+    """Seconds before the first re-open of a remote shard; doubled for each further one."""
     buckets: tuple[str, ...] = ()
     """Optional buckets 'FRAMESxHEIGHTxWIDTH:BATCH' (e.g. '16x64x64:4', '8x64x112:6'): each clip
     goes to the bucket whose aspect ratio is closest among those its length fits, is resized and
@@ -57,6 +66,10 @@ class DataConfig:
             if min(shapes[-1][:3]) < 1 or (batch and shapes[-1][3] < 1):
                 raise ValueError(f"buckets: every number must be >= 1, got {text!r}")
         return shapes
+
+    def retry(self) -> Retry:
+        """How remote shards are re-opened after a failed read."""
+        return Retry(attempts=self.shard_retries, backoff=self.shard_retry_backoff)
 
     def stride_bounds(self) -> tuple[int, int]:
         """(lowest, highest) frame stride of the clips."""
@@ -81,6 +94,10 @@ class DataConfig:
             raise ValueError(f"workers: must be >= 0, got {self.workers}")
         if self.weights and any(w < 0 for w in self.weights):
             raise ValueError(f"weights: must be non-negative, got {self.weights}")
+        if self.shard_retries < 0 or self.shard_retry_backoff < 0:
+            raise ValueError(
+                f"shard_retries/shard_retry_backoff: must be >= 0, got {self.shard_retries}/{self.shard_retry_backoff}"
+            )
         if self.prefetch < 1:
             raise ValueError(f"prefetch: must be >= 1, got {self.prefetch}")
         self.bucket_shapes()

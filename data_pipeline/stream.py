@@ -27,13 +27,14 @@ from typing import Any
 
 import braceexpand
 
+from data_pipeline.remote import ONCE, Retry, is_remote
 from data_pipeline.tario import TarSample, iter_samples, read_sample
 
 
 @dataclass(frozen=True, kw_only=True)
 class ShardSet:
     urls: tuple[str, ...]
-    """Shard paths (local or shared filesystem)."""
+    """Shard paths (local or shared filesystem), 'pipe:' commands or http(s) URLs."""
     weight: float
     """Mixing weight."""
     samples: int | None
@@ -46,6 +47,8 @@ def keyed_random(*key: object) -> random.Random:
 
 
 def _expand_one(pattern: str) -> tuple[list[str], int | None]:
+    if is_remote(pattern):
+        return list(braceexpand.braceexpand(pattern)), None
     path = Path(pattern)
     if path.is_dir():
         path = path / "manifest.json"
@@ -124,15 +127,21 @@ class SampleStream:
     """Infinite mixed, shuffled stream of raw samples for one slot; `state()` pins its position."""
 
     def __init__(
-        self, sets: list[ShardSet], slot: Slot, *, buffer_size: int, state: dict[str, Any] | None
+        self,
+        sets: list[ShardSet],
+        slot: Slot,
+        *,
+        buffer_size: int,
+        state: dict[str, Any] | None,
+        retry: Retry = ONCE,
     ) -> None:
-        self.sets, self.slot, self.buffer_size = sets, slot, max(1, buffer_size)
+        self.sets, self.slot, self.buffer_size, self.retry = sets, slot, max(1, buffer_size), retry
         state = state or fresh_state(sets, slot, start_epoch=0)
         self.cursors: list[dict[str, int]] = [dict(cursor) for cursor in state["cursors"]]
         self.pulls: int = state["pulls"]
         self.emitted: int = state["emitted"]
         self.buffer: list[tuple[list[Any], TarSample]] = [
-            (ref, read_sample(ref[1], ref[2])) for ref in state["buffer"]
+            (ref, read_sample(ref[1], ref[2], retry)) for ref in state["buffer"]
         ]
         self._open: dict[int, tuple[int, Iterator[TarSample]]] = {}
         self._cumulative = self._weights()
@@ -167,7 +176,7 @@ class SampleStream:
             url, epoch = shard_of_draw(shard_set, number, self.slot, cursor["draw"])
             opened = self._open.get(number)
             if opened is None or opened[0] != cursor["draw"]:
-                opened = (cursor["draw"], iter_samples(url, cursor["offset"]))
+                opened = (cursor["draw"], iter_samples(url, cursor["offset"], self.retry))
                 self._open[number] = opened
             sample = next(opened[1], None)
             if sample is not None:

@@ -13,6 +13,9 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
+
+from data_pipeline.remote import ONCE, Retry, open_shard
 
 BLOCK = 512
 
@@ -69,13 +72,13 @@ def _pax_path(payload: bytes) -> str | None:
     return None
 
 
-def iter_members(handle: io.BufferedReader, start: int = 0) -> Iterator[tuple[str, bytes, int, int]]:
-    """Yield (name, payload, header_offset, end_offset) of regular files from byte `start`.
+def iter_members(handle: BinaryIO, start: int = 0) -> Iterator[tuple[str, bytes, int, int]]:
+    """Yield (name, payload, header_offset, end_offset) of regular files of a handle positioned at
+    byte `start` of the archive.
 
     Understands USTAR, GNU long names ('L') and PAX path records ('x'); skips other entries.
     A truncated archive ends the iteration with an OSError naming the offset.
     """
-    handle.seek(start)
     offset, long_name = start, None
     while True:
         header = handle.read(BLOCK)
@@ -104,9 +107,10 @@ def _ustar_name(header: bytes) -> str:
     return f"{prefix}/{name}" if prefix else name
 
 
-def iter_samples(path: str | Path, start: int = 0) -> Iterator[TarSample]:
-    """Group consecutive members by key into samples, starting at byte `start` of the shard."""
-    with open(path, "rb") as handle:
+def iter_samples(path: str | Path, start: int = 0, retry: Retry = ONCE) -> Iterator[TarSample]:
+    """Group consecutive members by key into samples, starting at byte `start` of the shard (a
+    local path, or a remote URL re-opened up to `retry.attempts` times)."""
+    with open_shard(str(path), start, retry) as handle:
         key, files, first = None, {}, start
         last_end = start
         for name, payload, member_offset, end in iter_members(handle, start):
@@ -121,9 +125,11 @@ def iter_samples(path: str | Path, start: int = 0) -> Iterator[TarSample]:
             yield TarSample(key=key, files=files, offset=first, end=last_end)
 
 
-def read_sample(path: str | Path, offset: int) -> TarSample:
+def read_sample(path: str | Path, offset: int, retry: Retry = ONCE) -> TarSample:
     """The one sample whose first header is at `offset`."""
-    sample = next(iter_samples(path, offset), None)
+    samples = iter_samples(path, offset, retry)
+    sample = next(samples, None)
+    samples.close()
     if sample is None:
         raise OSError(f"{path}: no sample at byte {offset}")
     return sample

@@ -1,4 +1,4 @@
-"""The `lvd` command: one entry point, eight subcommands.
+"""The `lvd` command: one entry point, nine subcommands.
 
 Heavy imports (torch, deepspeed) happen inside the subcommand that needs them, so `lvd --help`
 is instant. Exit codes: 0 ok, 1 failure or not implemented, 2 bad usage or bad config,
@@ -17,6 +17,7 @@ from common.config import ConfigError
 # subcommand -> (one-line help, "module:function" taking argv and returning an exit code).
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "shard": ("turn videos, images or clips into WebDataset shards (videos | images | latents)", "lvd.shard_cmd:main"),
+    "data": ("inspect shards: stats (counts, durations, buckets, captions, scores) | preview (contact sheet)", "lvd.data_cmd:main"),
     "train": ("train a model with DeepSpeed ZeRO from a YAML config and dotted overrides", "trainer.cli:main"),
     "export": ("consolidate a run's checkpoint into a diffusers-style pipeline folder", "trainer.export_cli:main"),
     "sample": ("generate long videos with a distributed long-video strategy", "sampler.cli:main"),

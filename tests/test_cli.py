@@ -22,6 +22,7 @@ OWN_OPTIONS = {
     "submit": ("{train,shard,sample}", "--nodes", "--dry-run"),
     "plan": ("--config", "--nodes", "--gpu", "--json"),
     "demo": ("--out", "--quick", "--quiet"),
+    "data": ("{stats,preview}", "--buckets", "--json", "--out", "--clips", "--seed"),
 }
 """Options each subcommand's help must list: its own parser answers, not a generic one."""
 
