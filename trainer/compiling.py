@@ -5,8 +5,8 @@ Each block is compiled in place (`nn.Module.compile`), before the DeepSpeed engi
 network: the module tree and its parameter names stay those of the eager network (no `_orig_mod.`
 prefix), so checkpoints and exports are the same either way, and one compile serves every block of
 a kind. Whether the backend works here is checked once, up front, by compiling and running a small
-function with it: a failure at the first compiled forward would surface
-inside the engine's step, after the step's noise was drawn, on some ranks and not others.
+function with it: a failure at the first compiled forward would surface inside the engine's step,
+after the step's noise was drawn, on some ranks and not others.
 """
 
 from __future__ import annotations
