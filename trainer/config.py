@@ -76,7 +76,11 @@ class TrainConfig:
     """Activation checkpointing of the model's blocks, applied from outside the model."""
     compile: bool = False
     """torch.compile each of the model's blocks (regional: one compile serves every block of a
-    kind; parameter names and checkpoints do not change). ZeRO stage 0-2 only."""
+    kind; parameter names and checkpoints do not change). ZeRO stage 0-2 only. Where the backend
+    does not work (no C compiler, TORCH_COMPILE_DISABLE=1), the run says why in one line and trains
+    eager."""
+    compile_backend: str = "inductor"
+    """The torch.compile backend of `compile` (a name from `torch._dynamo.list_backends`)."""
     ema_decay: float = 0.0
     """EMA decay of the trained weights (0: no EMA). Works under ZeRO-3."""
     max_bad_steps: int = 5

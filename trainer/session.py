@@ -28,6 +28,7 @@ from model_zoo.counting import flop_counter
 from model_zoo.pretrained import write_config
 from trainer import checkpoint, faults
 from trainer.checkpoint import Counters, RankState
+from trainer.compiling import compile_blocks, unavailable_reason
 from trainer.config import TrainJobConfig
 from trainer.ema import Ema
 from trainer.engine import (
@@ -41,7 +42,7 @@ from trainer.engine import (
     save_engine,
 )
 from trainer.lora import check_identity, inject_lora
-from trainer.monitor import measured_peak_flops, peak_memory_bytes
+from trainer.monitor import measured_peak_flops, peak_memory_bytes, stderr
 from trainer.tasks import build_task
 from trainer.tasks.interface import Batch, StepOutput, Task
 
@@ -90,8 +91,11 @@ def build(cfg: TrainJobConfig, info: DistInfo) -> Session:
     lora_base = _inject_lora(task, cfg) if cfg.train.lora.enabled else None
     if info.is_main:
         save_frozen(task, Path(cfg.run.dir) / "frozen")
+    backend = _compile_backend(cfg, info)
     for module in task.trained.values():
-        _apply_block_wrappers(module, act_ckpt=cfg.train.act_ckpt, compile=cfg.train.compile)
+        _apply_block_wrappers(module, act_ckpt=cfg.train.act_ckpt)
+        if backend is not None:
+            compile_blocks(module, backend)  # after the checkpointing: the compile covers it
     engines = {name: build_engine(module.to(info.device), cfg.train, info) for name, module in task.trained.items()}
     loader = build_loader(
         cfg.data,
@@ -121,14 +125,28 @@ def _inject_lora(task: Task, cfg: TrainJobConfig) -> dict[str, Any]:
         raise TrainingError(str(err)) from None
 
 
-def _apply_block_wrappers(module: torch.nn.Module, *, act_ckpt: bool, compile: bool) -> None:
-    """Activation checkpointing and regional compilation of the network's blocks, from outside;
-    networks without blocks (the autoencoder task's small patch discriminator) stay as they are."""
+def _apply_block_wrappers(module: torch.nn.Module, *, act_ckpt: bool) -> None:
+    """Activation checkpointing of the network's blocks, from outside; networks without blocks
+    (the autoencoder task's small patch discriminator) stay as they are."""
     for block in getattr(module, "checkpoint_modules", list)():
         if act_ckpt:
             checkpoint_wrapper(block)
-        if compile:
-            block.compile()  # in place: compiles the call (and the checkpointing) of this block
+
+
+def _compile_backend(cfg: TrainJobConfig, info: DistInfo) -> str | None:
+    """The backend the blocks compile with; None (eager) when `train.compile` is off or the backend
+    does not work in this process, which this rank then says in one line."""
+    if not cfg.train.compile:
+        return None
+    try:
+        reason = unavailable_reason(cfg.train.compile_backend)
+    except ValueError as err:
+        raise TrainingError(str(err)) from None
+    if reason is None:
+        return cfg.train.compile_backend
+    rank = f" (rank {info.rank})" if info.world_size > 1 else ""
+    stderr(f"lvd train{rank}: train.compile: backend {cfg.train.compile_backend!r} unavailable, training eager: {reason}")
+    return None
 
 
 def next_micro_batches(session: Session) -> list[Batch]:
