@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     videos.add_argument("--clip-frames", type=int, default=16, help="frames per clip")
     videos.add_argument("--frame-stride", type=int, default=1, help="source frames between clip frames")
     videos.add_argument("--scene-split", action="store_true", help="no clip spans a PySceneDetect cut")
+    videos.add_argument(
+        "--no-scores", action="store_true", help="skip the curation scores (motion, sharpness, cuts) in each clip's json"
+    )
     images = commands.add_parser("images", help="VidRD pseudo-videos from captioned images")
     _media(images, input_help=media + " (sidecar: first line)")
     images.add_argument("--frames", type=int, default=16, help="frames per pseudo-video")
@@ -94,6 +97,7 @@ def _media_job(args: argparse.Namespace) -> dict[str, Any]:
             frame_stride=args.frame_stride,
             size=args.size,
             scene_split=args.scene_split,
+            scores=not args.no_scores,
         )
         process = functools.partial(process_video, options=options)
     else:

@@ -22,7 +22,8 @@ from typing import Any
 from tqdm import tqdm
 
 from common.files import atomic_write, atomic_write_json
-from data_pipeline.tario import tar_bytes
+from data_pipeline.score_filters import score_histograms
+from data_pipeline.tario import iter_samples, tar_bytes
 
 MANIFEST = "manifest.json"
 STATE = ".shard-state.json"
@@ -100,6 +101,7 @@ class ShardJob:
 
     def __init__(self, out_dir: Path, *, params: dict[str, Any], shard_bytes: int, labels: list[str]) -> None:
         self.out_dir, self.params, self.shard_bytes, self.labels = out_dir, params, shard_bytes, labels
+        self.scores: list[dict[str, float]] = []  # 'scores' of every written sample's json
         out_dir.mkdir(parents=True, exist_ok=True)
 
     def finished_manifest(self) -> dict[str, Any] | None:
@@ -118,6 +120,8 @@ class ShardJob:
             return done
         state = _load_state(self.out_dir, self.params)
         first = state["next_unit"]
+        for entry in state["shards"]:  # a resumed job re-reads the scores of the shards written before
+            self._collect([(sample.key, sample.files) for sample in iter_samples(self.out_dir / entry["path"])])
         pending: list[tuple[int, str, dict[str, str]]] = []
         shard = _OpenShard()
         bar = tqdm(total=len(units), initial=first, desc=f"shard {self.params['command']}", unit="input")
@@ -167,10 +171,17 @@ class ShardJob:
     ) -> None:
         name = f"shard-{len(state['shards']):06d}.tar"
         atomic_write(self.out_dir / name, tar_bytes(shard.samples))
+        self._collect(shard.samples)
         state["shards"].append({"path": name, "samples": len(shard.samples), "frames": shard.frames})
         state["next_unit"], state["skip_samples"] = cursor
         self._settle(state, cursor[0], pending)
         _write_json(self.out_dir / STATE, state)
+
+    def _collect(self, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+        for _, files in samples:
+            scores = json.loads(files["json"]).get("scores") if "json" in files else None
+            if isinstance(scores, dict):
+                self.scores.append(scores)
 
     def _finish(self, state: dict[str, Any], inputs: int) -> dict[str, Any]:
         manifest = {
@@ -182,6 +193,9 @@ class ShardJob:
             "skipped": state["skipped"],
             "warnings": state["warnings"],
         }
+        if self.scores:
+            histograms = score_histograms(self.scores)
+            manifest["scores"], manifest["score_histograms"] = sorted(histograms), histograms
         _write_json(self.out_dir / MANIFEST, manifest)
         (self.out_dir / STATE).unlink(missing_ok=True)
         return manifest
