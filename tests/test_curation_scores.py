@@ -149,3 +149,24 @@ def test_bad_filter_strings_are_named(text, message):
     with pytest.raises(ValueError, match="filters: ") as error:
         DataConfig(filters=("motion>0.5", text))
     assert message in str(error.value)
+
+
+def test_array_merge_gives_the_histograms_of_a_single_process_run(scored, tmp_path):
+    from slurm.shard_merge import merge_parts, run_task
+
+    folder = scored["scored"].parent / "videos"
+    argv = [
+        "videos",
+        "--input",
+        str(folder),
+        "--out",
+        str(tmp_path),
+        "--clip-frames",
+        "16",
+        "--size",
+        str(SIZE),
+    ]
+    assert [run_task(argv, task, 2) for task in range(2)] == [0, 0]
+    merged = merge_parts(tmp_path, 2, input_spec=str(folder))
+    single = json.loads((scored["scored"] / "manifest.json").read_text())
+    assert merged["score_histograms"] == single["score_histograms"] and merged["scores"] == single["scores"]
