@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SCORE_NAMES = ("motion", "sharpness", "cuts")
-"""The scores `lvd shard videos` writes into each clip's json under 'scores'."""
+SCORE_NAMES = ("motion", "sharpness", "cuts", "aesthetic")
+"""The scores `lvd shard videos` writes into each clip's json under 'scores' (aesthetic only with
+`--aesthetic-model`)."""
 HISTOGRAM_BINS = 10
 """Bins of each score histogram in the manifest."""
 _OPERATORS: dict[str, Callable[[float, float], bool]] = {

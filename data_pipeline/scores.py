@@ -4,7 +4,8 @@
   frames, in pixels per clip frame at a short side of `FLOW_SIZE` pixels;
 - sharpness: mean over the scored frames of the variance of the grayscale Laplacian, at the
   clip's stored size;
-- cuts: scene cuts (PySceneDetect's AdaptiveDetector over the source video) inside the clip.
+- cuts: scene cuts (PySceneDetect's AdaptiveDetector over the source video) inside the clip;
+- aesthetic (only with an `--aesthetic-model` folder): see aesthetic.py.
 
 Every `SCORE_EVERY`-th clip frame is scored. See docs/methods.md, 'Data: curation scores and
 filters'.
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+
+from data_pipeline.aesthetic import aesthetic
 
 SCORE_EVERY = 2
 """Clip frames between scored frames."""
@@ -53,6 +56,9 @@ def cuts_inside(cut_seconds: list[float], first: float, last: float, fps: float)
     return sum(1 for cut in cut_seconds if first < cut - half <= last)
 
 
-def clip_scores(frames: list[np.ndarray], cuts: int) -> dict[str, float]:
+def clip_scores(frames: list[np.ndarray], cuts: int, aesthetic_model: str | None) -> dict[str, float]:
     """The scores stored under 'scores' in a clip's json."""
-    return {"motion": round(motion(frames), 4), "sharpness": round(sharpness(frames), 2), "cuts": cuts}
+    scores = {"motion": round(motion(frames), 4), "sharpness": round(sharpness(frames), 2), "cuts": cuts}
+    if aesthetic_model is not None:
+        scores["aesthetic"] = round(aesthetic(aesthetic_model, frames), 4)
+    return scores

@@ -30,6 +30,8 @@ class CutOptions:
     """Run PySceneDetect's AdaptiveDetector first; no clip spans a detected cut."""
     scores: bool = True
     """Store the curation scores (scores.py) under 'scores' in each clip's json."""
+    aesthetic_model: str | None = None
+    """Folder of the aesthetic model (aesthetic.py) adding an 'aesthetic' score; None: no such score."""
 
 
 def _sample(
@@ -81,7 +83,7 @@ def _cut(item: InputItem, options: CutOptions, cut_seconds: list[float]) -> tupl
                 meta = dict(base, start_frame=start, scene=tracker.number)
                 if options.scores:
                     cuts = cuts_inside(cut_seconds, first_seconds, seconds, float(info.fps))
-                    meta["scores"] = clip_scores(frames, cuts)
+                    meta["scores"] = clip_scores(frames, cuts, options.aesthetic_model)
                 samples.append(_sample(item, len(samples), frames, meta))
                 frames = []
     return samples, decoded

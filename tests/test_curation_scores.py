@@ -15,7 +15,7 @@ from data_pipeline.config import DataConfig
 from data_pipeline.loader import build_loader
 from data_pipeline.shard_cli import main
 from data_pipeline.tario import iter_samples
-from data_pipeline.video_io import encode_mp4
+from data_pipeline.video_io import decode_mp4, encode_mp4
 
 SIZE, FRAMES = 96, 48
 
@@ -142,7 +142,7 @@ def test_clips_without_the_score_are_left_out_and_counted(scored):
         ("motion>>0.5", "'motion>>0.5' is not 'SCORE OP NUMBER'"),
         ("sharpness", "'sharpness' is not 'SCORE OP NUMBER'"),
         ("motion > fast", "'motion > fast' is not"),
-        ("beauty>5", "'beauty>5' names unknown score 'beauty'; known: motion, sharpness, cuts"),
+        ("beauty>5", "'beauty>5' names unknown score 'beauty'; known: motion, sharpness, cuts, aesthetic"),
     ],
 )
 def test_bad_filter_strings_are_named(text, message):
@@ -170,3 +170,62 @@ def test_array_merge_gives_the_histograms_of_a_single_process_run(scored, tmp_pa
     merged = merge_parts(tmp_path, 2, input_spec=str(folder))
     single = json.loads((scored["scored"] / "manifest.json").read_text())
     assert merged["score_histograms"] == single["score_histograms"] and merged["scores"] == single["scores"]
+
+
+def _aesthetic_folder(folder: Path) -> Path:
+    """A random-init aesthetic model in the `--aesthetic-model` format (tiny vision tower)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from data_pipeline.aesthetic import AestheticModel
+
+    config = {
+        "embed_dim": 16,
+        "vision": {"layers": 1, "width": 32, "head_width": 16, "patch_size": 8, "image_size": 32},
+    }
+    config["head"] = [8]
+    torch.manual_seed(0)
+    model = AestheticModel(config["embed_dim"], config["vision"], config["head"])
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file(
+        {name: tensor.contiguous() for name, tensor in model.state_dict().items()},
+        folder / "model.safetensors",
+    )
+    return folder
+
+
+def test_aesthetic_model_adds_a_score_that_filters_can_use(scored, tmp_path):
+    from data_pipeline.aesthetic import aesthetic
+
+    model = _aesthetic_folder(tmp_path / "aesthetic")
+    folder = scored["scored"].parent / "videos"
+    out = tmp_path / "shards"
+    args = ["videos", "--input", str(folder), "--clip-frames", "16", "--size", str(SIZE)]
+    assert main([*args, "--out", str(out), "--aesthetic-model", str(model)]) == 0
+    metas = _metas(out)
+    values = {key: meta["scores"]["aesthetic"] for key, meta in metas.items()}
+    assert len(set(values.values())) > 2  # the score depends on the content
+    frames = list(decode_mp4((folder / "static.mp4").read_bytes())[:16])  # the first clip's frames
+    assert (
+        abs(values[min(k for k in values if k.startswith("static"))] - aesthetic(str(model), frames)) < 1e-3
+    )
+    assert json.loads((out / "manifest.json").read_text())["scores"] == [
+        "aesthetic",
+        "cuts",
+        "motion",
+        "sharpness",
+    ]
+    threshold = sorted(values.values())[len(values) // 2]
+    cfg = DataConfig(
+        shards=f"{out}/shard-000000.tar", filters=(f"aesthetic>{threshold}",), frames=4, height=32, width=32
+    )
+    seen, _ = _seen(cfg, 6 * len(values))
+    assert {key for _, key in seen} == {key for key, value in values.items() if value > threshold}
+
+
+def test_a_bad_aesthetic_model_folder_is_named(scored, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    args = ["videos", "--input", str(scored["scored"].parent / "videos"), "--out", str(tmp_path / "out")]
+    assert main([*args, "--aesthetic-model", str(tmp_path / "empty")]) == 2
+    assert f"{tmp_path / 'empty' / 'config.json'} is missing" in capsys.readouterr().err
