@@ -20,6 +20,7 @@ import torch
 
 from data_pipeline.buckets import Bucket, choose_bucket, scheduled_bucket
 from data_pipeline.config import DataConfig
+from data_pipeline.score_filters import parse_filters, rejection
 from data_pipeline.stages import (
     decode_clip,
     drop_caption,
@@ -60,6 +61,7 @@ class BatchMaker:
         self.handed = 0
         self.batch_number = first_batch  # the rank's number of this worker's next batch
         self.skipped: dict[str, int] = dict(state.get("skipped", {})) if state else {}
+        self.filters = parse_filters(cfg.filters)
         self.stream = SampleStream(
             sets, slot, buffer_size=cfg.shuffle_buffer, state=state and state["stream"], retry=cfg.retry()
         )
@@ -140,14 +142,19 @@ class BatchMaker:
         bad, waited, target = 0, 0, self._target()
         for ref, sample in self.stream:
             counter = self.stream.emitted - 1
-            bucket = choose_bucket(self.buckets, sample_meta(sample.files)) if not self.cfg.latent else 0
-            item, reason = self._prepare(sample, ref, counter, bucket)
             waited += 1
             if waited > MAX_WAIT:
                 raise RuntimeError(
                     f"data.buckets: {MAX_WAIT} samples read without a batch of bucket {self._name(target)}: "
-                    "the shards hold (almost) no clip for it; remove it from data.buckets"
+                    "the shards hold (almost) no clip for it (that data.filters passes); remove it from data.buckets"
                 )
+            meta = sample_meta(sample.files)
+            filtered = rejection(self.filters, meta)
+            if filtered:
+                self._skip(filtered)
+                continue
+            bucket = choose_bucket(self.buckets, meta) if not self.cfg.latent else 0
+            item, reason = self._prepare(sample, ref, counter, bucket)
             if item is None:
                 self._skip(reason)
                 bad += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from data_pipeline.remote import Retry
+from data_pipeline.score_filters import parse_filters
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,6 +53,10 @@ class DataConfig:
     cropped to its shape, and every batch holds one bucket; all ranks draw the same bucket for a
     step. Without ':BATCH' the batch size keeps the bucket's tokens per batch near those of
     frames x height x width at the trainer's batch size. Empty: that one bucket."""
+    filters: tuple[str, ...] = ()
+    """Curation-score filters 'SCORE OP NUMBER' (e.g. 'motion>0.5', 'sharpness>100'), all of which
+    a clip's json 'scores' must pass (written by `lvd shard videos`); clips failing one or lacking
+    the score are left out and counted by reason. Empty: every clip."""
 
     def bucket_shapes(self) -> list[tuple[int, int, int, int]]:
         """Parsed buckets as (frames, height, width, batch size; 0 when left to the tokens rule)."""
@@ -101,3 +106,4 @@ class DataConfig:
         if self.prefetch < 1:
             raise ValueError(f"prefetch: must be >= 1, got {self.prefetch}")
         self.bucket_shapes()
+        parse_filters(self.filters)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from data_pipeline.aesthetic import load_aesthetic
 from data_pipeline.inputs import list_inputs
 from data_pipeline.latents import PosteriorEncoder, TextEncoder, VideoEncoder, shard_latents
 from data_pipeline.pseudo_video import PseudoOptions, process_image
@@ -47,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     videos.add_argument("--clip-frames", type=int, default=16, help="frames per clip")
     videos.add_argument("--frame-stride", type=int, default=1, help="source frames between clip frames")
     videos.add_argument("--scene-split", action="store_true", help="no clip spans a PySceneDetect cut")
+    videos.add_argument(
+        "--no-scores", action="store_true", help="skip the curation scores (motion, sharpness, cuts) in each clip's json"
+    )
+    videos.add_argument(
+        "--aesthetic-model", help="folder (config.json + model.safetensors) of a CLIP aesthetic head: adds an 'aesthetic' score"
+    )
     images = commands.add_parser("images", help="VidRD pseudo-videos from captioned images")
     _media(images, input_help=media + " (sidecar: first line)")
     images.add_argument("--frames", type=int, default=16, help="frames per pseudo-video")
@@ -89,11 +96,17 @@ def _check_positive(args: argparse.Namespace) -> None:
 def _media_job(args: argparse.Namespace) -> dict[str, Any]:
     items = list_inputs(args.input, first_line=args.command == "images")
     if args.command == "videos":
+        if args.aesthetic_model is not None:
+            if args.no_scores:
+                raise ValueError("--aesthetic-model adds a score: it cannot go with --no-scores")
+            load_aesthetic(args.aesthetic_model)  # a bad folder fails here, in one line
         options = CutOptions(
             clip_frames=args.clip_frames,
             frame_stride=args.frame_stride,
             size=args.size,
             scene_split=args.scene_split,
+            scores=not args.no_scores,
+            aesthetic_model=args.aesthetic_model,
         )
         process = functools.partial(process_video, options=options)
     else:

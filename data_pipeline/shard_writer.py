@@ -22,7 +22,8 @@ from typing import Any
 from tqdm import tqdm
 
 from common.files import atomic_write, atomic_write_json
-from data_pipeline.tario import tar_bytes
+from data_pipeline.score_filters import score_histograms
+from data_pipeline.tario import iter_samples, tar_bytes
 
 MANIFEST = "manifest.json"
 STATE = ".shard-state.json"
@@ -84,6 +85,29 @@ def _load_state(out_dir: Path, params: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
+def sample_scores(samples: list[tuple[str, dict[str, bytes]]]) -> list[dict[str, float]]:
+    """The 'scores' of each sample's json (samples without them give none)."""
+    found = []
+    for _, files in samples:
+        scores = json.loads(files["json"]).get("scores") if "json" in files else None
+        if isinstance(scores, dict):
+            found.append(scores)
+    return found
+
+
+def shard_scores(path: Path) -> list[dict[str, float]]:
+    """The 'scores' of the samples of one written shard."""
+    return sample_scores([(sample.key, sample.files) for sample in iter_samples(path)])
+
+
+def score_entries(scores: list[dict[str, float]]) -> dict[str, Any]:
+    """The manifest's 'scores' (names) and 'score_histograms' ({} when no clip has scores)."""
+    if not scores:
+        return {}
+    histograms = score_histograms(scores)
+    return {"scores": sorted(histograms), "score_histograms": histograms}
+
+
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
     atomic_write_json(path, payload, indent=1, sort_keys=True)
 
@@ -100,6 +124,7 @@ class ShardJob:
 
     def __init__(self, out_dir: Path, *, params: dict[str, Any], shard_bytes: int, labels: list[str]) -> None:
         self.out_dir, self.params, self.shard_bytes, self.labels = out_dir, params, shard_bytes, labels
+        self.scores: list[dict[str, float]] = []  # 'scores' of every written sample's json
         out_dir.mkdir(parents=True, exist_ok=True)
 
     def finished_manifest(self) -> dict[str, Any] | None:
@@ -118,6 +143,8 @@ class ShardJob:
             return done
         state = _load_state(self.out_dir, self.params)
         first = state["next_unit"]
+        for entry in state["shards"]:  # a resumed job re-reads the scores of the shards written before
+            self.scores += shard_scores(self.out_dir / entry["path"])
         pending: list[tuple[int, str, dict[str, str]]] = []
         shard = _OpenShard()
         bar = tqdm(total=len(units), initial=first, desc=f"shard {self.params['command']}", unit="input")
@@ -167,6 +194,7 @@ class ShardJob:
     ) -> None:
         name = f"shard-{len(state['shards']):06d}.tar"
         atomic_write(self.out_dir / name, tar_bytes(shard.samples))
+        self.scores += sample_scores(shard.samples)
         state["shards"].append({"path": name, "samples": len(shard.samples), "frames": shard.frames})
         state["next_unit"], state["skip_samples"] = cursor
         self._settle(state, cursor[0], pending)
@@ -181,7 +209,7 @@ class ShardJob:
             "frames": sum(entry["frames"] for entry in state["shards"]),
             "skipped": state["skipped"],
             "warnings": state["warnings"],
-        }
+        } | score_entries(self.scores)
         _write_json(self.out_dir / MANIFEST, manifest)
         (self.out_dir / STATE).unlink(missing_ok=True)
         return manifest

@@ -13,6 +13,7 @@ import av
 
 from data_pipeline.clips import ClipGrid, SegmentTracker, detect_cut_seconds
 from data_pipeline.inputs import InputItem, file_issue, sample_key
+from data_pipeline.scores import clip_scores, cuts_inside
 from data_pipeline.shard_writer import UnitResult
 from data_pipeline.video_io import encode_mp4, iter_frames, probe, short_side_size, to_rgb
 
@@ -27,6 +28,10 @@ class CutOptions:
     """Short side of the output clips in pixels."""
     scene_split: bool
     """Run PySceneDetect's AdaptiveDetector first; no clip spans a detected cut."""
+    scores: bool = True
+    """Store the curation scores (scores.py) under 'scores' in each clip's json."""
+    aesthetic_model: str | None = None
+    """Folder of the aesthetic model (aesthetic.py) adding an 'aesthetic' score; None: no such score."""
 
 
 def _sample(
@@ -44,12 +49,13 @@ def _sample(
 
 
 def _cut(item: InputItem, options: CutOptions, cut_seconds: list[float]) -> tuple[list, int]:
-    """(samples, decoded frame count) of one video."""
+    """(samples, decoded frame count) of one video; `cut_seconds` split it when scene_split is set
+    and are counted into each clip's scores when scores is set."""
     grid = ClipGrid(clip_frames=options.clip_frames, frame_stride=options.frame_stride)
     with av.open(item.path) as container:
         info = probe(container)
         width, height = short_side_size(info.width, info.height, options.size)
-        tracker = SegmentTracker(cut_seconds, float(info.fps))
+        tracker = SegmentTracker(cut_seconds if options.scene_split else [], float(info.fps))
         base = {
             "_rate": info.fps / options.frame_stride,
             "fps": float(info.fps / options.frame_stride),
@@ -61,7 +67,7 @@ def _cut(item: InputItem, options: CutOptions, cut_seconds: list[float]) -> tupl
             "source_width": info.width,
             "source_height": info.height,
         }
-        samples, frames, decoded = [], [], 0
+        samples, frames, decoded, first_seconds = [], [], 0, 0.0
         for index, seconds, frame in iter_frames(container):
             decoded = index + 1
             if tracker.advance(index, seconds):
@@ -70,11 +76,14 @@ def _cut(item: InputItem, options: CutOptions, cut_seconds: list[float]) -> tupl
             if slot is None:
                 continue
             if slot[1] == 0:
-                frames = []
+                frames, first_seconds = [], seconds
             frames.append(to_rgb(frame, (width, height)))
             if len(frames) == options.clip_frames:
                 start = index - grid.span + 1
                 meta = dict(base, start_frame=start, scene=tracker.number)
+                if options.scores:
+                    cuts = cuts_inside(cut_seconds, first_seconds, seconds, float(info.fps))
+                    meta["scores"] = clip_scores(frames, cuts, options.aesthetic_model)
                 samples.append(_sample(item, len(samples), frames, meta))
                 frames = []
     return samples, decoded
@@ -89,7 +98,7 @@ def process_video(item: InputItem, options: CutOptions) -> UnitResult:
     if issue is not None:
         return UnitResult(skipped=issue)
     try:
-        cuts = detect_cut_seconds(item.path) if options.scene_split else []
+        cuts = detect_cut_seconds(item.path) if options.scene_split or options.scores else []
         samples, decoded = _cut(item, options, cuts)
     except Exception as error:  # any decoder or scenedetect failure means this one input is bad
         return UnitResult(skipped=f"not a decodable video: {type(error).__name__}: {error}")

@@ -33,7 +33,7 @@ from typing import Any
 from common.files import atomic_write, atomic_write_json
 from data_pipeline import shard_cli
 from data_pipeline.inputs import CAPTION_SUFFIX, list_inputs
-from data_pipeline.shard_writer import MANIFEST
+from data_pipeline.shard_writer import MANIFEST, score_entries, shard_scores
 
 PARTS = "parts"
 LIST_SUFFIXES = (".csv", ".jsonl")
@@ -195,7 +195,8 @@ def _move_shards(out: Path, parts: list[tuple[Path, dict[str, Any]]]) -> list[di
 
 
 def merge_parts(out: Path, tasks: int, *, input_spec: str) -> dict[str, Any]:
-    """Merge parts/task-0000..N-1 into out/manifest.json (shards renumbered in task order)."""
+    """Merge parts/task-0000..N-1 into out/manifest.json (shards renumbered in task order); the
+    score histograms are recomputed from the merged shards' jsons."""
     if _finished(out):
         return json.loads((out / MANIFEST).read_text())
     parts = []
@@ -215,7 +216,7 @@ def merge_parts(out: Path, tasks: int, *, input_spec: str) -> dict[str, Any]:
         "skipped": [entry for m in manifests for entry in m["skipped"]],
         "warnings": [entry for m in manifests for entry in m["warnings"]],
         "merged_from_tasks": tasks,
-    }
+    } | score_entries([scores for entry in shards for scores in shard_scores(out / entry["path"])])
     atomic_write_json(out / MANIFEST, merged, indent=1, sort_keys=True)
     shutil.rmtree(out / PARTS)
     return merged
