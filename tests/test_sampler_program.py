@@ -229,7 +229,7 @@ def test_the_flags_are_generated_and_repeat_no_default():
         "--decode-context", "--clip-frames", "--N", "--cond-frames", "--k", "--perturb-level", "--s",
         "--uncond-weight", "--w", "--keyframe-stride", "--stride", "--overlap", "--M", "--alpha",
         "--beta", "--lam", "--lambda", "--blend-frames", "--F", "--blend-overlap", "--O", "--refine-t",
-        "--refine-size", "--no-refine", "--no-progress", "--quiet", "--content-strength", "--lora", "--lora-scale",
+        "--refine-size", "--no-refine", "--no-progress", "--quiet", "--content-strength", "--lora", "--lora-scale", "--image",
     }
     assert all(action.default is None for action in actions)
 
