@@ -40,8 +40,9 @@ def image_latent(pipeline: Pipeline, image: Tensor) -> Tensor:
     return (z - vae.config.shift_factor) * vae.config.scale_factor
 
 
-IMAGE_STRATEGIES = ("ddim",)
-"""Strategies that take --image."""
+IMAGE_STRATEGIES = ("ddim", "lvdm-autoregressive")
+"""Strategies that take --image: ddim for image-conditioned exports, lvdm-autoregressive through
+LVDM's mask conditioning (every lvdm_prediction export)."""
 
 
 def conditioning_latent(image: str | None, strategy: str, pipeline: Pipeline, height: int, width: int) -> Tensor | None:
@@ -51,9 +52,9 @@ def conditioning_latent(image: str | None, strategy: str, pipeline: Pipeline, he
         return None
     if strategy not in IMAGE_STRATEGIES:
         raise ValueError(f"--image is taken by --strategy {' or '.join(IMAGE_STRATEGIES)}, not {strategy}")
-    if not pipeline.image_conditioning:
+    if not (pipeline.image_conditioning or pipeline.task == "lvdm_prediction"):
         raise ValueError(
             f"--image {image}: the model {pipeline.path} was not trained for image conditioning (its "
-            "model_index.json has no 'image_conditioning'; train the diffusion task with objective.image_rate > 0)"
+            "model_index.json has no 'image_conditioning'; train the diffusion task with objective.image_rate > 0, or use an lvdm_prediction export)"
         )
     return image_latent(pipeline, read_image(image, height, width))

@@ -115,3 +115,34 @@ def test_sample_image_feeds_the_image_latent_at_every_step(tmp_path, monkeypatch
     assert json.loads((tmp_path / "v.json").read_text())["params"]["image"] == str(image)
     (tmp_path / "bad.png").write_text("not an image")
     assert main(["--model", str(model), "--image", str(tmp_path / "bad.png"), "--out", str(tmp_path / "w.mp4"), *SAMPLE]) == 1
+
+
+def test_lvdm_autoregressive_conditions_its_first_clip_on_the_image(tmp_path, monkeypatch):
+    """`--strategy lvdm-autoregressive --image`: the first clip is conditioned (mask 1) on the image's
+    latent in its first k frames instead of being generated unconditionally; without --image no
+    call of the first clip sees a mask."""
+    from sampler.image_input import image_latent, read_image
+    from sampler.pipeline import load_pipeline
+
+    model = tiny_pipeline(tmp_path / "lvdm", "lvdm_prediction")
+    image = write_image(tmp_path / "cat.png")
+    want = image_latent(load_pipeline(model), read_image(image, 32, 32))
+    seen = []
+    unet = type(model_zoo.build_model("unet3d", "tiny"))
+    forward = unet.forward
+
+    def spy(self, x, t, **kw):
+        seen.append(x)
+        return forward(self, x, t, **kw)
+
+    monkeypatch.setattr(unet, "forward", spy)
+    lvdm = ["--model", str(model), "--strategy", "lvdm-autoregressive", "--k", "2", "--s", "0", "--frames", "8"]
+    assert main([*lvdm, "--image", str(image), "--out", str(tmp_path / "v.mp4"), *SAMPLE[:2], *SAMPLE[4:]]) == 0
+    conditioned = [x for x in seen if (x[:, 4, :2] == 1).all()]
+    assert conditioned and all((x[:, 4, 2:] == 0).all() for x in conditioned)
+    for x in conditioned:  # level s = 0: the given frames are the image latent (up to √ᾱ_0 and noise of std √β_0)
+        for frame in (0, 1):
+            assert float(((x[:, :4, frame] - want) ** 2).mean() / (want**2).mean()) < 0.05
+    seen.clear()
+    assert main([*lvdm, "--out", str(tmp_path / "w.mp4"), *SAMPLE[:2], *SAMPLE[4:]]) == 0
+    assert seen and all((x[:, 4] == 0).all() for x in seen)
