@@ -146,3 +146,18 @@ def test_lvdm_autoregressive_conditions_its_first_clip_on_the_image(tmp_path, mo
     seen.clear()
     assert main([*lvdm, "--out", str(tmp_path / "w.mp4"), *SAMPLE[:2], *SAMPLE[4:]]) == 0
     assert seen and all((x[:, 4] == 0).all() for x in seen)
+
+
+def test_the_preview_of_an_image_conditioned_task_runs_text_to_video(tmp_path):
+    """The TensorBoard preview samples with the zero condition (no image): the network's 2C + 1 input
+    channels are filled and a decoded video comes back."""
+    from trainer.config import TrainJobConfig
+    from trainer.tasks import build_task
+    from trainer.tasks.interface import Batch
+
+    overrides = ["data.shards=unused", f"run.dir={tmp_path}", "objective.image_rate=0.5", "data.height=32", "data.width=32"]
+    task = build_task(load_config(TrainJobConfig, REPO / "configs/tiny/dit.yaml", overrides), torch.device("cpu"))
+    video = torch.rand(1, 3, 4, 32, 32) * 2 - 1
+    batch = Batch(captions=["a"], video=video, tokens=task.tokenizer()(["a"]))
+    preview = task.preview(task.trained, batch, torch.Generator().manual_seed(0))
+    assert preview.shape == video.shape
