@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 import model_zoo
 from common.config import ConfigError, load_config
@@ -119,8 +120,8 @@ def test_sample_image_feeds_the_image_latent_at_every_step(tmp_path, monkeypatch
 
 def test_lvdm_autoregressive_conditions_its_first_clip_on_the_image(tmp_path, monkeypatch):
     """`--strategy lvdm-autoregressive --image`: the first clip is conditioned (mask 1) on the image's
-    latent in its first k frames instead of being generated unconditionally; without --image no
-    call of the first clip sees a mask."""
+    latent in its first k frames instead of being generated unconditionally, and the video starts
+    with those given frames; without --image no call of the first clip sees a mask."""
     from sampler.image_input import image_latent, read_image
     from sampler.pipeline import load_pipeline
 
@@ -143,6 +144,10 @@ def test_lvdm_autoregressive_conditions_its_first_clip_on_the_image(tmp_path, mo
     for x in conditioned:  # level s = 0: the given frames are the image latent (up to √ᾱ_0 and noise of std √β_0)
         for frame in (0, 1):
             assert float(((x[:, :4, frame] - want) ** 2).mean() / (want**2).mean()) < 0.05
+    first_chunk = load_file(str(tmp_path / "v.parts" / "chunk-00000.safetensors"))["latents"]
+    assert first_chunk.shape[2] == 4  # l: the k = 2 given frames, then l - k new ones
+    for frame in (0, 1):
+        torch.testing.assert_close(first_chunk[:, :, frame], want)
     seen.clear()
     assert main([*lvdm, "--out", str(tmp_path / "w.mp4"), *SAMPLE[:2], *SAMPLE[4:]]) == 0
     assert seen and all((x[:, 4] == 0).all() for x in seen)

@@ -93,8 +93,8 @@ def num_clips(config: LVDMConfig, num_frames: int) -> int:
 
 def first_context(job: VideoJob, config: LVDMConfig) -> Tensor | None:
     """The first clip's condition: --image's latent held still over the k conditioning frames
-    (B, C, k, h, w), or None (the first clip unconditional). The whole first clip is kept, so the
-    video starts with the network's output at the image's frames."""
+    (B, C, k, h, w), or None (the first clip unconditional). The video starts with these k given
+    frames, then the first clip's l - k new ones."""
     if job.image_latent is None:
         return None
     return job.image_latent[:, :, None].expand(-1, -1, config.cond_frames, -1, -1)
@@ -109,7 +109,12 @@ def stepper(job: VideoJob, config: LVDMConfig, frame_stride: int | None = None) 
     def step(index: int, state: State | None) -> tuple[Tensor, State]:
         context = first_context(job, config) if state is None else state["context"]
         clip = autoregressive_clip(predict, context, index, setup=job.setup, config=config, seed=job.seed, guide=guide)
-        new_frames = clip if index == 0 else clip[:, :, config.cond_frames :]
+        if context is None:
+            new_frames = clip
+        elif index == 0:  # --image: its k given frames start the video (the network's output there is untrained)
+            new_frames = torch.cat([context.to(clip), clip[:, :, config.cond_frames :]], dim=2)
+        else:
+            new_frames = clip[:, :, config.cond_frames :]
         return new_frames, {"context": clip[:, :, -config.cond_frames :]}
 
     return step
