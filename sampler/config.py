@@ -62,6 +62,10 @@ class SampleConfig:
     flow-matching models (--model2 uses its model's default)."""
     shift: float | None = field(default=None, metadata={"flag_default": "the --model export's"})
     """Timestep shift s of a flow-matching --model, t' = s t / (1 + (s-1) t)."""
+    image: str | None = None
+    """PNG/JPEG image that conditions the first frame (image-to-video), fitted to --height/--width by
+    scaling and center-cropping: --strategy ddim with an image-conditioned --model (objective.image_rate),
+    or lvdm-autoregressive (the image's latent as the first clip's condition)."""
     guidance: float = 7.5
     """Text classifier-free guidance scale g (VidRD 10, StreamingT2V 7.5); 1 disables it."""
     height: int = field(default=256, metadata={"flag_default": "the --model's training size"})

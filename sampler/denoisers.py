@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from model_zoo.diffusion.guidance import Guide, cfg
+from model_zoo.diffusion.image_condition import with_image_condition
 from model_zoo.diffusion.samplers import DenoiseFn
 from model_zoo.unet3d import UNet3D
 from sampler.pipeline import Pipeline
@@ -36,9 +37,20 @@ def with_text_guidance(
     return guide(branch(context), branch(pipeline.text_context("")), guidance)
 
 
-def text_denoiser(pipeline: Pipeline, prompt: str, guidance: float, guide: Guide = cfg) -> DenoiseFn:
-    """A text-to-video denoiser (unet3d, videofusion): x (B, C, T, h, w), t (B,) -> output."""
-    model = pipeline.denoiser
+def denoiser_network(pipeline: Pipeline, image_latent: Tensor | None = None) -> Callable[..., Tensor]:
+    """The pipeline's denoiser; an image-conditioned one (`Pipeline.image_conditioning`) with its
+    condition channels bound: `image_latent` (1, C, h, w) in frame 0, or none (all zeros)."""
+    if not pipeline.image_conditioning:
+        return pipeline.denoiser
+    return with_image_condition(pipeline.denoiser, image_latent)
+
+
+def text_denoiser(
+    pipeline: Pipeline, prompt: str, guidance: float, guide: Guide = cfg, image_latent: Tensor | None = None
+) -> DenoiseFn:
+    """A text-to-video denoiser (unet3d, videofusion, dit): x (B, C, T, h, w), t (B,) -> output;
+    `image_latent`: the first frame's clean latent for an image-conditioned denoiser."""
+    model = denoiser_network(pipeline, image_latent)
 
     def branch(context: Tensor | None) -> DenoiseFn:
         return lambda x, t: model(x, t, context=context)

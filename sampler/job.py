@@ -49,6 +49,8 @@ class VideoJob:
     """Latent frames needed for `config.frames` pixel frames."""
     store: PartsStore
     """The video's `.parts/` folder."""
+    image_latent: Tensor | None = None
+    """--image's clean latent (1, C, h, w), for the first window of an image-conditioned denoiser."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds per stage."""
     counters: list[Progress] = field(default_factory=list)
@@ -87,6 +89,8 @@ class VideoJob:
     def progress_mode(self) -> ProgressMode:
         return "auto" if self.config.progress and self.is_owner else "quiet"
 
-    def prompt_denoiser(self) -> Callable[[Tensor, Tensor], Tensor]:
-        """--model with the prompt and text guidance, the branches split over the job's ranks."""
-        return text_denoiser(self.pipeline, self.prompt, self.config.guidance, branch_parallel_guide(self.world))
+    def prompt_denoiser(self, *, first_window: bool = False) -> Callable[[Tensor, Tensor], Tensor]:
+        """--model with the prompt and text guidance, the branches split over the job's ranks; in the
+        `first_window` (the one that starts the video), conditioned on --image's latent if given."""
+        image = self.image_latent if first_window else None
+        return text_denoiser(self.pipeline, self.prompt, self.config.guidance, branch_parallel_guide(self.world), image)

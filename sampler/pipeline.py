@@ -75,6 +75,9 @@ class Pipeline:
     trained_size: tuple[int, int] | None = None
     """(height, width) of the clips the denoiser was trained on (model_index.json's 'sample_size');
     None when the export does not record it."""
+    image_conditioning: bool = False
+    """The denoiser takes first-frame image conditioning channels (model_index.json's
+    'image_conditioning', from a `diffusion` run with `objective.image_rate` > 0)."""
     text_cache: dict[str, Tensor] = field(default_factory=dict, repr=False, compare=False)
     """Text tokens of the last `TEXT_CACHE_SIZE` prompts (StreamingT2V asks for them every chunk)."""
 
@@ -198,6 +201,7 @@ def load_pipeline(folder: str | Path, *, device: str = "cpu", lora: str | None =
         uncond_level=uncond_level if has_levels else None,
         frame_strides=recorded_frame_strides(index.entries),
         trained_size=recorded_size(index.entries),
+        image_conditioning="image_conditioning" in index.entries,
         networks=networks,
         schedule=_schedule(index.scheduler),
         content_schedule=_schedule(index.extra_schedulers["content_scheduler"]) if "content_scheduler" in index.extra_schedulers else None,

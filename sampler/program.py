@@ -27,6 +27,7 @@ import torch
 
 from sampler.config import SampleConfig
 from sampler.distributed import World, close_world, init_world
+from sampler.image_input import conditioning_latent
 from sampler.job import VideoJob
 from sampler.pipeline import Pipeline, latent_frames_for, load_pipeline, vae_factors
 from sampler.state import PartsStore
@@ -140,6 +141,7 @@ def generate(config: SampleConfig) -> list[Path]:
             check_objective(config.strategy, given)
         setup = make_setup(config, pipeline, device)
         latent_frames = latent_frames_for(pipeline.vae, config.frames)
+        first_latent = conditioning_latent(config.image, config.strategy, pipeline, config.height, config.width)
         outputs = []
         num_videos = len(config.prompts)
         alone_until = num_videos - num_videos % world.size  # full rounds: one rank per video
@@ -158,6 +160,7 @@ def generate(config: SampleConfig) -> list[Path]:
                 setup=setup,
                 latent_frames=latent_frames,
                 store=PartsStore(parts_folder(out)),
+                image_latent=first_latent,
             )
             outputs += run_video(job, world)
         world.barrier()

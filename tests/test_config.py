@@ -166,12 +166,12 @@ def test_objective_round_trips_through_the_checkpoint_dict(tmp_path):
     ("path", "overrides", "message"),
     [
         ("unet3d.yaml", ["objective.task=bogus"], r"^objective\.task: must be one of 'diffusion', .*got 'bogus' \(in command line\)"),
-        ("unet3d.yaml", ["objective.p_pred=0.2"], r"^objective\.p_pred: unknown key; valid keys: diffusion, flow, name, task \(in command line\)"),
+        ("unet3d.yaml", ["objective.p_pred=0.2"], r"^objective\.p_pred: unknown key; valid keys: diffusion, flow, image_rate, name, task \(in command line\)"),
         ("lvdm_prediction.yaml", ["objective.p_interp=0.5"], r"^objective\.p_interp: unknown key; valid keys: conditioning, diffusion, p_pred, task"),
         ("lvdm_prediction.yaml", ["objective.conditioning.s_max=1000"], r"^objective\.conditioning: s_max must be < diffusion\.num_timesteps"),
         ("lvdm_interpolation.yaml", ["objective.p_no_mask=0.2"], r"^objective\.p_no_mask: p_interp \+ p_no_mask must be <= 1"),
         ("autoencoder.yaml", ["objective.task=lvdm_prediction"], r"^objective\.loss_type: unknown key.*\(in .*autoencoder\.yaml\)"),
-        ("unet3d.yaml", ["objective.loss_type=l1"], r"^objective\.loss_type: unknown key; valid keys: diffusion, flow, name, task"),
+        ("unet3d.yaml", ["objective.loss_type=l1"], r"^objective\.loss_type: unknown key; valid keys: diffusion, flow, image_rate, name, task"),
     ],
 )
 def test_objective_errors_name_the_key_and_where_it_came_from(path, overrides, message):

@@ -223,6 +223,14 @@ class DiffusionObjective:
     """Noise schedule, parameterisation and loss of the denoiser."""
     flow: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
     """Time draws, shift and loss weighting of `name: flow_matching`."""
+    image_rate: float = 0.0
+    """Image-to-video training: the fraction of samples given their clean first latent frame as a
+    condition (concatenated channels plus a mask channel; the network's input grows by C + 1).
+    0: text-to-video only, no extra channels."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.image_rate <= 1.0:
+            raise ValueError(f"image_rate: must be in [0, 1], got {self.image_rate}")
 
 
 @dataclass(frozen=True, kw_only=True)

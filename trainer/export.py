@@ -87,6 +87,8 @@ def export(
         if isinstance(cfg.objective, LVDMPredictionObjective | LVDMInterpolationObjective):
             entries["uncond_level"] = no_condition_level(cfg.objective.conditioning)  # the ε_u encoding training used
             entries["frame_stride"] = list(cfg.data.stride_bounds())  # the hierarchical sampler's keyframe stride
+        if isinstance(cfg.objective, DiffusionObjective) and cfg.objective.image_rate > 0:
+            entries["image_conditioning"] = {"kind": "first_frame_concat", "rate": cfg.objective.image_rate}
         diffusion = not isinstance(cfg.objective, AutoencoderObjective | CMDAutoencoderObjective | TemporalDecoderObjective)
         scheduler = None
         if isinstance(cfg.objective, DiffusionObjective) and cfg.objective.name == "flow_matching":

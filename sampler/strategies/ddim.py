@@ -53,11 +53,12 @@ def ddim_windows(
 
 
 def run(job: VideoJob, config: DDIMConfig) -> None:
-    """The windows in order, each a resumable unit, into the mp4."""
-    denoise = counted(job.prompt_denoiser(), job.tick_steps())
+    """The windows in order, each a resumable unit, into the mp4; --image conditions the first."""
+    tick = job.tick_steps()
+    first, rest = (counted(job.prompt_denoiser(first_window=first), tick) for first in (True, False))
     frames = window_frames(config, job.latent_frames)
 
     def step(index: int, state: State | None) -> tuple[Tensor, State]:
-        return sample_window(denoise, index, frames, setup=job.setup, seed=job.seed), {}
+        return sample_window(rest if index else first, index, frames, setup=job.setup, seed=job.seed), {}
 
     run_chunks_to_video(job, "chunk", step, math.ceil(job.latent_frames / frames))

@@ -1,6 +1,7 @@
 """`--strategy lvdm-autoregressive`: LVDM's autoregressive prediction (He et al. 2022, §3.4;
-docs/methods.md §6.1). The first clip of l latent frames unconditionally, then each clip
-conditioned on the last k frames of the clip before; every clip adds l - k frames.
+docs/methods.md §6.1). The first clip of l latent frames unconditionally (or, with --image,
+conditioned on the image's latent in its first k frames), then each clip conditioned on the last k
+frames of the clip before; every clip adds l - k frames.
 """
 
 from __future__ import annotations
@@ -90,6 +91,15 @@ def num_clips(config: LVDMConfig, num_frames: int) -> int:
     return 1 + math.ceil(max(0, num_frames - config.clip_frames) / new_per_clip)
 
 
+def first_context(job: VideoJob, config: LVDMConfig) -> Tensor | None:
+    """The first clip's condition: --image's latent held still over the k conditioning frames
+    (B, C, k, h, w), or None (the first clip unconditional). The video starts with these k given
+    frames, then the first clip's l - k new ones."""
+    if job.image_latent is None:
+        return None
+    return job.image_latent[:, :, None].expand(-1, -1, config.cond_frames, -1, -1)
+
+
 def stepper(job: VideoJob, config: LVDMConfig, frame_stride: int | None = None) -> Stepper:
     """--model's clips one by one; the state is the last k frames (the next clip's condition). A
     stride-conditioned network is told `frame_stride` (default: its highest trained stride)."""
@@ -97,9 +107,14 @@ def stepper(job: VideoJob, config: LVDMConfig, frame_stride: int | None = None) 
     guide = branch_parallel_guide(job.world)
 
     def step(index: int, state: State | None) -> tuple[Tensor, State]:
-        context = None if state is None else state["context"]
+        context = first_context(job, config) if state is None else state["context"]
         clip = autoregressive_clip(predict, context, index, setup=job.setup, config=config, seed=job.seed, guide=guide)
-        new_frames = clip if context is None else clip[:, :, config.cond_frames :]
+        if context is None:
+            new_frames = clip
+        elif index == 0:  # --image: its k given frames start the video (the network's output there is untrained)
+            new_frames = torch.cat([context.to(clip), clip[:, :, config.cond_frames :]], dim=2)
+        else:
+            new_frames = clip[:, :, config.cond_frames :]
         return new_frames, {"context": clip[:, :, -config.cond_frames :]}
 
     return step

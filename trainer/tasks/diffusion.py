@@ -1,5 +1,6 @@
 """Task `diffusion`: text-to-video latent diffusion (ε/v/x0) or flow matching (caption dropout is
-the loader's). See docs/methods.md, 'Training: what every task shares' and 'Flow matching'."""
+the loader's), optionally image-to-video by first-frame concatenation (`objective.image_rate`).
+See docs/methods.md, 'Training: what every task shares', 'Flow matching' and 'Image-to-video'."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from model_zoo.diffusion.image_condition import conditioned_channels, with_image_condition
 from trainer.config import DiffusionObjective, ModelConfig
 from trainer.tasks.denoising import build_process, text_denoiser, text_to_video_preview
 from trainer.tasks.encoders import latent_encoders
@@ -24,10 +26,12 @@ class DiffusionTask:
         self.device = device
         self.encoders = latent_encoders(model, vae=not latent, seed=seed, device=device)
         self.diffusion = build_process(objective, device)
+        self.image_rate = objective.image_rate
         channels = self.encoders.latent_channels(model)
+        in_channels = conditioned_channels(channels) if self.image_rate > 0 else channels
         self.frozen = self.encoders.helpers()
         self.trained: dict[str, nn.Module] = {
-            "model": trained_model(model, in_channels=channels, out_channels=channels, context_dim=self.encoders.context_dim())
+            "model": trained_model(model, in_channels=in_channels, out_channels=channels, context_dim=self.encoders.context_dim())
         }
 
     def tokenizer(self) -> Callable[[list[str]], Tensor]:
@@ -36,7 +40,16 @@ class DiffusionTask:
     def losses(self, engines: Engines, batch: Batch, generator: torch.Generator, step: int) -> StepOutput:
         latents, context = self.encoders.encode(batch, generator, self.device)
         t, noise = self.diffusion.draw(latents, generator)
-        return self.diffusion.loss(engines["model"], latents, t, noise, context=context)
+        return self.diffusion.loss(self.denoiser(engines["model"], latents, generator), latents, t, noise, context=context)
+
+    def denoiser(self, model: Callable[..., Tensor], latents: Tensor, generator: torch.Generator) -> Callable[..., Tensor]:
+        """The network as the loss calls it: with image conditioning, each sample gets its clean first
+        latent frame with probability `image_rate` (the others all-zero condition channels)."""
+        if self.image_rate == 0:
+            return model
+        keep = torch.rand(latents.shape[0], generator=generator) < self.image_rate
+        return with_image_condition(model, latents[:, :, 0], keep.to(latents.device))
 
     def preview(self, engines: Engines, batch: Batch, generator: torch.Generator) -> Tensor | None:
-        return text_to_video_preview(self.diffusion, self.encoders, text_denoiser(engines["model"]), batch, generator, self.device)
+        model = engines["model"] if self.image_rate == 0 else with_image_condition(engines["model"], None)
+        return text_to_video_preview(self.diffusion, self.encoders, text_denoiser(model), batch, generator, self.device)
