@@ -17,8 +17,11 @@ from typing import IO
 REPO = Path(__file__).resolve().parent.parent
 PROGRESS = re.compile(r"^\s*(lvd [a-z]+: |step \d+|\[rank ?\d+\] step \d+)", re.IGNORECASE)
 """Lines of a stage's output echoed to the console (everything goes to the stage's log)."""
+STEP = re.compile(r"step \d+", re.IGNORECASE)
+"""Progress lines that repeat (a step count): throttled; the others (where weights came from, done)
+are echoed as they come."""
 ECHO_EVERY = 5.0
-"""At most one progress line per stage every this many seconds (the last one always)."""
+"""At most one step line per stage every this many seconds (the last one always)."""
 
 
 class Echo:
@@ -30,6 +33,12 @@ class Echo:
 
     def line(self, text: str) -> None:
         if self.quiet or not PROGRESS.match(text):
+            return
+        if not STEP.search(text):
+            if self.pending:  # the last step line first, in order
+                print(f"    {self.prefix}{self.pending.strip()}", flush=True)
+                self.pending = ""
+            print(f"    {self.prefix}{text.strip()}", flush=True)
             return
         now = time.monotonic()
         if now - self.last_time >= ECHO_EVERY:

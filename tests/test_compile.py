@@ -63,13 +63,14 @@ def test_compiled_run_has_the_eager_checkpoint_and_export_keys(tmp_path, video_s
     assert not any("_orig_mod" in key for names in keys["compiled"] for key in names)
 
 
-def test_disabled_compile_trains_eager_after_one_line(tmp_path, video_shards, capsys, monkeypatch):
+def test_disabled_compile_trains_eager_after_one_line(tmp_path, video_shards, capsys):
     """TORCH_COMPILE_DISABLE=1 sets this flag at import; set here as the process already imported torch."""
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(torch._dynamo.config, "disable", True)
     counters.clear()
-    assert _train(tmp_path / "run", video_shards, "train.compile=true") == 0
+    # The config module's own patch: monkeypatch's undo leaves `disable` hidden for later tests.
+    with torch._dynamo.config.patch(disable=True):
+        assert _train(tmp_path / "run", video_shards, "train.compile=true") == 0
     lines = [line for line in capsys.readouterr().err.splitlines() if "train.compile" in line]
     assert lines == [
         "lvd train: train.compile: backend 'inductor' unavailable, training eager: "

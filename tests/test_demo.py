@@ -172,3 +172,17 @@ def test_quick_demo_runs_the_whole_chain_writes_its_report_and_resumes(tmp_path,
     assert len(stages) >= 20 and " ..." not in again.stdout
     assert (out / "report.json").read_bytes() == report_bytes
     assert "lvd train: step" not in again.stdout and str(out / "report.html") in again.stdout
+
+
+def test_echo_throttles_step_lines_and_passes_the_others_in_order(capsys):
+    """Step lines are throttled (the last one always shows); other progress lines (weights
+    sources, done) are echoed as they come, after the step line they follow."""
+    import io
+
+    from lvd.demo_stages import Echo
+
+    text = "lvd train: model: random init\nlvd train: step 1/3 loss=1\nlvd train: step 2/3 loss=1\nnoise\nlvd train: done, 3 steps\n"
+    Echo("", io.StringIO(), quiet=False).pump(io.BytesIO(text.encode()))
+    assert [line.strip() for line in capsys.readouterr().out.splitlines()] == [
+        "lvd train: model: random init", "lvd train: step 1/3 loss=1", "lvd train: step 2/3 loss=1", "lvd train: done, 3 steps",
+    ]
