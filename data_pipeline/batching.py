@@ -12,6 +12,7 @@ See docs/methods.md, 'Data: aspect and length buckets in training'.
 from __future__ import annotations
 
 import dataclasses
+import random
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -22,8 +23,11 @@ from data_pipeline.buckets import Bucket, choose_bucket, scheduled_bucket
 from data_pipeline.config import DataConfig
 from data_pipeline.score_filters import parse_filters, rejection
 from data_pipeline.stages import (
+    ClipShape,
     decode_clip,
+    decode_image,
     drop_caption,
+    image_member,
     load_npy,
     sample_caption,
     sample_meta,
@@ -92,14 +96,26 @@ class BatchMaker:
             if "text_emb.npy" in files:
                 item["text_emb"] = load_npy(files["text_emb.npy"])
             return item, ""
-        if "mp4" not in files:
-            return None, "no mp4 in the sample"
         rng = keyed_random(*self._key("aug", counter)) if self.cfg.random_crop else None
         shape = dataclasses.replace(self.buckets[bucket].shape, frame_stride=stride)
+        if "mp4" not in files:
+            return self._still(files, shape, rng, item)
         item["video"] = decode_clip(files["mp4"], shape, rng)  # (L, H, W, 3)
         if item["video"] is None:
             return None, f"fewer frames than the {shape.span}-frame span of its bucket {self._name(bucket)}"
         return item, ""
+
+    def _still(
+        self, files: dict[str, bytes], shape: ClipShape, rng: random.Random | None, item: dict[str, Any]
+    ) -> tuple[dict[str, Any] | None, str]:
+        """A sample holding a still image: a one-frame clip (image batches), else left out."""
+        member = image_member(files)
+        if member is None:
+            return None, "no mp4 or image in the sample"
+        if shape.frames != 1:
+            return None, "a still image among video clips (image shards go in data.image_shards)"
+        item["video"] = decode_image(files[member], shape, rng)  # (1, H, W, 3)
+        return (item, "") if item["video"] is not None else (None, f"not a readable {member} image")
 
     def _name(self, bucket: int) -> str:
         shape = self.buckets[bucket].shape

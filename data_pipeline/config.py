@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from data_pipeline.remote import Retry
@@ -57,6 +58,18 @@ class DataConfig:
     """Curation-score filters 'SCORE OP NUMBER' (e.g. 'motion>0.5', 'sharpness>100'), all of which
     a clip's json 'scores' must pass (written by `lvd shard videos`); clips failing one or lacking
     the score are left out and counted by reason. Empty: every clip."""
+    image_shards: str = ""
+    """Shards of captioned images for joint image + video training, in the forms `shards` takes:
+    plain images (`lvd shard images --plain`), or any mp4 shards, of which one frame per clip is
+    taken. Read by a second loader at height x width; empty: video only."""
+    image_weights: tuple[float, ...] = ()
+    """Mixing weight of each shard set in `image_shards` (empty: equal weights)."""
+    image_ratio: float = 0.0
+    """Fraction of micro-batches that are image batches (each micro-batch is one modality, drawn
+    from the seed and the micro-batch's number, the same on every rank). > 0 with `image_shards`."""
+    image_batch_size: int = 0
+    """Images per image batch; 0: frames x the trainer's micro-batch size, so that an image batch
+    holds as many pixels as a video batch."""
 
     def bucket_shapes(self) -> list[tuple[int, int, int, int]]:
         """Parsed buckets as (frames, height, width, batch size; 0 when left to the tokens rule)."""
@@ -107,3 +120,39 @@ class DataConfig:
             raise ValueError(f"prefetch: must be >= 1, got {self.prefetch}")
         self.bucket_shapes()
         parse_filters(self.filters)
+        self._check_images()
+
+    def _check_images(self) -> None:
+        if not 0.0 <= self.image_ratio <= 1.0:
+            raise ValueError(f"image_ratio: must be in [0, 1], got {self.image_ratio}")
+        if self.image_batch_size < 0:
+            raise ValueError(f"image_batch_size: must be >= 0, got {self.image_batch_size}")
+        if self.image_shards and self.image_ratio == 0.0:
+            raise ValueError(
+                "image_ratio: is 0 but image_shards is set; give the fraction of micro-batches that are "
+                "image batches, e.g. data.image_ratio=0.25"
+            )
+        if self.image_ratio > 0.0 and not self.image_shards:
+            raise ValueError(f"image_shards: empty, but image_ratio is {self.image_ratio}; give the image shards")
+        if self.image_shards and self.latent:
+            raise ValueError("image_shards: images are pixel shards; they cannot go with latent shards (data.latent: true)")
+        if self.image_weights and any(w < 0 for w in self.image_weights):
+            raise ValueError(f"image_weights: must be non-negative, got {self.image_weights}")
+
+    def image_config(self, batch_size: int) -> tuple[DataConfig, int]:
+        """The loader config of the image stream (one-frame clips of `image_shards` at height x
+        width, no buckets or score filters) and its batch size, given the video micro-batch size."""
+        images = dataclasses.replace(
+            self,
+            shards=self.image_shards,
+            weights=self.image_weights,
+            frames=1,
+            frame_stride=1,
+            frame_stride_range=(),
+            buckets=(),
+            filters=(),
+            image_shards="",
+            image_weights=(),
+            image_ratio=0.0,
+        )
+        return images, self.image_batch_size or self.frames * batch_size

@@ -7,11 +7,13 @@ monotonically along a smoothstep easing e(t) = 3t² − 2t³, t = frame / (frame
 window always stays inside the image. The path is drawn from a generator seeded with seed + a
 stable hash of the source.
 
-See docs/methods.md, 'VidRD: pseudo-videos from images'.
+See docs/methods.md, 'VidRD: pseudo-videos from images'. `process_still` writes the plain
+image instead (`lvd shard images --plain`), for the image batches of `data.image_shards`.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import random
 from dataclasses import asdict, dataclass
@@ -141,3 +143,41 @@ def process_image(item: InputItem, options: PseudoOptions) -> UnitResult:
     }
     warnings = [item.caption_issue] if item.caption_issue else []
     return UnitResult(samples=[(sample_key(item.source, 0), files)], warnings=warnings, frames=options.frames)
+
+
+STILL_JPEG_QUALITY = 95
+"""JPEG quality of the images `process_still` writes."""
+
+
+def process_still(item: InputItem, options: PseudoOptions) -> UnitResult:
+    """One image -> one plain image sample (jpg resized to the short side `options.size`, caption,
+    json), or the reason it was skipped. Never raises for bad input."""
+    if item.skip_reason is not None:
+        return UnitResult(skipped=item.skip_reason)
+    issue = file_issue(Path(item.path))
+    if issue is not None:
+        return UnitResult(skipped=issue)
+    try:
+        image = load_rgb(item.path)
+    except Exception as error:  # PIL raises many types for bad files; all mean "not an image"
+        return UnitResult(skipped=f"not a readable image: {type(error).__name__}: {error}")
+    size = short_side_size(*image.size, options.size)
+    encoded = io.BytesIO()
+    image.resize(size, Image.Resampling.BICUBIC).save(encoded, format="JPEG", quality=STILL_JPEG_QUALITY)
+    meta = {
+        "source": item.source,
+        "width": size[0],
+        "height": size[1],
+        "source_width": image.size[0],
+        "source_height": image.size[1],
+        "image": True,
+    }
+    if item.extra:
+        meta["extra"] = item.extra
+    files = {
+        "jpg": encoded.getvalue(),
+        "txt": item.caption.encode("utf-8"),
+        "json": json.dumps(meta, sort_keys=True).encode(),
+    }
+    warnings = [item.caption_issue] if item.caption_issue else []
+    return UnitResult(samples=[(sample_key(item.source, 0), files)], warnings=warnings, frames=1)

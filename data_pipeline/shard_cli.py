@@ -1,5 +1,8 @@
 """`lvd shard videos|images|latents`: raw media -> WebDataset shards + manifest.json.
 
+`images` writes VidRD pseudo-videos, or with `--plain` the captioned images themselves (for
+`data.image_shards`).
+
 Run as `lvd shard ...` or `python -m data_pipeline.shard_cli ...`. Re-running the same command
 resumes an interrupted job (also after kill -9) and is a no-op on a finished one.
 """
@@ -16,7 +19,7 @@ from typing import Any
 from data_pipeline.aesthetic import load_aesthetic
 from data_pipeline.inputs import list_inputs
 from data_pipeline.latents import PosteriorEncoder, TextEncoder, VideoEncoder, shard_latents
-from data_pipeline.pseudo_video import PseudoOptions, process_image
+from data_pipeline.pseudo_video import PseudoOptions, process_image, process_still
 from data_pipeline.shard_writer import JobMismatchError, ShardJob
 from data_pipeline.stages import ClipShape
 from data_pipeline.stream import expand_shard_sets
@@ -60,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     images.add_argument("--fps", type=float, default=8.0, help="frame rate written into the clip")
     images.add_argument("--seed", type=int, default=0, help="base seed of the zoom/pan paths")
     images.add_argument("--min-scale", type=float, default=0.6, help="smallest crop window (strongest zoom)")
+    images.add_argument(
+        "--plain", action="store_true", help="plain captioned images (jpg), for data.image_shards, instead of pseudo-videos"
+    )
     latents = commands.add_parser("latents", help="encode pixel shards into latent shards")
     _common(latents, input_help="pixel shards: brace glob, shard folder or manifest.json")
     latents.add_argument(
@@ -79,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
 def _params(args: argparse.Namespace) -> dict[str, Any]:
     """What defines the job's output (not --workers): compared on resume, written to the manifest."""
     params = {key: value for key, value in sorted(vars(args).items()) if key not in ("workers", "out")}
+    if not params.get("plain", True):
+        del params["plain"]  # pseudo-video jobs keep the parameters they were written with
     if Path(args.input).exists():
         params["input"] = str(Path(args.input).resolve())
     return params
@@ -113,7 +121,7 @@ def _media_job(args: argparse.Namespace) -> dict[str, Any]:
         options = PseudoOptions(
             frames=args.frames, size=args.size, fps=args.fps, seed=args.seed, min_scale=args.min_scale
         )
-        process = functools.partial(process_image, options=options)
+        process = functools.partial(process_still if args.plain else process_image, options=options)
     job = ShardJob(
         Path(args.out),
         params=_params(args),

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import av
 import numpy as np
 import torch
+from PIL import Image
 
 from data_pipeline.video_io import decode_frames, to_rgb_window
 
@@ -76,6 +77,29 @@ def decode_clip(
             if written == shape.frames:
                 break
     return frames if written == shape.frames else None
+
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+"""Sample members that hold a still image (plain image shards, `lvd shard images --plain`)."""
+
+
+def image_member(files: dict[str, bytes]) -> str | None:
+    """The member of a sample holding a still image, or None."""
+    return next((name for name in IMAGE_EXTENSIONS if name in files), None)
+
+
+def decode_image(payload: bytes, shape: ClipShape, rng: random.Random | None) -> np.ndarray | None:
+    """(1, H, W, 3) frames of a still image resized to cover H x W and cropped (random with `rng`,
+    else centre), or None when it is not a readable image."""
+    try:
+        with Image.open(io.BytesIO(payload)) as image:
+            rgb = image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    resized_w, resized_h, left, top = resize_and_crop_box(rgb.width, rgb.height, shape, rng)
+    resized = rgb.resize((resized_w, resized_h), Image.Resampling.BICUBIC)
+    window = resized.crop((left, top, left + shape.width, top + shape.height))
+    return np.asarray(window)[None]
 
 
 def to_unit_range(clips: np.ndarray) -> torch.Tensor:

@@ -15,6 +15,12 @@ Structure exposed for the StreamingT2V modules (model_zoo/streaming.py):
 - `decode(h, skips, emb, context) -> (B, C_out, T, H, W)`;
 - every text cross-attention is a `model_zoo.layers.CrossAttention` that receives `context`.
 
+Image mode (`forward(..., image_mode=True)`, also `encode`/`decode`): every temporal layer (the
+temporal convolutions, temporal transformers and `input_temporal`) is skipped, so each frame of
+the input is denoised as an image of its own: joint image + video training feeds image batches
+this way (LVDM / VidRD / ModelScope practice). At zero-initialised temporal layers a clip's
+output equals the image-mode output of its frames.
+
 See docs/methods.md, 'Factorised 3-D U-Net'.
 """
 
@@ -206,11 +212,13 @@ class UNetBlock(nn.Module):
             else None
         )
 
-    def forward(self, frames: Tensor, emb: Tensor, context: Tensor | None, num_frames: int) -> Tensor:
-        h = self.res(frames, emb, num_frames)
+    def forward(
+        self, frames: Tensor, emb: Tensor, context: Tensor | None, num_frames: int, temporal: bool = True
+    ) -> Tensor:
+        h = self.res(frames, emb, num_frames, temporal=temporal)
         if self.spatial is not None:
             h = self.spatial(h, context, num_frames)
-        if self.temporal is not None:
+        if self.temporal is not None and temporal:
             h = self.temporal(h, num_frames)
         return h
 
@@ -309,25 +317,29 @@ class UNet3D(PretrainedMixin, nn.Module):
             emb = emb + self.stride_embed(stride)
         return emb
 
-    def encode(self, x: Tensor, emb: Tensor, context: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
+    def encode(
+        self, x: Tensor, emb: Tensor, context: Tensor | None = None, *, image_mode: bool = False
+    ) -> tuple[Tensor, list[Tensor]]:
         """Input conv, encoder and middle block. x (B, C_in, T, H, W); emb (B, D) or per-frame (B, T, D).
 
         Returns the middle features (B*T, C, h, w) and the long-skip features (see module doc).
         """
-        num_frames = x.shape[2]
+        num_frames, temporal = x.shape[2], not image_mode
         frame_emb = per_frame(emb, num_frames)  # (B*T, D)
         h = self.input_conv(video_to_frames(x))  # (B*T, C, H, W)
-        if self.input_temporal is not None:
+        if self.input_temporal is not None and temporal:
             h = self.input_temporal(h, num_frames)
         skips = [h]
         for block in self.encoder:
-            h = block(h) if isinstance(block, Downsample) else block(h, frame_emb, context, num_frames)
+            h = block(h) if isinstance(block, Downsample) else block(h, frame_emb, context, num_frames, temporal)
             skips.append(h)
         for block in self.middle:
-            h = block(h, frame_emb, context, num_frames)
+            h = block(h, frame_emb, context, num_frames, temporal)
         return h, skips
 
-    def decode(self, h: Tensor, skips: list[Tensor], emb: Tensor, context: Tensor | None = None) -> Tensor:
+    def decode(
+        self, h: Tensor, skips: list[Tensor], emb: Tensor, context: Tensor | None = None, *, image_mode: bool = False
+    ) -> Tensor:
         """Decoder blocks consuming `skips` from the end, then the output head -> (B, C_out, T, H, W)."""
         num_frames = emb.shape[1] if emb.dim() == 3 else h.shape[0] // emb.shape[0]
         frame_emb = per_frame(emb, num_frames)  # (B*T, D)
@@ -337,7 +349,7 @@ class UNet3D(PretrainedMixin, nn.Module):
                 h = block(h, skips[-1].shape[-2:])  # (B*T, C, 2h, 2w)
             else:
                 h = block(
-                    torch.cat([h, skips.pop()], dim=1), frame_emb, context, num_frames
+                    torch.cat([h, skips.pop()], dim=1), frame_emb, context, num_frames, not image_mode
                 )  # (B*T, C', h, w)
         out = self.out_conv(F.silu(self.out_norm(h)))  # (B*T, C_out, H, W)
         return frames_to_video(out, num_frames).contiguous()  # (B, C_out, T, H, W)
@@ -350,12 +362,13 @@ class UNet3D(PretrainedMixin, nn.Module):
         context: Tensor | None = None,
         level: Tensor | None = None,
         stride: Tensor | None = None,
+        image_mode: bool = False,
     ) -> Tensor:
         """x (B, C_in, T, H, W), t (B,), context (B, L, context_dim), level and stride (B,) long
-        -> (B, C_out, T, H, W)."""
+        -> (B, C_out, T, H, W). `image_mode`: skip every temporal layer (see the module doc)."""
         emb = self.time_embedding(t, level, stride)
-        h, skips = self.encode(x, emb, context)
-        return self.decode(h, skips, emb, context)
+        h, skips = self.encode(x, emb, context, image_mode=image_mode)
+        return self.decode(h, skips, emb, context, image_mode=image_mode)
 
     def example_inputs(self, x: Tensor) -> dict[str, Tensor]:
         """Forward keyword arguments for a sample input x: timesteps, 77 text tokens, levels."""

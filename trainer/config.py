@@ -431,6 +431,27 @@ class TrainJobConfig:
     objective: Objective = field(default_factory=DiffusionObjective)
     """The task and its loss (`objective.task` picks which; each task has its own terms)."""
 
+    def __post_init__(self) -> None:
+        if not self.data.image_shards:
+            return
+        if self.objective.task not in IMAGE_TASKS:
+            raise ValueError(
+                f"data.image_shards: the {self.objective.task} task cannot train on images "
+                f"(joint image + video training: {', '.join(IMAGE_TASKS)}); remove data.image_shards"
+            )
+        if self.model.family not in IMAGE_FAMILIES:
+            raise ValueError(
+                f"data.image_shards: a {self.model.family} network cannot train on images "
+                f"(joint image + video training: {', '.join(IMAGE_FAMILIES)}); remove data.image_shards"
+            )
+
+
+IMAGE_TASKS = ("diffusion", "lvdm_prediction", "lvdm_interpolation")
+"""Tasks that train on the image batches of `data.image_shards` as well as on videos."""
+IMAGE_FAMILIES = ("unet3d", "dit", "video_dit")
+"""Network families that take image batches: the U-Net with its temporal layers skipped, the
+DiTs as one-frame videos."""
+
 
 LEGACY_VIDEOFUSION_LAMBDA = 0.5
 """`objective.videofusion_lambda` of the older flat objective when not set: the same λ the

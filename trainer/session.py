@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from common.config import to_dict
-from data_pipeline.loader import build_loader
+from data_pipeline.joint import build_training_loader, load_loader_state
 from model_zoo import save_pretrained
 from model_zoo.counting import flop_counter
 from model_zoo.pretrained import write_config
@@ -44,6 +44,7 @@ from trainer.engine import (
 from trainer.lora import check_identity, inject_lora
 from trainer.monitor import measured_peak_flops, peak_memory_bytes, stderr
 from trainer.tasks import build_task
+from trainer.tasks.images import check_image_network
 from trainer.tasks.interface import Batch, StepOutput, Task
 
 
@@ -61,7 +62,8 @@ class Session:
     engines: dict[str, Any]
     """One DeepSpeed engine per trained network of the task."""
     loader: Any
-    """The data loader of this rank (`data_pipeline.loader.VideoLoader`)."""
+    """The data loader of this rank (`data_pipeline.loader.VideoLoader`, or with image shards
+    `data_pipeline.joint.JointLoader`)."""
     generator: torch.Generator
     """This rank's generator of timesteps, noise, masks and levels."""
     ema: Ema | None
@@ -88,6 +90,11 @@ def rank_generator(seed: int, rank: int) -> torch.Generator:
 def build(cfg: TrainJobConfig, info: DistInfo) -> Session:
     """The task, its engines, the loader and the EMA; resumed from the latest complete checkpoint."""
     task = build_task(cfg, info.device)
+    if cfg.data.image_shards:
+        try:
+            check_image_network(task.trained["model"])
+        except ValueError as err:
+            raise TrainingError(str(err)) from None
     lora_base = _inject_lora(task, cfg) if cfg.train.lora.enabled else None
     if info.is_main:
         save_frozen(task, Path(cfg.run.dir) / "frozen")
@@ -97,7 +104,7 @@ def build(cfg: TrainJobConfig, info: DistInfo) -> Session:
         if backend is not None:
             compile_blocks(module, backend)  # after the checkpointing: the compile covers it
     engines = {name: build_engine(module.to(info.device), cfg.train, info) for name, module in task.trained.items()}
-    loader = build_loader(
+    loader = build_training_loader(
         cfg.data,
         rank=info.rank,
         world_size=info.world_size,
@@ -155,12 +162,15 @@ def next_micro_batches(session: Session) -> list[Batch]:
 
 
 def train_step(session: Session, micro_batches: list[Batch]) -> dict[str, float]:
-    """One optimizer step over the micro-batches; a non-finite loss on any rank skips it."""
+    """One optimizer step over the micro-batches; a non-finite loss on any rank skips it. With
+    image shards, also the mean loss of each modality the micro-batches held (loss_image, loss_video)."""
     counters, accum = session.counters, session.cfg.train.grad_accum
     totals: dict[str, float] = {}
     skipped = False
     shape = step_shape(micro_batches)
     counter = flop_counter() if shape not in counters.flops_by_shape else None
+    joint = bool(session.cfg.data.image_shards)
+    by_modality: dict[str, list[float]] = {}
     lr = current_lr(session.engines["model"])
     grad_norm = float("nan")
     for batch in micro_batches:
@@ -179,6 +189,8 @@ def train_step(session: Session, micro_batches: list[Batch]) -> dict[str, float]
                     grad_norm = norm
         for key, value in {"loss": mean_values[0], **out.metrics}.items():
             totals[key] = totals.get(key, 0.0) + value / accum
+        if joint:  # each modality's loss, on the steps that had micro-batches of it
+            by_modality[batch.modality] = by_modality.get(batch.modality, []) + [mean_values[0]]
     if counter is not None:
         counters.flops_by_shape[shape] = float(counter.get_total_flops())
     counters.flops_per_step = counters.flops_by_shape[shape]
@@ -187,6 +199,7 @@ def train_step(session: Session, micro_batches: list[Batch]) -> dict[str, float]
     counters.skipped_total += int(skipped)
     if skipped:
         totals.setdefault("loss", float("nan"))
+    totals |= {f"loss_{modality}": sum(values) / len(values) for modality, values in by_modality.items()}
     return totals | {"lr": lr, "grad_norm": grad_norm, "skipped": float(skipped), "skipped_total": float(counters.skipped_total)}
 
 
@@ -298,7 +311,10 @@ def resume(session: Session, tag: str) -> None:
     torch.set_rng_state(state.torch_rng)
     if state.cuda_rng is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state.cuda_rng)
-    session.loader.load_state_dict(state.loader)
+    try:
+        load_loader_state(session.loader, state.loader)
+    except ValueError as err:
+        raise TrainingError(f"resume from {ckpt_dir / tag}: {err}") from None
     if session.ema is not None and state.ema is not None:
         session.ema.load_state_dict(state.ema)
     session.counters = state.counters
@@ -331,7 +347,7 @@ def maybe_preview(session: Session, batch: Batch) -> torch.Tensor | None:
     """The task's preview video of `batch` when one is due at this step (`run.video_every`).
     Every rank runs it (ZeRO-3 gathers parameters collectively); rank 0 writes it."""
     step, every = session.counters.step, session.cfg.run.video_every
-    if not every or step % every != 0:
+    if not every or step % every != 0 or batch.modality != "video":  # previews are videos
         return None
     return session.task.preview(session.engines, batch, torch.Generator().manual_seed(step))
 

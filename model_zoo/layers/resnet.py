@@ -98,7 +98,8 @@ class ResBlock(nn.Module):
     `additive_emb` the embedding is instead a per-channel bias Linear(SiLU(emb)) added after the
     first convolution, followed by an affine GroupNorm (the Stable Diffusion / ModelScope block);
     `temporal_layers > 1` makes the temporal branch a `TemporalConvStack`; `temporal_clip_norm`
-    normalises it over whole clips (`clip_group_norm`).
+    normalises it over whole clips (`clip_group_norm`). `temporal=False` in `forward` skips the
+    temporal branch (image batches: each frame is an image of its own).
     """
 
     def __init__(
@@ -137,7 +138,7 @@ class ResBlock(nn.Module):
                 )
             )
 
-    def forward(self, frames: Tensor, emb: Tensor, num_frames: int) -> Tensor:
+    def forward(self, frames: Tensor, emb: Tensor, num_frames: int, *, temporal: bool = True) -> Tensor:
         h = self.in_conv(F.silu(self.in_norm(frames)))  # (B*T, C_out, H, W)
         if self.emb_proj is not None:
             h = self.out_norm(h + self.emb_proj(F.silu(emb))[:, :, None, None])
@@ -145,7 +146,7 @@ class ResBlock(nn.Module):
             h = self.out_norm(h, emb)
         h = self.out_conv(self.dropout(F.silu(h)))
         h = self.skip(frames) + h
-        if self.temporal is not None:
+        if self.temporal is not None and temporal:
             h = h + self.temporal(h, num_frames)
         return h
 

@@ -13,6 +13,7 @@ from model_zoo.diffusion.image_condition import conditioned_channels, with_image
 from trainer.config import DiffusionObjective, ModelConfig
 from trainer.tasks.denoising import build_process, text_denoiser, text_to_video_preview
 from trainer.tasks.encoders import latent_encoders
+from trainer.tasks.images import image_denoiser
 from trainer.tasks.interface import Batch, Engines, StepOutput
 from trainer.tasks.networks import trained_model
 
@@ -40,13 +41,19 @@ class DiffusionTask:
     def losses(self, engines: Engines, batch: Batch, generator: torch.Generator, step: int) -> StepOutput:
         latents, context = self.encoders.encode(batch, generator, self.device)
         t, noise = self.diffusion.draw(latents, generator)
-        return self.diffusion.loss(self.denoiser(engines["model"], latents, generator), latents, t, noise, context=context)
+        model = engines["model"] if batch.modality == "video" else image_denoiser(self.trained["model"], engines["model"])
+        return self.diffusion.loss(self.denoiser(model, latents, generator, batch.modality), latents, t, noise, context=context)
 
-    def denoiser(self, model: Callable[..., Tensor], latents: Tensor, generator: torch.Generator) -> Callable[..., Tensor]:
+    def denoiser(
+        self, model: Callable[..., Tensor], latents: Tensor, generator: torch.Generator, modality: str = "video"
+    ) -> Callable[..., Tensor]:
         """The network as the loss calls it: with image conditioning, each sample gets its clean first
-        latent frame with probability `image_rate` (the others all-zero condition channels)."""
+        latent frame with probability `image_rate` (the others all-zero condition channels); an
+        image batch gets none (its one frame is the target)."""
         if self.image_rate == 0:
             return model
+        if modality == "image":
+            return with_image_condition(model, latents[:, :, 0], torch.zeros(latents.shape[0], dtype=torch.bool, device=latents.device))
         keep = torch.rand(latents.shape[0], generator=generator) < self.image_rate
         return with_image_condition(model, latents[:, :, 0], keep.to(latents.device))
 

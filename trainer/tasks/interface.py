@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +36,9 @@ class Batch:
     """(B, L, D) cached caption embeddings (latent shards that hold them)."""
     frame_stride: Tensor | None = None
     """(B,) int64 frame stride of each clip (the loader's `data.frame_stride`)."""
+    modality: Literal["video", "image"] = "video"
+    """'image': a batch of `data.image_shards` images as one-frame clips (B, 3, 1, H, W), which
+    tasks train with the temporal layers skipped (U-Net) or as one-frame videos (DiT)."""
 
     @classmethod
     def from_loader(cls, batch: dict[str, Any]) -> Batch:
@@ -46,12 +49,13 @@ class Batch:
             latents=batch.get("latents"),
             text_emb=batch.get("text_emb"),
             frame_stride=batch.get("frame_stride"),
+            modality=batch.get("modality", "video"),
         )
 
     def head(self, count: int) -> Batch:
         """The first `count` clips."""
         first = {name: None if value is None else value[:count] for name, value in self._tensors().items()}
-        return Batch(captions=self.captions[:count], **first)
+        return Batch(captions=self.captions[:count], modality=self.modality, **first)
 
     def pixels(self) -> Tensor:
         """The clips; an error naming the cause when the batch holds latents instead."""

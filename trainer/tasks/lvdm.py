@@ -19,6 +19,7 @@ from model_zoo.diffusion import objectives
 from trainer.config import LVDMConditioning, LVDMInterpolationObjective, LVDMPredictionObjective, ModelConfig
 from trainer.tasks.denoising import build_denoising, text_to_video_preview
 from trainer.tasks.encoders import latent_encoders
+from trainer.tasks.images import image_denoiser
 from trainer.tasks.interface import Batch, Engines, StepOutput
 from trainer.tasks.networks import trained_model
 
@@ -86,9 +87,12 @@ class LVDMTask:
         latents, context = self.encoders.encode(batch, generator, self.device)
         t, noise = self.diffusion.draw(latents, generator)
         mask, levels = self.draw_conditioning(generator, latents.shape[0], latents.shape[2])  # (B, T), (B,)
+        model = engines["model"]
+        if batch.modality == "image":  # an image has no frame to condition on: the unconditional branch
+            mask, levels = torch.zeros_like(mask), torch.full_like(levels, no_condition_level(self.objective.conditioning))
+            model = image_denoiser(self.trained["model"], model)
         cond_noise = torch.randn(latents.shape, generator=generator).to(latents)
         z_cond = objectives.perturb_condition(latents, levels, cond_noise, self.diffusion.alphas_cumprod)
-        model = engines["model"]
 
         def denoise(z_t: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
             return model(objectives.apply_mask_conditioning(z_t, z_cond, mask), t, **cond)  # input (B, c+1, T, h, w)
