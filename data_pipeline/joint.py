@@ -7,7 +7,7 @@ same on every rank, so the ranks of a micro-step all run one modality (one graph
 collectives), and a resumed run draws what the uninterrupted one did. Each loader keeps its own
 position; the state holds both and n.
 
-See docs/methods.md, 'Joint image + video training'.
+See docs/methods.md, 'Data: joint image + video training'.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 A U-Net (`unet3d`) denoises an image batch, one-frame clips (N, c, 1, h, w), with its temporal
 layers skipped (`image_mode=True`): the LVDM / VidRD / ModelScope practice. A DiT (`dit`,
 `video_dit`) takes an image as a one-frame video, which needs a temporal patch of 1. See
-docs/methods.md, 'Joint image + video training'.
+docs/methods.md, 'Data: joint image + video training'.
 """
 
 from __future__ import annotations
