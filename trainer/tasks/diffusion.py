@@ -53,8 +53,9 @@ class DiffusionTask:
         if self.image_rate == 0:
             return model
         if modality == "image":
-            return with_image_condition(model, latents[:, :, 0], torch.zeros(latents.shape[0], dtype=torch.bool, device=latents.device))
-        keep = torch.rand(latents.shape[0], generator=generator) < self.image_rate
+            keep = torch.zeros(latents.shape[0], dtype=torch.bool)
+        else:
+            keep = torch.rand(latents.shape[0], generator=generator) < self.image_rate
         return with_image_condition(model, latents[:, :, 0], keep.to(latents.device))
 
     def preview(self, engines: Engines, batch: Batch, generator: torch.Generator) -> Tensor | None:
