@@ -15,7 +15,7 @@ import torch
 import model_zoo
 from common.config import ConfigError, load_config
 from data_pipeline.config import DataConfig
-from data_pipeline.joint import JointLoader, build_training_loader, scheduled_modality
+from data_pipeline.joint import JointLoader, build_training_loader, load_loader_state, scheduled_modality
 from data_pipeline.shard_cli import main as shard_main
 from data_pipeline.tario import iter_samples
 from trainer.config import TrainJobConfig
@@ -91,6 +91,17 @@ def test_joint_loader_gives_one_modality_per_batch_and_resumes_both_streams(vide
     again = [next(resumed) for _ in range(6)]
     assert [b["caption"] for b in again] == [b["caption"] for b in following]
     assert all(torch.equal(a["video"], b["video"]) for a, b in zip(again, following, strict=True))
+
+
+def test_a_resume_that_adds_or_drops_image_shards_is_refused_naming_the_key(video_shards, image_shards):
+    joint_cfg = _data(video_shards, image_shards)
+    video_cfg = DataConfig(shards=video_shards, height=32, width=32)
+    joint = build_training_loader(joint_cfg, rank=0, world_size=1, batch_size=2, seed=SEED, tokenizer=None)
+    video = build_training_loader(video_cfg, rank=0, world_size=1, batch_size=2, seed=SEED, tokenizer=None)
+    with pytest.raises(ValueError, match=r"^data\.image_shards: .*with image shards"):
+        load_loader_state(video, joint.state_dict())
+    with pytest.raises(ValueError, match=r"^data\.image_shards: .*without image shards"):
+        load_loader_state(joint, video.state_dict())
 
 
 def test_image_batch_size_is_configurable(video_shards, image_shards):
