@@ -136,10 +136,15 @@ class ModelConfig:
     The cmd_content and cmd_motion tasks take the trained CMD autoencoder here (`<export>/vae`)."""
     text_encoder: str = "text_encoder/tiny"
     """Frozen text encoder: 'family/flavor', an exported folder, a transformers CLIPTextModel /
-    T5EncoderModel folder or a diffusers pipeline folder (its text_encoder)."""
+    T5EncoderModel folder, an open_clip checkpoint folder (open_clip_config.json + weights) or a
+    diffusers pipeline folder (its text_encoder)."""
     tokenizer: str | None = None
     """Tokenizer folder of a transformers text encoder; None looks for `../tokenizer` beside it
     (the diffusers pipeline layout)."""
+    text_layer: Literal["last", "penultimate"] = "penultimate"
+    """The layer whose tokens an open_clip checkpoint folder's text tower gives the denoiser
+    (`text_encoder=<open_clip folder>`): penultimate, as Stable Diffusion 2.x reads OpenCLIP ViT-H,
+    or last."""
     base: str | None = None
     """Frozen base U-Net of the `streaming` task: an exported folder or 'family/flavor'."""
     image_encoder: str = "image_encoder/tiny"

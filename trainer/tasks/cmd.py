@@ -30,7 +30,7 @@ from model_zoo.cmd import (
 )
 from trainer.config import CMDAutoencoderObjective, CMDContentObjective, CMDMotionObjective, ModelConfig
 from trainer.tasks.denoising import build_denoising
-from trainer.tasks.encoders import TEXT_ENCODER_SEED, VAE_SEED
+from trainer.tasks.encoders import TEXT_ENCODER_SEED, VAE_SEED, text_mask_input
 from trainer.tasks.interface import Batch, Engines, StepOutput
 from trainer.tasks.losses import reconstruction_loss
 from trainer.tasks.networks import build_helper, init_from_or_build, trained_model
@@ -85,7 +85,12 @@ class FrozenAutoencoder:
                 f"cmd_autoencoder task, <export>/vae, or 'cmd/<flavor>'), not a {self.autoencoder.family!r} network"
             )
         self.text_encoder = build_helper(
-            model.text_encoder, seed=seed + TEXT_ENCODER_SEED, device=device, role="text_encoder", tokenizer=model.tokenizer
+            model.text_encoder,
+            seed=seed + TEXT_ENCODER_SEED,
+            device=device,
+            role="text_encoder",
+            tokenizer=model.tokenizer,
+            text_layer=model.text_layer,
         )
         self.device = device
 
@@ -100,6 +105,10 @@ class FrozenAutoencoder:
         """Content frames (B, 3, H, W), motion latents and text context (B, 77, D) of the batch."""
         content, motion = self.autoencoder.encode(batch.pixels().to(self.device))
         return content, motion, self.text_encoder(batch.tokens.to(self.device))
+
+    def mask_input(self, batch: Batch) -> dict[str, Tensor]:
+        """The denoiser's `context_mask` keyword for the batch's captions ({} for CLIP prompts)."""
+        return text_mask_input(self.text_encoder, batch.tokens, self.device)
 
 
 class CMDContentTask:
@@ -126,7 +135,7 @@ class CMDContentTask:
         content, _, context = self.encoders.encode(batch)
         x0 = patchify_content(content, self.patch_size)[:, :, None]  # (B, 3p², 1, h, w): a 1-frame clip
         t, noise = self.diffusion.draw(x0, generator)
-        return self.diffusion.loss(engines["model"], x0, t, noise, context=context)
+        return self.diffusion.loss(engines["model"], x0, t, noise, context=context, **self.encoders.mask_input(batch))
 
     def preview(self, engines: Engines, batch: Batch, generator: torch.Generator) -> Tensor | None:
         return None
@@ -157,7 +166,9 @@ class CMDMotionTask:
         x0 = pack_motion(motion)  # (B, m, L, 1, h + w)
         cond_frame = content_condition(content, self.encoders.autoencoder.config.patch_size)  # (B, 3p², 1, h + w)
         t, noise = self.diffusion.draw(x0, generator)
-        return self.diffusion.loss(engines["model"], x0, t, noise, context=context, cond_frame=cond_frame)
+        return self.diffusion.loss(
+            engines["model"], x0, t, noise, context=context, cond_frame=cond_frame, **self.encoders.mask_input(batch)
+        )
 
     def preview(self, engines: Engines, batch: Batch, generator: torch.Generator) -> Tensor | None:
         return None

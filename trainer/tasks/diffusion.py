@@ -40,7 +40,8 @@ class DiffusionTask:
     def losses(self, engines: Engines, batch: Batch, generator: torch.Generator, step: int) -> StepOutput:
         latents, context = self.encoders.encode(batch, generator, self.device)
         t, noise = self.diffusion.draw(latents, generator)
-        return self.diffusion.loss(self.denoiser(engines["model"], latents, generator), latents, t, noise, context=context)
+        mask = self.encoders.mask_input(batch, self.device)  # {} for CLIP prompts
+        return self.diffusion.loss(self.denoiser(engines["model"], latents, generator), latents, t, noise, context=context, **mask)
 
     def denoiser(self, model: Callable[..., Tensor], latents: Tensor, generator: torch.Generator) -> Callable[..., Tensor]:
         """The network as the loss calls it: with image conditioning, each sample gets its clean first

@@ -25,12 +25,19 @@ def announce(line: str) -> None:
 
 
 def build_helper(
-    spec: str, *, seed: int, device: torch.device, role: folders.Role | None = None, tokenizer: str | None = None
+    spec: str,
+    *,
+    seed: int,
+    device: torch.device,
+    role: folders.Role | None = None,
+    tokenizer: str | None = None,
+    text_layer: folders.TextLayer = "penultimate",
 ) -> nn.Module:
     """A frozen helper network from 'family/flavor' (seeded random init) or a folder: an lvd
-    export, a diffusers / Hugging Face model folder or a pipeline folder (its `role` subfolder)."""
+    export, a diffusers / Hugging Face / open_clip model folder or a pipeline folder (its `role`
+    subfolder)."""
     if Path(spec).is_dir():
-        module, line = folders.load(spec, role or _own_role(spec), tokenizer=tokenizer)
+        module, line = folders.load(spec, role or _own_role(spec), tokenizer=tokenizer, text_layer=text_layer)
         announce(line)
     else:
         family, _, flavor = spec.partition("/")

@@ -72,7 +72,8 @@ class VideoFusionTask:
         t = self.diffusion.draw_timesteps(latents.shape[0], generator, self.device)
         noise = self.draw_noise(latents, generator)
         alpha_bar = self.diffusion.alphas_cumprod[t]  # (B,)
-        return self.diffusion.loss(engines["model"], latents, t, noise, context=context, alpha_bar=alpha_bar)
+        mask = self.encoders.mask_input(batch, self.device)  # {} for CLIP prompts
+        return self.diffusion.loss(engines["model"], latents, t, noise, context=context, alpha_bar=alpha_bar, **mask)
 
     def preview(self, engines: Engines, batch: Batch, generator: torch.Generator) -> Tensor | None:
         model, alphas_cumprod = engines["model"], self.diffusion.alphas_cumprod
