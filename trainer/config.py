@@ -129,7 +129,8 @@ class ModelConfig:
     architecture."""
     base_init_from: str | None = None
     """`videofusion` task: an `lvd export` (or model folder) of a `unet3d` image network (temporal
-    layers off) whose architecture and weights start the base generator."""
+    layers off), or a diffusers UNet2DConditionModel folder (Stable Diffusion's U-Net, or a
+    pipeline folder: its unet), whose architecture and weights start the base generator."""
     vae: str = "video_vae/tiny"
     """Frozen autoencoder of latent tasks: 'family/flavor' (random init), an exported folder, a
     diffusers AutoencoderKL folder (applied per frame with its scaling_factor) or a pipeline folder.

@@ -14,6 +14,7 @@ from torch import nn
 
 import model_zoo
 from model_zoo.importers import folders
+from model_zoo.importers.diffusers_unet import grow_inputs
 from trainer.config import ModelConfig
 
 
@@ -71,11 +72,27 @@ def trained_model(model: ModelConfig, **forced: Any) -> nn.Module:
     if line.startswith("denoiser: lvd"):
         check_init_config(model.init_from, loaded.config, overrides)
     else:
+        loaded, grown = _grow_to(loaded, forced)
+        line += grown
         check_init_config(model.init_from, loaded.config, forced)
         ignored = sorted(k for k in model.overrides if k not in forced)
         line += f"; the YAML's model sizes give way to it (flavor {model.flavor}" + (f", overrides {ignored})" if ignored else ")")
     announce(line)
     return loaded
+
+
+def _grow_to(loaded: nn.Module, forced: dict[str, Any]) -> tuple[nn.Module, str]:
+    """An imported U-Net given the extra input channels and level embedding a task needs (LVDM's
+    mask channel and perturbation level), zero-initialised; and a note for the run log."""
+    config = loaded.config
+    in_channels = int(forced.get("in_channels", config.in_channels))
+    num_levels = int(forced.get("num_levels", config.num_levels))
+    if in_channels <= config.in_channels and num_levels == config.num_levels:
+        return loaded, ""
+    if config.num_levels and num_levels != config.num_levels:
+        return loaded, ""  # check_init_config names the mismatch
+    grown = grow_inputs(loaded, in_channels=in_channels, num_levels=num_levels)
+    return grown, f"; grown to in_channels={in_channels}, num_levels={num_levels} (new weights zero: output unchanged)"
 
 
 def init_from_or_build(model: ModelConfig, config: Any) -> nn.Module:

@@ -4,7 +4,8 @@ and 'VideoFusion: the base generator from an image model').
 
 λ is the model's (`model.overrides.lam`), so the export carries the value the sampler uses. The
 network is told ᾱ_t of each sample (the residual generator's input removes √(1-ᾱ_t)·√λ·b̂).
-`model.base_init_from` starts the base generator from an exported image network.
+`model.base_init_from` starts the base generator from an exported image network or a Stable
+Diffusion (diffusers UNet2DConditionModel) U-Net.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import torch
 from torch import Tensor, nn
 
 import model_zoo
-from common.pipeline_folder import INDEX_FILE
+from model_zoo.importers import folders
+from model_zoo.importers.diffusers_unet import UNET2D_CLASS, load_unet
 from model_zoo.unet3d import UNet3DConfig
 from trainer.config import ModelConfig, VideoFusionObjective
 from trainer.tasks.denoising import build_denoising, text_to_video_preview
 from trainer.tasks.encoders import latent_encoders
 from trainer.tasks.interface import Batch, Engines, StepOutput
-from trainer.tasks.networks import init_from_or_build
+from trainer.tasks.networks import announce, init_from_or_build
 
 
 class VideoFusionTask:
@@ -86,17 +88,23 @@ class VideoFusionTask:
 
 def load_image_network(model: ModelConfig, sizes: dict[str, Any]) -> nn.Module:
     """The image network `model.base_init_from` names: an `lvd export` folder (its `denoiser`) or a
-    model folder, a `unet3d` without temporal layers with this run's `sizes` (latent channels, text
-    width); an error naming the path and the key otherwise."""
+    model folder, a `unet3d` without temporal layers; or a diffusers UNet2DConditionModel folder
+    (or a pipeline folder, its unet: Stable Diffusion's U-Net), loaded as such a `unet3d`. It must
+    have this run's `sizes` (latent channels, text width); an error naming the path and the key
+    otherwise."""
     source = Path(str(model.base_init_from))
     if model.init_from:
         raise ValueError(
             f"model.base_init_from={source} and model.init_from={model.init_from}: give one (init_from already holds a base generator)"
         )
-    folder = source / "denoiser" if (source / INDEX_FILE).is_file() else source
-    if not folder.is_dir():
+    if not source.is_dir():
         raise FileNotFoundError(f"model.base_init_from={source}: no such export or model folder")
-    image = model_zoo.from_pretrained(folder)
+    folder, config = folders.resolve(source, "denoiser")
+    if folders.model_class(config) == UNET2D_CLASS:
+        image = load_unet(folder, config, image=True)
+        announce(f"videofusion base generator: unet3d image network from diffusers {UNET2D_CLASS} {folder}")
+    else:
+        image = model_zoo.from_pretrained(folder)
     if not isinstance(image.config, UNet3DConfig):
         raise ValueError(
             f"model.base_init_from={folder}: a {image.family} network; the base generator starts from a unet3d image network"
