@@ -77,3 +77,29 @@ def test_pretrained_config_starts_from_the_image_unet_and_trains(name: str, sd: 
 def test_pretrained_config_names_the_missing_weights_key(name: str) -> None:
     with pytest.raises(ConfigError, match=r"^model\.\w+: required: give it on the command line"):
         load_config(TrainJobConfig, REPO / "configs" / "pretrained" / name, ["data.shards=x.tar"])
+
+
+@pytest.mark.slow
+def test_cmd_content_from_sd_bundles_and_samples(sd: Path, tmp_path: Path, video_shards: str) -> None:
+    """The SD content stage and a motion stage on the same CMD autoencoder and text encoder bundle
+    into one `cmd` export holding the content VAE, and `lvd sample --strategy cmd` decodes with it."""
+    import av
+
+    from lvd.cli import main
+    from sampler.pipeline import load_pipeline
+
+    common = [f"data.shards={video_shards}", "data.height=16", "data.width=16", "data.frames=4", "train.steps=2",
+              "train.warmup_steps=1", "run.progress=quiet", f"model.text_encoder={sd / 'text_encoder'}"]
+    content, motion = tmp_path / "content", tmp_path / "motion"
+    weights = [f"model.init_from={sd / 'unet'}", f"model.content_vae={sd / 'vae'}", "model.vae=cmd/tiny"]
+    assert main(["train", "--config", str(REPO / "configs" / "pretrained" / "cmd_content_from_sd.yaml"), f"run.dir={content}", *weights, *common]) == 0
+    assert main(["train", "--config", str(REPO / "configs" / "tiny" / "cmd_motion.yaml"), f"run.dir={motion}", *common]) == 0
+    bundle = tmp_path / "cmd"
+    assert main(["export", "--run", str(content), "--run", str(motion), "--out", str(bundle)]) == 0
+    pipeline = load_pipeline(bundle)
+    assert set(pipeline.networks) == {"denoiser", "content_denoiser", "content_vae", "vae", "text_encoder"}
+    out = tmp_path / "video.mp4"
+    args = ["sample", "--strategy", "cmd", "--model", str(bundle), "--prompt", "a cat", "--frames", "6", "--steps", "2", "--out", str(out), "--quiet", "--device", "cpu"]
+    assert main(args) == 0
+    with av.open(str(out)) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 6

@@ -146,6 +146,11 @@ class ModelConfig:
     """The layer whose tokens an open_clip checkpoint folder's text tower gives the denoiser
     (`text_encoder=<open_clip folder>`): penultimate, as Stable Diffusion 2.x reads OpenCLIP ViT-H,
     or last."""
+    content_vae: str | None = None
+    """`cmd_content`: an image VAE ('family/flavor', or a diffusers AutoencoderKL / pipeline folder)
+    in whose latents the content-frame model, an image `unet3d` (from `init_from`: Stable
+    Diffusion's U-Net), generates the CMD autoencoder's content frame; None: the content model is a
+    `dit` on the content frame's space-to-depth."""
     base: str | None = None
     """Frozen base U-Net of the `streaming` task: an exported folder or 'family/flavor'."""
     image_encoder: str = "image_encoder/tiny"

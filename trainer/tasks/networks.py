@@ -14,7 +14,8 @@ from torch import nn
 
 import model_zoo
 from model_zoo.importers import folders
-from model_zoo.importers.diffusers_unet import grow_inputs
+from model_zoo.importers.diffusers_unet import UNET2D_CLASS, grow_inputs, load_unet
+from model_zoo.unet3d import UNet3DConfig
 from trainer.config import ModelConfig
 
 
@@ -93,6 +94,41 @@ def _grow_to(loaded: nn.Module, forced: dict[str, Any]) -> tuple[nn.Module, str]
         return loaded, ""  # check_init_config names the mismatch
     grown = grow_inputs(loaded, in_channels=in_channels, num_levels=num_levels)
     return grown, f"; grown to in_channels={in_channels}, num_levels={num_levels} (new weights zero: output unchanged)"
+
+
+def image_unet(source_path: str, key: str, sizes: dict[str, Any], *, role: str) -> nn.Module:
+    """The image network (a `unet3d` without temporal layers) that config key `key` names: an
+    `lvd export` folder (its `denoiser`) or model folder, or a diffusers UNet2DConditionModel folder
+    (or a pipeline folder, its unet: Stable Diffusion's U-Net) loaded as one. It must have this
+    run's `sizes` (latent channels, text width); an error naming the key and path otherwise."""
+    source = Path(source_path)
+    if not source.is_dir():
+        raise FileNotFoundError(f"{key}={source}: no such export or model folder")
+    folder, config = folders.resolve(source, "denoiser")
+    if folders.model_class(config) == UNET2D_CLASS:
+        image = load_unet(folder, config, image=True)
+        announce(f"{role}: unet3d image network from diffusers {UNET2D_CLASS} {folder}")
+    else:
+        image = model_zoo.from_pretrained(folder)
+    if not isinstance(image.config, UNet3DConfig):
+        raise ValueError(
+            f"{key}={folder}: a {image.family} network; {role} starts from a unet3d image network"
+        )
+    temporal = [name for name in ("temporal_conv", "temporal_attention") if getattr(image.config, name)]
+    if temporal:
+        raise ValueError(
+            f"{key}={folder}: not an image network ({', '.join(temporal)} on); train it with model.overrides={{temporal_conv: false, temporal_attention: false}}"
+        )
+    differing = [
+        f"{name} (export {getattr(image.config, name)!r}, this run {value!r})"
+        for name, value in sizes.items()
+        if getattr(image.config, name) != value
+    ]
+    if differing:
+        raise ValueError(
+            f"{key}={folder}: the image network does not fit this run: " + "; ".join(differing)
+        )
+    return image
 
 
 def init_from_or_build(model: ModelConfig, config: Any) -> nn.Module:

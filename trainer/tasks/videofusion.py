@@ -19,14 +19,11 @@ import torch
 from torch import Tensor, nn
 
 import model_zoo
-from model_zoo.importers import folders
-from model_zoo.importers.diffusers_unet import UNET2D_CLASS, load_unet
-from model_zoo.unet3d import UNet3DConfig
 from trainer.config import ModelConfig, VideoFusionObjective
 from trainer.tasks.denoising import build_denoising, text_to_video_preview
 from trainer.tasks.encoders import latent_encoders
 from trainer.tasks.interface import Batch, Engines, StepOutput
-from trainer.tasks.networks import announce, init_from_or_build
+from trainer.tasks.networks import image_unet, init_from_or_build
 
 
 class VideoFusionTask:
@@ -97,30 +94,4 @@ def load_image_network(model: ModelConfig, sizes: dict[str, Any]) -> nn.Module:
         raise ValueError(
             f"model.base_init_from={source} and model.init_from={model.init_from}: give one (init_from already holds a base generator)"
         )
-    if not source.is_dir():
-        raise FileNotFoundError(f"model.base_init_from={source}: no such export or model folder")
-    folder, config = folders.resolve(source, "denoiser")
-    if folders.model_class(config) == UNET2D_CLASS:
-        image = load_unet(folder, config, image=True)
-        announce(f"videofusion base generator: unet3d image network from diffusers {UNET2D_CLASS} {folder}")
-    else:
-        image = model_zoo.from_pretrained(folder)
-    if not isinstance(image.config, UNet3DConfig):
-        raise ValueError(
-            f"model.base_init_from={folder}: a {image.family} network; the base generator starts from a unet3d image network"
-        )
-    temporal = [key for key in ("temporal_conv", "temporal_attention") if getattr(image.config, key)]
-    if temporal:
-        raise ValueError(
-            f"model.base_init_from={folder}: not an image network ({', '.join(temporal)} on); train it with model.overrides={{temporal_conv: false, temporal_attention: false}}"
-        )
-    differing = [
-        f"{key} (export {getattr(image.config, key)!r}, this run {value!r})"
-        for key, value in sizes.items()
-        if getattr(image.config, key) != value
-    ]
-    if differing:
-        raise ValueError(
-            f"model.base_init_from={folder}: the image network does not fit this run: " + "; ".join(differing)
-        )
-    return image
+    return image_unet(str(source), "model.base_init_from", sizes, role="the base generator")
