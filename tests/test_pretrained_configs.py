@@ -80,6 +80,7 @@ def test_pretrained_config_names_the_missing_weights_key(name: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # two training runs, an export and a sampling run: outside the default suite's budget
 def test_cmd_content_from_sd_bundles_and_samples(sd: Path, tmp_path: Path, video_shards: str) -> None:
     """The SD content stage and a motion stage on the same CMD autoencoder and text encoder bundle
     into one `cmd` export holding the content VAE, and `lvd sample --strategy cmd` decodes with it."""
