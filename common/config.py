@@ -7,6 +7,8 @@ on one line and exits 2. Values are checked against the field's declared type, a
 dataclass's own `__post_init__` (which raises `ValueError("field: why")`). A field typed as a
 union of config dataclasses is a tagged union: the section's tag (each member's first field, a
 `Literal`) picks the member, e.g. `objective: {task: lvdm_prediction, p_pred: 0.5}`.
+A YAML value `???` (REQUIRED) is a key the command line must set (a weights folder: no real
+paths in YAML); left unset it is an error naming the key.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+REQUIRED = "???"
+"""A YAML value that the command line must override."""
 
 
 class ConfigError(Exception):
@@ -38,7 +43,16 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         key, value = _parse_override(item)
         _set_dotted(data, key, value)
         sources[key] = "command line"
+    for key in _flatten(data):
+        if _get_dotted(data, key) == REQUIRED:
+            raise ConfigError(key, f"required: give it on the command line ({key}=PATH)", sources.get(key))
     return from_dict(cls, data, sources=sources)
+
+
+def _get_dotted(data: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        data = data[part]
+    return data
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -32,7 +32,7 @@ DDIM_SCHEDULER = ["diffusers", "DDIMScheduler"]
 """The index value of a scheduler folder."""
 FLOW_SCHEDULER = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
 """The index value of a flow-matching scheduler folder."""
-NETWORK_COMPONENTS = ("denoiser", "vae", "text_encoder", "image_encoder", "content_denoiser")
+NETWORK_COMPONENTS = ("denoiser", "vae", "text_encoder", "image_encoder", "content_denoiser", "content_vae")
 """The networks a sampler loads, when the folder has them."""
 
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "sqrt_linear", "squaredcos_cap_v2": "cosine"}

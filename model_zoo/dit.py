@@ -111,15 +111,22 @@ class DiT(PretrainedMixin, nn.Module):
         return tokens
 
     def forward(
-        self, x: Tensor, t: Tensor, *, context: Tensor | None = None, cond_frame: Tensor | None = None
+        self,
+        x: Tensor,
+        t: Tensor,
+        *,
+        context: Tensor | None = None,
+        cond_frame: Tensor | None = None,
+        context_mask: Tensor | None = None,
     ) -> Tensor:
-        """x (B, C, T, H, W), t (B,), context (B, L, context_dim), cond_frame (B, C_c, H, W) -> (B, C_out, T, H, W)."""
+        """x (B, C, T, H, W), t (B,), context (B, L, context_dim), cond_frame (B, C_c, H, W),
+        context_mask (B, L) bool (True = a real token; None = all real) -> (B, C_out, T, H, W)."""
         pt, ph, pw = self.config.patch_size
         _, _, t_len, h, w = x.shape
         tokens = self._embed(x, cond_frame)  # (B, N, D)
         cond = self.time_embed(t)  # (B, D)
         for block in self.blocks:
-            tokens = block(tokens, cond, context)
+            tokens = block(tokens, cond, context, context_mask)
         patches = self.final(tokens, cond)  # (B, N, pt*ph*pw*C_out)
         return rearrange(
             patches,

@@ -4,7 +4,9 @@
 its `config.json` holds) with the model's own tokenizer (`tokenizer_path`, a folder
 `AutoTokenizer` reads): `tokenize(list[str]) -> (B, context_length)` padded ids,
 `forward(tokens) -> (B, context_length, context_dim)` the last hidden states. T5 encodes with the
-attention mask of the real tokens and its padded positions come out as zeros.
+attention mask of the real tokens and its padded positions come out as zeros; `token_mask(tokens)`
+gives that mask (B, context_length) bool for the denoiser's cross-attention (None for CLIP, whose
+fixed-length prompts are attended whole, padding included, as Stable Diffusion trains them).
 `hf_image_encoder` wraps a `CLIPVisionModelWithProjection`: images in [-1, 1] -> the projected
 image embedding as one token (B, 1, context_dim), StreamingT2V's APM anchor.
 
@@ -133,12 +135,23 @@ class HFTextEncoder(PretrainedMixin, nn.Module):
         ).input_ids
         return ids.to(next(self.model.parameters()).device)
 
+    def token_mask(self, tokens: Tensor) -> Tensor | None:
+        """(B, L) bool, True at the real tokens of a variable-length (T5) prompt; None for CLIP.
+
+        A prompt of padding only (an empty prompt, from a tokenizer that adds no end token) keeps
+        its first token, so that every prompt has one token to attend to."""
+        if not self.masked:
+            return None
+        mask = tokens != self.tokenizer.pad_token_id  # (B, L)
+        mask[:, 0] |= ~mask.any(dim=1)
+        return mask
+
     def forward(self, tokens: Tensor) -> Tensor:
         """tokens (B, L) long -> last hidden states (B, L, context_dim)."""
-        if not self.masked:
+        mask = self.token_mask(tokens)
+        if mask is None:
             return self.model(input_ids=tokens).last_hidden_state
-        mask = (tokens != self.tokenizer.pad_token_id).long()  # (B, L)
-        hidden = self.model(input_ids=tokens, attention_mask=mask).last_hidden_state
+        hidden = self.model(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
         return hidden * mask[..., None].to(hidden.dtype)
 
     def encode_prompts(self, prompts: list[str]) -> Tensor:

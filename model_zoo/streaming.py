@@ -127,14 +127,16 @@ class EncoderCopy(nn.Module):
         downsamples = sum(isinstance(b, Downsample) for b in blocks[: self.fuse_at])
         return blocks[self.fuse_at].temporal.norm.num_channels, downsamples
 
-    def forward(self, x: Tensor, fused: Tensor, emb: Tensor, context: Tensor | None) -> list[Tensor]:
+    def forward(
+        self, x: Tensor, fused: Tensor, emb: Tensor, context: Tensor | None, context_mask: Tensor | None = None
+    ) -> list[Tensor]:
         """x (B, C_in, F, H, W) noisy frames; fused (B*F, C_k, H_k, W_k) -> features (B*F, C_i, H_i, W_i)."""
         num_frames = x.shape[2]
         frame_emb = per_frame(emb, num_frames)  # (B*F, D)
         h = self.input_conv(video_to_frames(x))  # (B*F, C, H, W)
         features = [h]
         for index, block in enumerate([*self.encoder, *self.middle]):
-            h = block(h) if isinstance(block, Downsample) else block(h, frame_emb, context, num_frames)
+            h = block(h) if isinstance(block, Downsample) else block(h, frame_emb, context, num_frames, context_mask)
             if index == self.fuse_at:
                 h = h + fused
             if index < len(self.encoder):
@@ -193,7 +195,9 @@ class CAM(nn.Module):
             SkipInjection(ch, config.cam_heads, base_cfg.num_groups) for ch in _feature_channels(base)
         )
 
-    def features(self, x: Tensor, cond_latents: Tensor, emb: Tensor, context: Tensor) -> list[Tensor]:
+    def features(
+        self, x: Tensor, cond_latents: Tensor, emb: Tensor, context: Tensor, context_mask: Tensor | None = None
+    ) -> list[Tensor]:
         """x_CAM of the noisy chunk x (B, C_in, T, H, W) and the conditioning frames (B, C, F_cond, H, W):
         one (B*F_cond, C_i, H_i, W_i) per long skip, then the middle block's."""
         if cond_latents.shape[2] != self.cond_frames or x.shape[2] < self.cond_frames:
@@ -202,7 +206,7 @@ class CAM(nn.Module):
                 f"least as many; got {cond_latents.shape[2]} conditioning and {x.shape[2]} chunk frames"
             )
         fused = self.fuse(self.frame_encoder(cond_latents))  # (B*F_cond, C_k, H_k, W_k)
-        return self.encoder(x[:, :, : self.cond_frames], fused, emb, context)
+        return self.encoder(x[:, :, : self.cond_frames], fused, emb, context, context_mask)
 
     def forward(self, streams: list[Tensor], cam: list[Tensor], batch: int) -> list[Tensor]:
         """Inject x_CAM into the base's long skips and middle output (same order as `features`)."""
@@ -252,7 +256,8 @@ class MixedCrossAttention(CrossAttention):
     """A base `CrossAttention` whose keys and values come from x_cross = SiLU(α)·x_mixed + x_text, α init 0.
 
     It has the wrapped layer's parameter names (plus `alpha`), so base U-Net state dicts still
-    load, and it receives the packed context `[x_text; x_mixed]` (B, 2L, D).
+    load, and it receives the packed context `[x_text; x_mixed]` (B, 2L, D) and, optionally, the
+    packed mask `[text_mask; mixed_mask]` (B, 2L): token j of x_cross is attended when either holds.
     """
 
     def __init__(self, dim: int, context_dim: int, heads: int, *, qkv_bias: bool) -> None:
@@ -267,9 +272,13 @@ class MixedCrossAttention(CrossAttention):
         mixed.load_state_dict(layer.state_dict(), strict=False)
         return mixed
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor, context_mask: Tensor | None = None) -> Tensor:
         text, mixed = context.chunk(2, dim=1)  # 2 x (B, L, D)
-        return super().forward(x, F.silu(self.alpha) * mixed + text)
+        keep = None
+        if context_mask is not None:
+            text_keep, mixed_keep = context_mask.bool().chunk(2, dim=1)  # 2 x (B, L)
+            keep = text_keep | mixed_keep
+        return super().forward(x, F.silu(self.alpha) * mixed + text, keep)
 
 
 def _mix_cross_attention(model: nn.Module) -> list[MixedCrossAttention]:
@@ -320,18 +329,29 @@ class StreamingT2V(PretrainedMixin, nn.Module):
         cond_latents: Tensor,
         anchor: Tensor | None,
         level: Tensor | None = None,
+        context_mask: Tensor | None = None,
     ) -> Tensor:
         """x (B, C_in, T, H, W) noisy chunk; context (B, L, D) text tokens; cond_latents
         (B, C_out, F_cond, H, W) last latent frames of the previous chunk; anchor (B, D_img)
         CLIP image embedding of the anchor frame, or None for the model without APM (x_mixed = 0,
-        so every cross-attention reads x_text alone) -> prediction (B, C_out, T, H, W)."""
+        so every cross-attention reads x_text alone); context_mask (B, L) bool the real text
+        tokens (None: all) -> prediction (B, C_out, T, H, W).
+
+        With a mask, APM mixes the text with its padding zeroed, and every x_mixed token is
+        attended (each mixes all real text tokens and the anchor); without APM only the real
+        text tokens are."""
         emb = self.base.time_embedding(t, level)  # (B, D_emb)
+        packed_mask = None
+        if context_mask is not None:
+            context = context * context_mask[..., None].to(context.dtype)
+            mixed_mask = context_mask if anchor is None else torch.ones_like(context_mask)
+            packed_mask = torch.cat([context_mask, mixed_mask], dim=1)  # (B, 2L)
         mixed = torch.zeros_like(context) if anchor is None else self.apm(context, anchor)  # (B, L, D)
         packed = torch.cat([context, mixed], dim=1)  # (B, 2L, D)
-        h, skips = self.base.encode(x, emb, packed)
-        cam = self.cam.features(x, cond_latents, emb, context)
+        h, skips = self.base.encode(x, emb, packed, packed_mask)
+        cam = self.cam.features(x, cond_latents, emb, context, context_mask)
         *skips, h = self.cam([*skips, h], cam, x.shape[0])
-        return self.base.decode(h, skips, emb, packed)
+        return self.base.decode(h, skips, emb, packed, packed_mask)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """CAM and APM parameters (the α_l of every cross-attention included); the base is frozen."""

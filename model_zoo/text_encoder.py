@@ -9,7 +9,9 @@ projected CLIP image embedding as one token (StreamingT2V's APM expands it to k 
 Both towers are frozen (no trainable parameters, eval mode). Weights come from a local
 open_clip checkpoint (`pretrained_path`: a full CLIP state dict as .safetensors, or a
 .bin/.pt read with `weights_only=True`) when given, and are random otherwise. The `tiny`
-flavours are small custom towers for tests.
+flavours are small custom towers for tests. A text tower may also be described by an open_clip
+`text_cfg` (the `model_cfg` of a checkpoint folder's open_clip_config.json, see
+`model_zoo.importers.folders`), with open_clip's BPE tokenizer.
 
 See docs/methods.md, 'Text and image encoders'.
 """
@@ -17,7 +19,7 @@ See docs/methods.md, 'Text and image encoders'.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,6 +53,12 @@ class TextEncoderConfig:
     """Which transformer layer's tokens are returned (after the final LayerNorm)."""
     quick_gelu: bool = False
     """QuickGELU activations (OpenAI-trained checkpoints); False for LAION ViT-H-14."""
+    text_cfg: dict[str, Any] = field(default_factory=dict)
+    """An open_clip `text_cfg` (a checkpoint folder's `model_cfg.text_cfg`); when given it defines
+    the tower, and `arch`, `layers` and `heads` are unused."""
+    embed_dim: int | None = None
+    """CLIP embedding width of the tower's text projection (loaded, not used: the tokens are read
+    before it); None: context_dim."""
     pretrained_path: str | None = None
     """Local open_clip checkpoint to load; consumed at build time (the built model's config
     stores None because its own saved weights then contain the tower)."""
@@ -132,7 +140,9 @@ class TextEncoder(PretrainedMixin, nn.Module):
     def __init__(self, config: TextEncoderConfig) -> None:
         super().__init__()
         self.config = dataclasses.replace(config, pretrained_path=None)
-        if config.arch is None:
+        if config.text_cfg:
+            text_cfg = CLIPTextCfg(**config.text_cfg)
+        elif config.arch is None:
             text_cfg = CLIPTextCfg(
                 context_length=config.context_length,
                 width=config.context_dim,
@@ -147,9 +157,11 @@ class TextEncoder(PretrainedMixin, nn.Module):
             raise ValueError(
                 f"text_encoder {config.arch}: tower width {text_cfg.width} != context_dim {config.context_dim}"
             )
-        self.tower = _build_text_tower(config.context_dim, text_cfg, quick_gelu=config.quick_gelu)
-        self._tokenizer = open_clip.get_tokenizer(
-            config.arch or TOKENIZER_FALLBACK, context_length=config.context_length
+        self.tower = _build_text_tower(config.embed_dim or config.context_dim, text_cfg, quick_gelu=config.quick_gelu)
+        self._tokenizer = (
+            open_clip.SimpleTokenizer(context_length=config.context_length, **(text_cfg.tokenizer_kwargs or {}))
+            if config.text_cfg
+            else open_clip.get_tokenizer(config.arch or TOKENIZER_FALLBACK, context_length=config.context_length)
         )
         if config.pretrained_path is not None:
             # Text keys sit at the top level of a CLIP state dict, or under "text." (CustomTextCLIP).
@@ -160,6 +172,10 @@ class TextEncoder(PretrainedMixin, nn.Module):
     def tokenize(self, prompts: list[str]) -> Tensor:
         """open_clip BPE tokens (B, context_length), on the model's device."""
         return self._tokenizer(prompts).to(self.tower.positional_embedding.device)
+
+    def token_mask(self, tokens: Tensor) -> None:
+        """None: CLIP's fixed-length prompts are attended whole (padding included)."""
+        return None
 
     def forward(self, tokens: Tensor) -> Tensor:
         """tokens (B, L) long -> per-token features (B, L, context_dim)."""

@@ -126,10 +126,12 @@ class VideoFusion(PretrainedMixin, nn.Module):
         self.frame_embed = nn.Embedding(config.max_frames, emb_dim)
         nn.init.normal_(self.frame_embed.weight, std=0.02)
 
-    def predict_base(self, z_t: Tensor, t: Tensor, *, context: Tensor | None = None) -> Tensor:
+    def predict_base(
+        self, z_t: Tensor, t: Tensor, *, context: Tensor | None = None, context_mask: Tensor | None = None
+    ) -> Tensor:
         """b̂ from the middle frame: z_t (B, C, T, H, W) -> (B, C, 1, H, W)."""
         middle = z_t.shape[2] // 2
-        return self.base(z_t[:, :, middle : middle + 1], t, context=context)  # (B, C, 1, H, W)
+        return self.base(z_t[:, :, middle : middle + 1], t, context=context, context_mask=context_mask)  # (B, C, 1, H, W)
 
     def remove_base(self, z_t: Tensor, base: Tensor, alpha_bar: Tensor) -> Tensor:
         """The residual generator's input z_t^i - sqrt(1-ᾱ_t)·sqrt(λ)·b̂: z_t (B, C, T, H, W), base
@@ -137,27 +139,40 @@ class VideoFusion(PretrainedMixin, nn.Module):
         noise_std = (1.0 - alpha_bar).sqrt().view(-1, 1, 1, 1, 1).to(z_t)
         return z_t - noise_std * math.sqrt(self.config.lam) * base
 
-    def predict_residual(self, residual_input: Tensor, t: Tensor, *, context: Tensor | None = None) -> Tensor:
+    def predict_residual(
+        self, residual_input: Tensor, t: Tensor, *, context: Tensor | None = None, context_mask: Tensor | None = None
+    ) -> Tensor:
         """r̂_i for every frame, given frame i's index: the base-removed latent (B, C, T, H, W) -> (B, C, T, H, W)."""
         num_frames = residual_input.shape[2]
         if num_frames > self.config.max_frames:
             raise ValueError(f"clip of {num_frames} frames exceeds max_frames={self.config.max_frames}")
         frame_index = torch.arange(num_frames, device=residual_input.device)
         emb = self.residual.time_embedding(t)[:, None] + self.frame_embed(frame_index)[None]  # (B, T, D)
-        h, skips = self.residual.encode(residual_input, emb, context)
-        return self.residual.decode(h, skips, emb, context)  # (B, C, T, H, W)
+        h, skips = self.residual.encode(residual_input, emb, context, context_mask)
+        return self.residual.decode(h, skips, emb, context, context_mask)  # (B, C, T, H, W)
 
-    def forward(self, z_t: Tensor, t: Tensor, *, alpha_bar: Tensor, context: Tensor | None = None) -> Tensor:
-        """Predicted ε (B, C, T, H, W) of z_t at timesteps t (B,) with ᾱ_t = alpha_bar (B,).
+    def forward(
+        self,
+        z_t: Tensor,
+        t: Tensor,
+        *,
+        alpha_bar: Tensor,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Predicted ε (B, C, T, H, W) of z_t at timesteps t (B,) with ᾱ_t = alpha_bar (B,);
+        context_mask (B, L) bool marks the real text tokens (None: all).
 
         b̂ keeps its gradient in frame ⌊T/2⌋'s slots only (its ε term and its residual input)."""
         num_frames = z_t.shape[2]
-        base = self.predict_base(z_t, t, context=context)  # (B, C, 1, H, W)
+        base = self.predict_base(z_t, t, context=context, context_mask=context_mask)  # (B, C, 1, H, W)
         keep = torch.zeros(num_frames, device=z_t.device, dtype=z_t.dtype)
         keep[num_frames // 2] = 1.0
         keep = keep.view(1, 1, num_frames, 1, 1)
         base_per_frame = keep * base + (1.0 - keep) * base.detach()  # (B, C, T, H, W), same values
-        residual = self.predict_residual(self.remove_base(z_t, base_per_frame, alpha_bar), t, context=context)
+        residual = self.predict_residual(
+            self.remove_base(z_t, base_per_frame, alpha_bar), t, context=context, context_mask=context_mask
+        )
         return self.noise.combine(base_per_frame, residual)
 
     def load_base(self, image_model: nn.Module, source: str) -> None:

@@ -23,18 +23,23 @@ if TYPE_CHECKING:  # an annotation only: the strategies package imports this mod
     from sampler.strategies.lvdm import MaskedPredictFn
 
 
+TextBranch = Callable[[dict[str, Tensor]], DenoiseFn]
+"""`branch(text)`: the denoiser with the text keywords `Pipeline.text_inputs` gives bound."""
+
+
 def with_text_guidance(
-    branch: Callable[[Tensor | None], DenoiseFn],
+    branch: TextBranch,
     pipeline: Pipeline,
     prompt: str,
     guidance: float,
     guide: Guide = cfg,
 ) -> DenoiseFn:
-    """`branch(context)` for the prompt, wrapped in CFG against the empty prompt unless g = 1 or no text."""
-    context = pipeline.text_context(prompt)
-    if context is None or guidance == 1.0:
-        return branch(context)
-    return guide(branch(context), branch(pipeline.text_context("")), guidance)
+    """`branch(text)` for the prompt, wrapped in CFG against the empty prompt (with the empty
+    prompt's own token mask) unless g = 1 or no text."""
+    text = pipeline.text_inputs(prompt)
+    if not text or guidance == 1.0:
+        return branch(text)
+    return guide(branch(text), branch(pipeline.text_inputs("")), guidance)
 
 
 def denoiser_network(pipeline: Pipeline, image_latent: Tensor | None = None) -> Callable[..., Tensor]:
@@ -52,8 +57,8 @@ def text_denoiser(
     `image_latent`: the first frame's clean latent for an image-conditioned denoiser."""
     model = denoiser_network(pipeline, image_latent)
 
-    def branch(context: Tensor | None) -> DenoiseFn:
-        return lambda x, t: model(x, t, context=context)
+    def branch(text: dict[str, Tensor]) -> DenoiseFn:
+        return lambda x, t: model(x, t, **text)
 
     return with_text_guidance(branch, pipeline, prompt, guidance, guide)
 
@@ -64,8 +69,8 @@ def conditioned_denoiser(
     """`model(x, t, context=..., **cond)` with the prompt bound and text CFG (CMD's content model
     and motion DiT, whose dense condition is `cond_frame`)."""
 
-    def branch(context: Tensor | None) -> DenoiseFn:
-        return lambda x, t: model(x, t, context=context, **cond)
+    def branch(text: dict[str, Tensor]) -> DenoiseFn:
+        return lambda x, t: model(x, t, **text, **cond)
 
     return with_text_guidance(branch, pipeline, prompt, guidance, guide)
 
@@ -83,8 +88,8 @@ def streaming_denoiser(
     (None: the model without APM)."""
     model = pipeline.denoiser
 
-    def branch(context: Tensor | None) -> DenoiseFn:
-        return lambda x, t: model(x, t, context=context, cond_latents=cond_latents, anchor=anchor)
+    def branch(text: dict[str, Tensor]) -> DenoiseFn:
+        return lambda x, t: model(x, t, **text, cond_latents=cond_latents, anchor=anchor)
 
     return with_text_guidance(branch, pipeline, prompt, guidance, guide)
 
@@ -120,19 +125,19 @@ def lvdm_predict_fn(
     model, no_condition = pipeline.denoiser, pipeline.uncond_level
     stride = frame_stride_input(pipeline, frame_stride)
 
-    def branch(context: Tensor | None) -> MaskedPredictFn:
+    def branch(text: dict[str, Tensor]) -> MaskedPredictFn:
         def predict(net_input: Tensor, t: Tensor, level: Tensor | None) -> Tensor:
             if level is None and no_condition is not None:  # ε_u: the class training gave no-mask samples
                 level = torch.full_like(t, no_condition)
             strides = {} if stride is None else {"stride": torch.full_like(t, stride)}
-            return model(net_input, t, context=context, level=level, **strides)
+            return model(net_input, t, **text, level=level, **strides)
 
         return predict
 
-    context = pipeline.text_context(prompt)
-    if context is None or guidance == 1.0:
-        return branch(context)
-    conditional, unconditional = branch(context), branch(pipeline.text_context(""))
+    text = pipeline.text_inputs(prompt)
+    if not text or guidance == 1.0:
+        return branch(text)
+    conditional, unconditional = branch(text), branch(pipeline.text_inputs(""))
 
     def guided(net_input: Tensor, t: Tensor, level: Tensor | None) -> Tensor:
         empty = unconditional(net_input, t, level)

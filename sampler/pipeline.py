@@ -112,6 +112,16 @@ class Pipeline:
             self.text_cache[prompt] = encoder.encode_prompts([prompt])
         return self.text_cache[prompt]
 
+    def text_inputs(self, prompt: str) -> dict[str, Tensor]:
+        """The denoiser's text keywords for `prompt`: {} without a text encoder, else its `context`
+        (1, L, D) and, for a variable-length (T5) encoder, `context_mask` (1, L) bool of its real tokens."""
+        context = self.text_context(prompt)
+        if context is None:
+            return {}
+        encoder = self.networks["text_encoder"]
+        mask = encoder.token_mask(encoder.tokenize([prompt]))
+        return {"context": context} if mask is None else {"context": context, "context_mask": mask}
+
 
 def recorded_frame_strides(entries: dict[str, Any]) -> tuple[int, int] | None:
     """(lowest, highest) training frame stride of an export's model_index.json entries, or None."""

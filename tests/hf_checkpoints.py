@@ -75,3 +75,45 @@ def write_pipeline(root: Path, *, seed: int = 0) -> Path:
     write_tokenizer(root / "tokenizer")
     (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     return root
+
+
+T5_WORDS = ["<pad>", "</s>", "<unk>", "a", "cat", "on", "the", "mat", "dog", "runs", "red", "car"]
+
+
+def write_t5(root: Path, *, d_model: int = 32, seed: int = 0) -> Path:
+    """A transformers T5EncoderModel folder (root/text_encoder) with a word-level fast tokenizer
+    beside it (root/tokenizer), as in a diffusers pipeline folder; returns the model folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(T5_WORDS)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.save_pretrained(root / "tokenizer")
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=len(T5_WORDS), d_model=d_model, d_kv=8, d_ff=64, num_layers=2, num_heads=2)
+    T5EncoderModel(config).save_pretrained(root / "text_encoder")
+    return root / "text_encoder"
+
+
+OPEN_CLIP_MODEL = dict(
+    embed_dim=24,
+    vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=1, head_width=16),
+    text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=3),
+)
+
+
+def write_open_clip(folder: Path, *, seed: int = 0) -> Path:
+    """An open_clip checkpoint folder as open_clip's hub loading reads it: open_clip_config.json
+    (`model_cfg`) and open_clip_model.safetensors of a small random CLIP built by open_clip."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**OPEN_CLIP_MODEL)
+    randomise(model, 0.05)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"model_cfg": OPEN_CLIP_MODEL, "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3}}
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    return folder

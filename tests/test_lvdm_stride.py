@@ -192,8 +192,8 @@ def test_sampler_feeds_the_strides_to_stride_conditioned_networks():
     class FakePipeline:
         denoiser, uncond_level, frame_strides, path = Network(), 9, (2, 2), "p"
 
-        def text_context(self, prompt):
-            return None
+        def text_inputs(self, prompt):
+            return {}
 
     predict = lvdm_predict_fn(FakePipeline(), "a", 1.0, 4)
     predict(torch.zeros(1, 5, 3, 4, 4), torch.tensor([3]), None)

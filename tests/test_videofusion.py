@@ -98,7 +98,7 @@ def test_base_estimate_is_stop_gradient_outside_the_middle_frame() -> None:
         True,
     ]
     # With the residual generator's output held fixed, only frame 2's ε term reaches the base.
-    model.predict_residual = lambda x, t, *, context: torch.zeros_like(x)  # type: ignore[method-assign]
+    model.predict_residual = lambda x, t, **text: torch.zeros_like(x)  # type: ignore[method-assign]
     eps = model(inputs["z_t"], inputs["t"], alpha_bar=inputs["alpha_bar"], context=inputs["context"])
     assert [base_grad(eps[:, :, i].sum()) == 0.0 for i in range(5)] == [True, True, False, True, True]
 

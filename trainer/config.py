@@ -129,17 +129,28 @@ class ModelConfig:
     architecture."""
     base_init_from: str | None = None
     """`videofusion` task: an `lvd export` (or model folder) of a `unet3d` image network (temporal
-    layers off) whose architecture and weights start the base generator."""
+    layers off), or a diffusers UNet2DConditionModel folder (Stable Diffusion's U-Net, or a
+    pipeline folder: its unet), whose architecture and weights start the base generator."""
     vae: str = "video_vae/tiny"
     """Frozen autoencoder of latent tasks: 'family/flavor' (random init), an exported folder, a
     diffusers AutoencoderKL folder (applied per frame with its scaling_factor) or a pipeline folder.
     The cmd_content and cmd_motion tasks take the trained CMD autoencoder here (`<export>/vae`)."""
     text_encoder: str = "text_encoder/tiny"
     """Frozen text encoder: 'family/flavor', an exported folder, a transformers CLIPTextModel /
-    T5EncoderModel folder or a diffusers pipeline folder (its text_encoder)."""
+    T5EncoderModel folder, an open_clip checkpoint folder (open_clip_config.json + weights) or a
+    diffusers pipeline folder (its text_encoder)."""
     tokenizer: str | None = None
     """Tokenizer folder of a transformers text encoder; None looks for `../tokenizer` beside it
     (the diffusers pipeline layout)."""
+    text_layer: Literal["last", "penultimate"] = "penultimate"
+    """The layer whose tokens an open_clip checkpoint folder's text tower gives the denoiser
+    (`text_encoder=<open_clip folder>`): penultimate, as Stable Diffusion 2.x reads OpenCLIP ViT-H,
+    or last."""
+    content_vae: str | None = None
+    """`cmd_content`: an image VAE ('family/flavor', or a diffusers AutoencoderKL / pipeline folder)
+    in whose latents the content-frame model, an image `unet3d` (from `init_from`: Stable
+    Diffusion's U-Net), generates the CMD autoencoder's content frame; None: the content model is a
+    `dit` on the content frame's space-to-depth."""
     base: str | None = None
     """Frozen base U-Net of the `streaming` task: an exported folder or 'family/flavor'."""
     image_encoder: str = "image_encoder/tiny"

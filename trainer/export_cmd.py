@@ -52,8 +52,13 @@ def export_cmd_bundle(runs: list[Path], out: Path, *, ema: bool = False) -> Path
         with replacing_folder(out) as folder:
             for name in ("denoiser", *SHARED):
                 shutil.copytree(motion.path / name, folder / name)
-            shutil.copytree(content.path / "content_denoiser", folder / "content_denoiser")
-            components = {**{name: motion.components[name] for name in ("denoiser", *SHARED)}, "content_denoiser": content.components["content_denoiser"]}
+            own = [name for name in ("content_denoiser", "content_vae") if name in content.components]
+            for name in own:
+                shutil.copytree(content.path / name, folder / name)
+            components = {
+                **{name: motion.components[name] for name in ("denoiser", *SHARED)},
+                **{name: content.components[name] for name in own},
+            }
             entries = {
                 "sample_size": motion.entries["sample_size"],
                 "stages": {task: {key: index.entries[key] for key in ("source", "step", "ema")} for task, index in stages.items()},

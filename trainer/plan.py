@@ -137,12 +137,13 @@ def activation_bytes(model: nn.Module, shape: tuple[int, ...], *, checkpointed: 
 def measure(cfg: TrainJobConfig, *, dtype: torch.dtype) -> ModelCounts:
     """Build the task's networks on `meta` and measure them."""
     from trainer.tasks import build_task
+    from trainer.tasks.cmd import content_latent_shape
 
     with torch.device("meta"):
         task = build_task(cfg, torch.device("meta"))
     model = task.trained["model"]
-    vae = task.frozen.get("vae")
-    shape = _input_shape(cfg, vae)
+    vae, content_vae = task.frozen.get("vae"), task.frozen.get("content_vae")
+    shape = _input_shape(cfg, vae) if content_vae is None else content_latent_shape(content_vae, cfg.data.height, cfg.data.width)
     trainable = sum(model_zoo.count_parameters(m, trainable_only=True) for m in task.trained.values())
     frozen_in_trained = sum(model_zoo.count_parameters(m) for m in task.trained.values()) - trainable
     frozen = frozen_in_trained + sum(model_zoo.count_parameters(m) for m in task.frozen.values())

@@ -11,6 +11,7 @@ concatenations along dim 0 are the same numbers.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -275,10 +276,15 @@ def _split_into(
         out[key] = part.reshape(shapes[key]).clone()
 
 
-def load_unet(folder: Path, diffusers_config: dict[str, Any]) -> UNet3D:
+def load_unet(folder: Path, diffusers_config: dict[str, Any], *, image: bool = False) -> UNet3D:
     """A `unet3d` holding the diffusers U-Net in `folder` (a 2-D one inflated: temporal layers
-    keep their zero-initialised identity)."""
+    keep their zero-initialised identity; with `image`, a 2-D one becomes a `unet3d` without
+    temporal layers, an image network such as VideoFusion's base generator)."""
     config = unet3d_config(diffusers_config, str(folder / "config.json"))
+    if image:
+        if diffusers_config["_class_name"] != UNET2D_CLASS:
+            raise ValueError(f"{folder}/config.json: an image network comes from a {UNET2D_CLASS}, not a {diffusers_config['_class_name']}")
+        config = dataclasses.replace(config, temporal_conv=False, temporal_attention=False, input_temporal=None)
     model = UNet3D(config)
     weights = weights_file(folder)
     source = load_file(str(weights))
@@ -290,6 +296,27 @@ def load_unet(folder: Path, diffusers_config: dict[str, Any]) -> UNet3D:
     state = convert(source, shapes, pairs, where=str(weights), keep_initial=keep)
     model.load_state_dict({**model.state_dict(), **state})
     return model
+
+
+def grow_inputs(model: UNet3D, *, in_channels: int, num_levels: int) -> UNet3D:
+    """`model` with more input channels and a level embedding, both zero-initialised, so that its
+    output is unchanged while the new channels are zero and whatever level is given (an inflated
+    image U-Net becomes LVDM's masked model: latents + mask channel, perturbation level s)."""
+    config = model.config
+    if in_channels < config.in_channels or (config.num_levels and num_levels != config.num_levels):
+        raise ValueError(
+            f"cannot grow a unet3d of in_channels={config.in_channels}, num_levels={config.num_levels} "
+            f"to in_channels={in_channels}, num_levels={num_levels}"
+        )
+    grown = UNet3D(dataclasses.replace(config, in_channels=in_channels, num_levels=num_levels))
+    state = model.state_dict()
+    weight = state["input_conv.weight"]  # (C, C_in, 3, 3)
+    extra = weight.new_zeros(weight.shape[0], in_channels - weight.shape[1], *weight.shape[2:])
+    state["input_conv.weight"] = torch.cat([weight, extra], dim=1)
+    if num_levels and not config.num_levels:
+        state["level_embed.weight"] = torch.zeros_like(grown.level_embed.weight)
+    grown.load_state_dict(state)
+    return grown
 
 
 def _temporal_keys(keys: dict[str, torch.Size]) -> list[str]:

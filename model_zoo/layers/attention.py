@@ -78,6 +78,9 @@ class SelfAttention(nn.Module):
 class CrossAttention(nn.Module):
     """Queries from tokens x (N, L, C); keys and values from `context` (N, S, context_dim).
 
+    `context_mask` (N, S) bool marks the real context tokens (a padded T5 prompt's padding is
+    False and is not attended); None attends to every token.
+
     The output projection is zero-initialised when `zero_init` (a new conditioning path
     then starts as the identity of its residual branch).
     """
@@ -94,13 +97,14 @@ class CrossAttention(nn.Module):
             nn.init.zeros_(self.out.weight)
             nn.init.zeros_(self.out.bias)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor, context_mask: Tensor | None = None) -> Tensor:
         n, length, dim = x.shape
         head_dim = dim // self.heads
         q = self.q(x).view(n, length, self.heads, head_dim).transpose(1, 2)  # (N, h, L, d)
         kv = self.kv(context).view(n, context.shape[1], 2, self.heads, head_dim)  # (N, S, 2, h, d)
         k, v = (part.transpose(1, 2) for part in kv.unbind(2))  # 2 x (N, h, S, d)
-        out = F.scaled_dot_product_attention(q, k, v)  # (N, h, L, d)
+        keep = None if context_mask is None else context_mask.bool()[:, None, None, :]  # (N, 1, 1, S)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)  # (N, h, L, d)
         return self.out(merge_heads(out))  # (N, L, C)
 
 

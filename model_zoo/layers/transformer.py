@@ -23,7 +23,8 @@ class SpatialTransformer(nn.Module):
     """LDM spatial transformer applied to every frame.
 
     GN -> linear proj_in -> [LN -> self-attention over the H*W tokens of a frame;
-    LN -> `CrossAttention` to `context` (skipped when context is None); LN -> GEGLU FF] ->
+    LN -> `CrossAttention` to `context` (skipped when context is None; `context_mask` (B, S)
+    bool: its real tokens, None = all); LN -> GEGLU FF] ->
     proj_out (zero-init) -> + input. Cross-attention treats the T*H*W tokens of a clip as one
     query set: per-frame cross-attention with a per-clip context is the same computation.
     """
@@ -42,13 +43,15 @@ class SpatialTransformer(nn.Module):
         self.ff = FeedForward(channels, mult=ff_mult, gated=True)
         self.proj_out = zero_module(nn.Linear(channels, channels))
 
-    def forward(self, frames: Tensor, context: Tensor | None, num_frames: int) -> Tensor:
+    def forward(
+        self, frames: Tensor, context: Tensor | None, num_frames: int, context_mask: Tensor | None = None
+    ) -> Tensor:
         bt, c, h, w = frames.shape
         x = self.proj_in(frames_to_tokens(self.norm(frames)))  # (B*T, H*W, C)
         x = x + self.self_attn(self.norm_self(x))
         if self.cross_attn is not None and context is not None:
             clip = x.view(bt // num_frames, num_frames * h * w, c)  # (B, T*H*W, C)
-            x = (clip + self.cross_attn(self.norm_cross(clip), context)).view(bt, h * w, c)  # (B*T, H*W, C)
+            x = (clip + self.cross_attn(self.norm_cross(clip), context, context_mask)).view(bt, h * w, c)  # (B*T, H*W, C)
         x = x + self.ff(self.norm_ff(x))
         return frames + tokens_to_frames(self.proj_out(x), h, w)  # (B*T, C, H, W)
 
@@ -138,11 +141,13 @@ class DiTBlock(nn.Module):
         self.mlp = FeedForward(dim, mult=mlp_ratio)
         self.modulation = zero_module(nn.Linear(dim, 6 * dim))
 
-    def forward(self, x: Tensor, cond: Tensor, context: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, cond: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None
+    ) -> Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(nn.functional.silu(cond)).chunk(
             6, dim=-1
         )
         x = x + gate1[:, None] * self.attn(modulate(self.norm_attn(x), shift1, scale1))
         if self.cross_attn is not None and context is not None:
-            x = x + self.cross_attn(self.norm_cross(x), context)
+            x = x + self.cross_attn(self.norm_cross(x), context, context_mask)
         return x + gate2[:, None] * self.mlp(modulate(self.norm_mlp(x), shift2, scale2))

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from common.pipeline_folder import read_index
 from model_zoo.cmd import content_condition, content_grid, motion_grid, unpack_motion, unpatchify_content
@@ -33,13 +33,15 @@ from model_zoo.diffusion.samplers import DenoiseFn
 from sampler.denoisers import conditioned_denoiser, counted
 from sampler.distributed import branch_parallel_guide
 from sampler.job import VideoJob
+from sampler.pipeline import vae_factors
 from sampler.strategies.common import SamplingSetup, clip_noise, run_sampler
 from sampler.strategies.seeding import unit_generator
 from sampler.video_io import Mp4Writer, to_uint8_frames
 from sampler.work import State, run_chunks
 
 ToImage = Callable[[Tensor], Tensor]
-"""What the content model generates (B, 3p², h, w) -> the content frame (B, 3, H, W)."""
+"""What the content model generates (B, 3p², h, w), or with a `content_vae` its latents
+(B, c, H/f, W/f) -> the content frame (B, 3, H, W)."""
 MotionDenoisers = Callable[[Tensor], DenoiseFn]
 """Content frame (B, 3, H, W) -> the motion DiT's `denoise_fn(x, t)` conditioned on it."""
 Decode = Callable[[Tensor, Tensor], Tensor]
@@ -132,13 +134,15 @@ def sampling_setups(job: VideoJob) -> tuple[SamplingSetup, SamplingSetup]:
     if schedule is None:
         raise ValueError(f"{job.pipeline.path}: a cmd export has a content_scheduler; this one has none")
     height, width, batch = job.config.height, job.config.width, job.setup.frame_shape[0]
+    content_vae = job.pipeline.networks.get("content_vae")
+    grid = content_grid(config, height, width) if content_vae is None else image_latent_grid(content_vae, height, width)
     content = replace(
         job.setup,
         timesteps=schedule.timesteps(job.config.steps),
         alphas_cumprod=schedule.alphas_cumprod,
         parameterization=schedule.parameterization,
         final_alpha_cumprod=schedule.final_alpha_cumprod,
-        frame_shape=(batch, *content_grid(config, height, width)),
+        frame_shape=(batch, *grid),
     )
     return content, replace(job.setup, frame_shape=(batch, *motion_grid(config, height, width)))
 
@@ -164,7 +168,16 @@ def pipeline_parts(job: VideoJob) -> tuple[DenoiseFn, ToImage, MotionDenoisers, 
     def decode(content: Tensor, motion: Tensor) -> Tensor:
         return pipeline.vae.decode(content, unpack_motion(motion, rows))
 
-    return counted(content_fn, tick), lambda patches: unpatchify_content(patches, patch), motion_fns, decode
+    content_vae = pipeline.networks.get("content_vae")
+    if content_vae is None:
+        return counted(content_fn, tick), lambda patches: unpatchify_content(patches, patch), motion_fns, decode
+    return counted(content_fn, tick), lambda latent: content_vae.from_latents(latent[:, :, None])[:, :, 0], motion_fns, decode
+
+
+def image_latent_grid(vae: nn.Module, height: int, width: int) -> tuple[int, int, int]:
+    """(channels, rows, columns) of an image VAE's latents of an H x W content frame."""
+    factor = vae_factors(vae)[1]
+    return (int(vae.config.latent_channels), height // factor, width // factor)
 
 
 def run(job: VideoJob, config: CMDSamplingConfig) -> None:

@@ -53,9 +53,9 @@ def videofusion_denoiser(
     """The VideoFusion network with the prompt, text CFG and ᾱ_t of each call's timesteps bound."""
     model = pipeline.denoiser
 
-    def scheduled(x: Tensor, t: Tensor, *, context: Tensor | None) -> Tensor:
+    def scheduled(x: Tensor, t: Tensor, **text: Tensor) -> Tensor:
         alpha_bar = alphas_cumprod.to(t.device)[t]  # (B,)
-        return model(x, t, context=context, alpha_bar=alpha_bar)
+        return model(x, t, **text, alpha_bar=alpha_bar)
 
     return conditioned_denoiser(scheduled, pipeline, prompt, guidance, guide)
 

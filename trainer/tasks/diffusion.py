@@ -42,7 +42,10 @@ class DiffusionTask:
         latents, context = self.encoders.encode(batch, generator, self.device)
         t, noise = self.diffusion.draw(latents, generator)
         model = engines["model"] if batch.modality == "video" else image_denoiser(self.trained["model"], engines["model"])
-        return self.diffusion.loss(self.denoiser(model, latents, generator, batch.modality), latents, t, noise, context=context)
+        mask = self.encoders.mask_input(batch, self.device)  # {} for CLIP prompts
+        return self.diffusion.loss(
+            self.denoiser(model, latents, generator, batch.modality), latents, t, noise, context=context, **mask
+        )
 
     def denoiser(
         self, model: Callable[..., Tensor], latents: Tensor, generator: torch.Generator, modality: str = "video"

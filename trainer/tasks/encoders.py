@@ -60,6 +60,18 @@ class LatentEncoders:
             context[dropped] = self.text_encoder(batch.tokens[dropped].to(device)).to(context.dtype)
         return latents, context
 
+    def mask_input(self, batch: Batch, device: torch.device) -> dict[str, Tensor]:
+        """The denoiser's `context_mask` keyword for the batch's captions (`text_mask_input`)."""
+        return text_mask_input(self.text_encoder, batch.tokens, device)
+
+
+def text_mask_input(text_encoder: nn.Module, tokens: Tensor | None, device: torch.device) -> dict[str, Tensor]:
+    """{'context_mask': (B, L) bool, True at real tokens} for a text encoder of variable-length
+    prompts (T5), so the denoiser's cross-attention skips the padding; {} for fixed-length CLIP
+    prompts (every token is attended, and the denoiser is called as without a mask)."""
+    mask = None if tokens is None else text_encoder.token_mask(tokens.to(device))
+    return {} if mask is None else {"context_mask": mask}
+
 
 def latent_encoders(model: ModelConfig, *, vae: bool, seed: int, device: torch.device) -> LatentEncoders:
     """The text encoder and, for pixel data, the VAE of `model` (seeded when random)."""
@@ -70,6 +82,7 @@ def latent_encoders(model: ModelConfig, *, vae: bool, seed: int, device: torch.d
             device=device,
             role="text_encoder",
             tokenizer=model.tokenizer,
+            text_layer=model.text_layer,
         ),
         vae=build_helper(model.vae, seed=seed + VAE_SEED, device=device, role="vae") if vae else None,
     )

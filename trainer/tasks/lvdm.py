@@ -98,7 +98,8 @@ class LVDMTask:
             return model(objectives.apply_mask_conditioning(z_t, z_cond, mask), t, **cond)  # input (B, c+1, T, h, w)
 
         out = self.diffusion.loss(
-            denoise, latents, t, noise, frame_weight=1.0 - mask, context=context, level=levels, **self.stride_input(batch)
+            denoise, latents, t, noise, frame_weight=1.0 - mask, context=context, level=levels,
+            **self.stride_input(batch), **self.encoders.mask_input(batch, self.device),
         )
         out.metrics["mask_frac"] = float(mask.mean())
         return out

@@ -14,6 +14,8 @@ from torch import nn
 
 import model_zoo
 from model_zoo.importers import folders
+from model_zoo.importers.diffusers_unet import UNET2D_CLASS, grow_inputs, load_unet
+from model_zoo.unet3d import UNet3DConfig
 from trainer.config import ModelConfig
 
 
@@ -25,12 +27,19 @@ def announce(line: str) -> None:
 
 
 def build_helper(
-    spec: str, *, seed: int, device: torch.device, role: folders.Role | None = None, tokenizer: str | None = None
+    spec: str,
+    *,
+    seed: int,
+    device: torch.device,
+    role: folders.Role | None = None,
+    tokenizer: str | None = None,
+    text_layer: folders.TextLayer = "penultimate",
 ) -> nn.Module:
     """A frozen helper network from 'family/flavor' (seeded random init) or a folder: an lvd
-    export, a diffusers / Hugging Face model folder or a pipeline folder (its `role` subfolder)."""
+    export, a diffusers / Hugging Face / open_clip model folder or a pipeline folder (its `role`
+    subfolder)."""
     if Path(spec).is_dir():
-        module, line = folders.load(spec, role or _own_role(spec), tokenizer=tokenizer)
+        module, line = folders.load(spec, role or _own_role(spec), tokenizer=tokenizer, text_layer=text_layer)
         announce(line)
     else:
         family, _, flavor = spec.partition("/")
@@ -64,11 +73,62 @@ def trained_model(model: ModelConfig, **forced: Any) -> nn.Module:
     if line.startswith("denoiser: lvd"):
         check_init_config(model.init_from, loaded.config, overrides)
     else:
+        loaded, grown = _grow_to(loaded, forced)
+        line += grown
         check_init_config(model.init_from, loaded.config, forced)
         ignored = sorted(k for k in model.overrides if k not in forced)
         line += f"; the YAML's model sizes give way to it (flavor {model.flavor}" + (f", overrides {ignored})" if ignored else ")")
     announce(line)
     return loaded
+
+
+def _grow_to(loaded: nn.Module, forced: dict[str, Any]) -> tuple[nn.Module, str]:
+    """An imported U-Net given the extra input channels and level embedding a task needs (LVDM's
+    mask channel and perturbation level), zero-initialised; and a note for the run log."""
+    config = loaded.config
+    in_channels = int(forced.get("in_channels", config.in_channels))
+    num_levels = int(forced.get("num_levels", config.num_levels))
+    if in_channels <= config.in_channels and num_levels == config.num_levels:
+        return loaded, ""
+    if config.num_levels and num_levels != config.num_levels:
+        return loaded, ""  # check_init_config names the mismatch
+    grown = grow_inputs(loaded, in_channels=in_channels, num_levels=num_levels)
+    return grown, f"; grown to in_channels={in_channels}, num_levels={num_levels} (new weights zero: output unchanged)"
+
+
+def image_unet(source_path: str, key: str, sizes: dict[str, Any], *, role: str) -> nn.Module:
+    """The image network (a `unet3d` without temporal layers) that config key `key` names: an
+    `lvd export` folder (its `denoiser`) or model folder, or a diffusers UNet2DConditionModel folder
+    (or a pipeline folder, its unet: Stable Diffusion's U-Net) loaded as one. It must have this
+    run's `sizes` (latent channels, text width); an error naming the key and path otherwise."""
+    source = Path(source_path)
+    if not source.is_dir():
+        raise FileNotFoundError(f"{key}={source}: no such export or model folder")
+    folder, config = folders.resolve(source, "denoiser")
+    if folders.model_class(config) == UNET2D_CLASS:
+        image = load_unet(folder, config, image=True)
+        announce(f"{role}: unet3d image network from diffusers {UNET2D_CLASS} {folder}")
+    else:
+        image = model_zoo.from_pretrained(folder)
+    if not isinstance(image.config, UNet3DConfig):
+        raise ValueError(
+            f"{key}={folder}: a {image.family} network; {role} starts from a unet3d image network"
+        )
+    temporal = [name for name in ("temporal_conv", "temporal_attention") if getattr(image.config, name)]
+    if temporal:
+        raise ValueError(
+            f"{key}={folder}: not an image network ({', '.join(temporal)} on); train it with model.overrides={{temporal_conv: false, temporal_attention: false}}"
+        )
+    differing = [
+        f"{name} (export {getattr(image.config, name)!r}, this run {value!r})"
+        for name, value in sizes.items()
+        if getattr(image.config, name) != value
+    ]
+    if differing:
+        raise ValueError(
+            f"{key}={folder}: the image network does not fit this run: " + "; ".join(differing)
+        )
+    return image
 
 
 def init_from_or_build(model: ModelConfig, config: Any) -> nn.Module:

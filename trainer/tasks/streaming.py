@@ -85,7 +85,8 @@ class StreamingTask:
             anchor = self.frozen["image_encoder"](batch.pixels()[:, :, 0].to(self.device))[:, 0]  # (B, D_img)
         t, noise = self.diffusion.draw(chunk, generator)
         return self.diffusion.loss(
-            engines["model"], chunk, t, noise, context=context, cond_latents=cond, anchor=anchor
+            engines["model"], chunk, t, noise, context=context, cond_latents=cond, anchor=anchor,
+            **self.encoders.mask_input(batch, self.device),
         )
 
     def preview(self, engines: Engines, batch: Batch, generator: torch.Generator) -> Tensor | None:

@@ -4,7 +4,8 @@ and 'VideoFusion: the base generator from an image model').
 
 λ is the model's (`model.overrides.lam`), so the export carries the value the sampler uses. The
 network is told ᾱ_t of each sample (the residual generator's input removes √(1-ᾱ_t)·√λ·b̂).
-`model.base_init_from` starts the base generator from an exported image network.
+`model.base_init_from` starts the base generator from an exported image network or a Stable
+Diffusion (diffusers UNet2DConditionModel) U-Net.
 """
 
 from __future__ import annotations
@@ -18,13 +19,11 @@ import torch
 from torch import Tensor, nn
 
 import model_zoo
-from common.pipeline_folder import INDEX_FILE
-from model_zoo.unet3d import UNet3DConfig
 from trainer.config import ModelConfig, VideoFusionObjective
 from trainer.tasks.denoising import build_denoising, text_to_video_preview
 from trainer.tasks.encoders import latent_encoders
 from trainer.tasks.interface import Batch, Engines, StepOutput
-from trainer.tasks.networks import init_from_or_build
+from trainer.tasks.networks import image_unet, init_from_or_build
 
 
 class VideoFusionTask:
@@ -72,7 +71,8 @@ class VideoFusionTask:
         t = self.diffusion.draw_timesteps(latents.shape[0], generator, self.device)
         noise = self.draw_noise(latents, generator)
         alpha_bar = self.diffusion.alphas_cumprod[t]  # (B,)
-        return self.diffusion.loss(engines["model"], latents, t, noise, context=context, alpha_bar=alpha_bar)
+        mask = self.encoders.mask_input(batch, self.device)  # {} for CLIP prompts
+        return self.diffusion.loss(engines["model"], latents, t, noise, context=context, alpha_bar=alpha_bar, **mask)
 
     def preview(self, engines: Engines, batch: Batch, generator: torch.Generator) -> Tensor | None:
         model, alphas_cumprod = engines["model"], self.diffusion.alphas_cumprod
@@ -85,33 +85,13 @@ class VideoFusionTask:
 
 def load_image_network(model: ModelConfig, sizes: dict[str, Any]) -> nn.Module:
     """The image network `model.base_init_from` names: an `lvd export` folder (its `denoiser`) or a
-    model folder, a `unet3d` without temporal layers with this run's `sizes` (latent channels, text
-    width); an error naming the path and the key otherwise."""
+    model folder, a `unet3d` without temporal layers; or a diffusers UNet2DConditionModel folder
+    (or a pipeline folder, its unet: Stable Diffusion's U-Net), loaded as such a `unet3d`. It must
+    have this run's `sizes` (latent channels, text width); an error naming the path and the key
+    otherwise."""
     source = Path(str(model.base_init_from))
     if model.init_from:
         raise ValueError(
             f"model.base_init_from={source} and model.init_from={model.init_from}: give one (init_from already holds a base generator)"
         )
-    folder = source / "denoiser" if (source / INDEX_FILE).is_file() else source
-    if not folder.is_dir():
-        raise FileNotFoundError(f"model.base_init_from={source}: no such export or model folder")
-    image = model_zoo.from_pretrained(folder)
-    if not isinstance(image.config, UNet3DConfig):
-        raise ValueError(
-            f"model.base_init_from={folder}: a {image.family} network; the base generator starts from a unet3d image network"
-        )
-    temporal = [key for key in ("temporal_conv", "temporal_attention") if getattr(image.config, key)]
-    if temporal:
-        raise ValueError(
-            f"model.base_init_from={folder}: not an image network ({', '.join(temporal)} on); train it with model.overrides={{temporal_conv: false, temporal_attention: false}}"
-        )
-    differing = [
-        f"{key} (export {getattr(image.config, key)!r}, this run {value!r})"
-        for key, value in sizes.items()
-        if getattr(image.config, key) != value
-    ]
-    if differing:
-        raise ValueError(
-            f"model.base_init_from={folder}: the image network does not fit this run: " + "; ".join(differing)
-        )
-    return image
+    return image_unet(str(source), "model.base_init_from", sizes, role="the base generator")
