@@ -213,21 +213,18 @@ class UNetBlock(nn.Module):
         )
 
     def forward(
-<<<<<<< HEAD
-        self, frames: Tensor, emb: Tensor, context: Tensor | None, num_frames: int, temporal: bool = True
+        self,
+        frames: Tensor,
+        emb: Tensor,
+        context: Tensor | None,
+        num_frames: int,
+        context_mask: Tensor | None = None,
+        temporal: bool = True,
     ) -> Tensor:
         h = self.res(frames, emb, num_frames, temporal=temporal)
         if self.spatial is not None:
-            h = self.spatial(h, context, num_frames)
-        if self.temporal is not None and temporal:
-=======
-        self, frames: Tensor, emb: Tensor, context: Tensor | None, num_frames: int, context_mask: Tensor | None = None
-    ) -> Tensor:
-        h = self.res(frames, emb, num_frames)
-        if self.spatial is not None:
             h = self.spatial(h, context, num_frames, context_mask)
-        if self.temporal is not None:
->>>>>>> wt-pre
+        if self.temporal is not None and temporal:
             h = self.temporal(h, num_frames)
         return h
 
@@ -327,16 +324,16 @@ class UNet3D(PretrainedMixin, nn.Module):
         return emb
 
     def encode(
-<<<<<<< HEAD
-        self, x: Tensor, emb: Tensor, context: Tensor | None = None, *, image_mode: bool = False
-    ) -> tuple[Tensor, list[Tensor]]:
-        """Input conv, encoder and middle block. x (B, C_in, T, H, W); emb (B, D) or per-frame (B, T, D).
-=======
-        self, x: Tensor, emb: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None
+        self,
+        x: Tensor,
+        emb: Tensor,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+        *,
+        image_mode: bool = False,
     ) -> tuple[Tensor, list[Tensor]]:
         """Input conv, encoder and middle block. x (B, C_in, T, H, W); emb (B, D) or per-frame (B, T, D);
         context_mask (B, L) bool: the real text tokens (None: all).
->>>>>>> wt-pre
 
         Returns the middle features (B*T, C, h, w) and the long-skip features (see module doc).
         """
@@ -347,25 +344,25 @@ class UNet3D(PretrainedMixin, nn.Module):
             h = self.input_temporal(h, num_frames)
         skips = [h]
         for block in self.encoder:
-<<<<<<< HEAD
-            h = block(h) if isinstance(block, Downsample) else block(h, frame_emb, context, num_frames, temporal)
+            h = (
+                block(h)
+                if isinstance(block, Downsample)
+                else block(h, frame_emb, context, num_frames, context_mask, temporal)
+            )
             skips.append(h)
         for block in self.middle:
-            h = block(h, frame_emb, context, num_frames, temporal)
+            h = block(h, frame_emb, context, num_frames, context_mask, temporal)
         return h, skips
 
     def decode(
-        self, h: Tensor, skips: list[Tensor], emb: Tensor, context: Tensor | None = None, *, image_mode: bool = False
-=======
-            h = block(h) if isinstance(block, Downsample) else block(h, frame_emb, context, num_frames, context_mask)
-            skips.append(h)
-        for block in self.middle:
-            h = block(h, frame_emb, context, num_frames, context_mask)
-        return h, skips
-
-    def decode(
-        self, h: Tensor, skips: list[Tensor], emb: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None
->>>>>>> wt-pre
+        self,
+        h: Tensor,
+        skips: list[Tensor],
+        emb: Tensor,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+        *,
+        image_mode: bool = False,
     ) -> Tensor:
         """Decoder blocks consuming `skips` from the end, then the output head -> (B, C_out, T, H, W)."""
         num_frames = emb.shape[1] if emb.dim() == 3 else h.shape[0] // emb.shape[0]
@@ -376,11 +373,7 @@ class UNet3D(PretrainedMixin, nn.Module):
                 h = block(h, skips[-1].shape[-2:])  # (B*T, C, 2h, 2w)
             else:
                 h = block(
-<<<<<<< HEAD
-                    torch.cat([h, skips.pop()], dim=1), frame_emb, context, num_frames, not image_mode
-=======
-                    torch.cat([h, skips.pop()], dim=1), frame_emb, context, num_frames, context_mask
->>>>>>> wt-pre
+                    torch.cat([h, skips.pop()], dim=1), frame_emb, context, num_frames, context_mask, not image_mode
                 )  # (B*T, C', h, w)
         out = self.out_conv(F.silu(self.out_norm(h)))  # (B*T, C_out, H, W)
         return frames_to_video(out, num_frames).contiguous()  # (B, C_out, T, H, W)
@@ -393,23 +386,15 @@ class UNet3D(PretrainedMixin, nn.Module):
         context: Tensor | None = None,
         level: Tensor | None = None,
         stride: Tensor | None = None,
-<<<<<<< HEAD
+        context_mask: Tensor | None = None,
         image_mode: bool = False,
     ) -> Tensor:
-        """x (B, C_in, T, H, W), t (B,), context (B, L, context_dim), level and stride (B,) long
-        -> (B, C_out, T, H, W). `image_mode`: skip every temporal layer (see the module doc)."""
-        emb = self.time_embedding(t, level, stride)
-        h, skips = self.encode(x, emb, context, image_mode=image_mode)
-        return self.decode(h, skips, emb, context, image_mode=image_mode)
-=======
-        context_mask: Tensor | None = None,
-    ) -> Tensor:
         """x (B, C_in, T, H, W), t (B,), context (B, L, context_dim), level and stride (B,) long,
-        context_mask (B, L) bool (True = a real token; None = all real) -> (B, C_out, T, H, W)."""
+        context_mask (B, L) bool (True = a real token; None = all real) -> (B, C_out, T, H, W).
+        `image_mode`: skip every temporal layer (see the module doc)."""
         emb = self.time_embedding(t, level, stride)
-        h, skips = self.encode(x, emb, context, context_mask)
-        return self.decode(h, skips, emb, context, context_mask)
->>>>>>> wt-pre
+        h, skips = self.encode(x, emb, context, context_mask, image_mode=image_mode)
+        return self.decode(h, skips, emb, context, context_mask, image_mode=image_mode)
 
     def example_inputs(self, x: Tensor) -> dict[str, Tensor]:
         """Forward keyword arguments for a sample input x: timesteps, 77 text tokens, levels."""
