@@ -87,6 +87,20 @@ def tensor_sums(folder: Path) -> dict[str, list[float]]:
     return sums
 
 
+def export_sums_match(now: list[float], want: list[float]) -> bool:
+    """[sum, sum of squares] of one tensor against its recording. Exact under LVD_GOLDEN_EXACT;
+    otherwise the sum of squares to 5e-3 relative, and the sum to 1e-2 of the tensor's L2 norm:
+    Adam moves a parameter whose gradient is nearly zero (a bias of a zero-initialised branch) by
+    about the learning rate whatever the gradient's size, in the direction of its rounding noise, so
+    such tensors move by more than 1e-3 between CPUs whose kernels round differently; the sum of
+    values that nearly cancel is bounded by the norm instead of its own size."""
+    if EXACT:
+        return now == want
+    (total, squares), (want_total, want_squares) = now, want
+    norm = float(np.sqrt(max(want_squares, 0.0)))
+    return bool(np.isclose(squares, want_squares, rtol=5e-3, atol=1e-12) and abs(total - want_total) <= 1e-3 * abs(want_total) + 1e-2 * norm)
+
+
 def compare_run(name: str, losses: list[float], export: Path) -> None:
     """The losses and the exported weights of the tiny run of config `name` against the recording."""
     path = GOLDEN / "tiny_task_losses.json"
@@ -104,7 +118,7 @@ def compare_run(name: str, losses: list[float], export: Path) -> None:
     bad = [
         f"{key}: {now['export'][key]} vs {want['export'][key]}"
         for key in want["export"]
-        if not np.allclose(now["export"][key], want["export"][key], rtol=rtol if EXACT else 1e-3, atol=0.0 if EXACT else 1e-6)
+        if not export_sums_match(now["export"][key], want["export"][key])
     ]
     assert not bad, f"{name}: {len(bad)} exported tensors differ from the recording:\n" + "\n".join(bad[:10])
 
