@@ -50,15 +50,9 @@ class LatentEncoders:
             latents = self.vae.to_latents(batch.pixels().to(device), generator=generator)
         if batch.text_emb is None:
             return latents, self.text_encoder(batch.tokens.to(device))
-        # A latent cache holds each clip's own caption embedding; a caption the loader dropped
-        # (classifier-free guidance's p_uncond) must train the empty prompt's context instead,
-        # the one the sampler's unconditional branch uses.
-        context = batch.text_emb.to(device)
-        dropped = [i for i, caption in enumerate(batch.captions) if caption == ""]
-        if dropped:
-            context = context.clone()
-            context[dropped] = self.text_encoder(batch.tokens[dropped].to(device)).to(context.dtype)
-        return latents, context
+        # A latent cache's embeddings: where the loader dropped a caption (p_uncond) it put the
+        # cache's empty-caption embedding, the context the sampler's unconditional branch uses.
+        return latents, batch.text_emb.to(device)
 
 
 def latent_encoders(model: ModelConfig, *, vae: bool, seed: int, device: torch.device) -> LatentEncoders:
