@@ -84,6 +84,13 @@ def test_bucketed_cache_keeps_each_clips_bucket_and_trains_on_both(bucketed, pip
         batch = next(loader)
         name = BUCKETS.split(",")[scheduled_bucket(0, number, 2)]
         assert batch["latents"].shape[1:] == latent_shapes[name] and {m["bucket"] for m in batch["meta"]} == {name}
+    state = loader.state_dict()  # a resumed loader continues with the same batches (held clips included)
+    resumed = build_loader(data, rank=0, world_size=1, batch_size=2, seed=0, tokenizer=None)
+    resumed.load_state_dict(state)
+    for _ in range(4):
+        expected, again = next(loader), next(resumed)
+        assert [m["__key__"] for m in again["meta"]] == [m["__key__"] for m in expected["meta"]]
+        assert torch.equal(again["latents"], expected["latents"])
 
     # Two training steps: one per bucket (a round of the schedule visits each once).
     cfg = _train_cfg(
