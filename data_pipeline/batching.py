@@ -21,6 +21,7 @@ import torch
 
 from data_pipeline.buckets import Bucket, choose_bucket, scheduled_bucket
 from data_pipeline.config import DataConfig
+from data_pipeline.latents import CachedText
 from data_pipeline.score_filters import parse_filters, rejection
 from data_pipeline.stages import (
     ClipShape,
@@ -59,8 +60,11 @@ class BatchMaker:
         state: dict[str, Any] | None,
         handoff: tuple[VideoRing, int] | None,
         first_batch: int,
+        *,
+        null_text: CachedText | None = None,
     ) -> None:
         self.cfg, self.slot, self.buckets, self.tokenizer = cfg, slot, buckets, tokenizer
+        self.null_text = null_text  # a latent cache's empty-caption embedding, for dropped captions
         self.handoff = handoff  # (ring, ring row of this process), None for latent shards
         self.handed = 0
         self.batch_number = first_batch  # the rank's number of this worker's next batch
@@ -94,7 +98,7 @@ class BatchMaker:
                 load_npy(files["latents.npy"]), stride, self.cfg.stride_bounds()[1]
             )
             if "text_emb.npy" in files:
-                item["text_emb"] = load_npy(files["text_emb.npy"])
+                item |= self._cached_text(files, caption, sample.key)
             return item, ""
         rng = keyed_random(*self._key("aug", counter)) if self.cfg.random_crop else None
         shape = dataclasses.replace(self.buckets[bucket].shape, frame_stride=stride)
@@ -116,6 +120,33 @@ class BatchMaker:
             return None, "a still image among video clips (image shards go in data.image_shards)"
         item["video"] = decode_image(files[member], shape, rng)  # (1, H, W, 3)
         return (item, "") if item["video"] is not None else (None, f"not a readable {member} image")
+
+    def _cached_text(self, files: dict[str, bytes], caption: str, key: str) -> dict[str, np.ndarray]:
+        """The sample's cached 'text_emb' (and 'text_mask'); the cache's empty-caption ones when its
+        caption is '' (dropped for classifier-free guidance), so that dropout trains the context
+        the sampler's unconditional branch uses."""
+        if caption == "":
+            if self.null_text is None:
+                raise RuntimeError(
+                    f"latent sample {key}: its caption is dropped (data.p_uncond) but its cache records no "
+                    "empty-caption embedding (no manifest.json with 'text_encoder' beside the shards): "
+                    "re-run `lvd shard latents`, or set data.p_uncond=0"
+                )
+            cached = {"text_emb": self.null_text.null_emb}
+            return cached | ({} if self.null_text.null_mask is None else {"text_mask": self.null_text.null_mask})
+        cached = {"text_emb": load_npy(files["text_emb.npy"])}
+        return cached | ({"text_mask": load_npy(files["text_mask.npy"])} if "text_mask.npy" in files else {})
+
+    def _latent_bucket(self, meta: dict[str, Any]) -> int | None:
+        """The bucket a cached clip was encoded for (its json's 'clip_shape'); None when it is not
+        one of `data.buckets`. With one bucket, every cached clip goes to it."""
+        if len(self.buckets) == 1:
+            return 0
+        shape = meta.get("clip_shape") or []
+        for number, bucket in enumerate(self.buckets):
+            if list(shape) == [bucket.shape.frames, bucket.shape.height, bucket.shape.width]:
+                return number
+        return None
 
     def _name(self, bucket: int) -> str:
         shape = self.buckets[bucket].shape
@@ -144,8 +175,7 @@ class BatchMaker:
         return {"stream": self.stream.state(), "pending": pending, "skipped": dict(self.skipped)}
 
     def _target(self) -> int:
-        count = 1 if self.cfg.latent else len(self.buckets)
-        return scheduled_bucket(self.slot.seed, self.batch_number, count)
+        return scheduled_bucket(self.slot.seed, self.batch_number, len(self.buckets))
 
     def _hold(self, bucket: int, target: int) -> None:
         """Drop the oldest clips of a non-scheduled bucket beyond `HELD_BATCHES` batches (counted)."""
@@ -169,7 +199,11 @@ class BatchMaker:
             if filtered:
                 self._skip(filtered)
                 continue
-            bucket = choose_bucket(self.buckets, meta) if not self.cfg.latent else 0
+            bucket = self._latent_bucket(meta) if self.cfg.latent else choose_bucket(self.buckets, meta)
+            if bucket is None:
+                shape = "x".join(str(size) for size in meta.get("clip_shape") or ["?"])
+                self._skip(f"cached for bucket {shape}, which is not in data.buckets")
+                continue
             item, reason = self._prepare(sample, ref, counter, bucket)
             if item is None:
                 self._skip(reason)
@@ -197,8 +231,9 @@ class BatchMaker:
         batch["frame_stride"] = torch.tensor([item["frame_stride"] for item in items], dtype=torch.long)
         if self.cfg.latent:
             batch["latents"] = torch.from_numpy(np.stack([item["latents"] for item in items])).float()
-            if all("text_emb" in item for item in items):
-                batch["text_emb"] = torch.from_numpy(np.stack([item["text_emb"] for item in items])).float()
+            for name in ("text_emb", "text_mask"):
+                if all(name in item for item in items):
+                    batch[name] = torch.from_numpy(np.stack([item[name] for item in items])).float()
         else:
             ring, row = self.handoff  # set for pixel shards: VideoLoader makes the ring
             videos = np.stack([item["video"] for item in items], out=self._video_batch(bucket))

@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_pipeline.batching import BatchMaker, Tokenizer
 from data_pipeline.buckets import Bucket, build_buckets
 from data_pipeline.config import DataConfig
+from data_pipeline.latents import CachedText, cached_text
 from data_pipeline.stream import (
     ShardSet,
     Slot,
@@ -66,8 +67,10 @@ class _SlotDataset(IterableDataset):
         seed: int,
         buckets: list[Bucket],
         tokenizer: Tokenizer | None,
+        null_text: CachedText | None = None,
     ) -> None:
         self.cfg, self.sets, self.buckets, self.tokenizer = cfg, sets, buckets, tokenizer
+        self.null_text = null_text  # latent caches: the empty caption's cached embedding
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.workers = max(1, cfg.workers)
         self.rotation = 0
@@ -96,6 +99,7 @@ class _SlotDataset(IterableDataset):
             self.states.get(worker),
             handoff,
             self.start + physical,
+            null_text=self.null_text,
         )
         return iter(maker)
 
@@ -120,7 +124,8 @@ class VideoLoader:
     """Infinite iterator of batches with `state_dict()` / `load_state_dict()` for exact resume.
 
     Batches: 'video' (B, C, T, H, W) in [-1, 1] (pixel shards) or 'latents' (B, c, t, h, w)
-    (latent shards, plus 'text_emb' when cached), 'caption' (after p_uncond dropout), 'tokens'
+    (latent shards, plus 'text_emb' and, for T5, 'text_mask' when cached; a dropped caption's are
+    the cache's empty-caption ones), 'caption' (after p_uncond dropout), 'tokens'
     (B, 77) when a tokenizer is given, 'frame_stride' (B,) long (each clip's stride in frames of
     the shard's clips), and 'meta' (one dict per sample).
     """
@@ -274,5 +279,6 @@ def build_loader(
         seed=seed,
         buckets=build_buckets(cfg, batch_size),
         tokenizer=tokenizer,
+        null_text=cached_text(cfg.shards) if cfg.latent else None,
     )
     return VideoLoader(dataset)

@@ -17,16 +17,20 @@ from pathlib import Path
 from typing import Any
 
 from data_pipeline.aesthetic import load_aesthetic
+from data_pipeline.buckets import Bucket, build_buckets
+from data_pipeline.config import DataConfig
 from data_pipeline.inputs import list_inputs
-from data_pipeline.latents import PosteriorEncoder, TextEncoder, VideoEncoder, shard_latents
+from data_pipeline.latents import PosteriorEncoder, TextEmbedder, TextEncoder, VideoEncoder, shard_latents
 from data_pipeline.pseudo_video import PseudoOptions, process_image, process_still
 from data_pipeline.shard_writer import JobMismatchError, ShardJob
 from data_pipeline.stages import ClipShape
 from data_pipeline.stream import expand_shard_sets
 from data_pipeline.video_shards import CutOptions, process_video
 
-EncoderLoader = Callable[[str], tuple[VideoEncoder | PosteriorEncoder, TextEncoder | None]]
-"""Given the --vae folder, returns (encode_video, encode_text or None); supplied by the CLI layer."""
+EncoderLoader = Callable[..., tuple[VideoEncoder | PosteriorEncoder, TextEncoder | TextEmbedder | None]]
+"""`load_encoder(vae, *, text_encoder, tokenizer, posterior)` with the --vae, --text-encoder,
+--tokenizer and --posterior values returns (encode_video, encode_text or None); supplied by the
+CLI layer, which loads the networks as the trainer does."""
 
 
 def _common(parser: argparse.ArgumentParser, *, input_help: str) -> None:
@@ -69,7 +73,24 @@ def _parser() -> argparse.ArgumentParser:
     latents = commands.add_parser("latents", help="encode pixel shards into latent shards")
     _common(latents, input_help="pixel shards: brace glob, shard folder or manifest.json")
     latents.add_argument(
-        "--vae", required=True, help="exported model folder (config.json + model.safetensors)"
+        "--vae",
+        required=True,
+        help="any VAE the trainer takes as model.vae: an lvd export or model folder (video_vae, causal_vae, ...), "
+        "a diffusers AutoencoderKL folder (per frame, with its scaling_factor) or a pipeline folder (its vae/)",
+    )
+    latents.add_argument(
+        "--text-encoder",
+        help="text encoder as model.text_encoder takes it (lvd folder, transformers CLIP or T5 folder, pipeline); "
+        "default: the --vae pipeline folder's text_encoder/, if any",
+    )
+    latents.add_argument("--tokenizer", help="tokenizer folder of a transformers text encoder (default: ../tokenizer)")
+    latents.add_argument(
+        "--posterior", choices=("sample", "mean"), default="sample", help="cache a posterior sample or its mean"
+    )
+    latents.add_argument(
+        "--buckets",
+        help="comma-separated FRAMESxHEIGHTxWIDTH buckets, as data.buckets: each clip is cut to its bucket's shape "
+        "(closest aspect ratio among those it is long enough for) before encoding",
     )
     latents.add_argument("--frames", type=int, default=16, help="frames per clip given to the VAE")
     latents.add_argument("--frame-stride", type=int, default=1, help="stride of those frames in the clip")
@@ -137,7 +158,10 @@ def _latent_job(args: argparse.Namespace, load_encoder: EncoderLoader | None) ->
             "lvd shard latents needs the model loader of the `lvd` CLI: run it as `lvd shard latents ...`"
         )
     urls = [url for shard_set in expand_shard_sets(args.input, ()) for url in shard_set.urls]
-    encode_video, encode_text = load_encoder(args.vae)
+    buckets = _buckets(args)
+    encode_video, encode_text = load_encoder(
+        args.vae, text_encoder=args.text_encoder, tokenizer=args.tokenizer, posterior=args.posterior
+    )
     shape = ClipShape(
         frames=args.frames, frame_stride=args.frame_stride, height=args.height, width=args.width
     )
@@ -151,7 +175,22 @@ def _latent_job(args: argparse.Namespace, load_encoder: EncoderLoader | None) ->
         batch_size=args.batch_size,
         params=_params(args),
         seed=args.seed,
+        buckets=buckets,
     )
+
+
+def _buckets(args: argparse.Namespace) -> list[Bucket] | None:
+    """The --buckets shapes (data.buckets' syntax and parser), at --frame-stride."""
+    if not args.buckets:
+        return None
+    names = tuple(name.strip() for name in args.buckets.split(",") if name.strip())
+    try:
+        cfg = DataConfig(
+            frames=args.frames, frame_stride=args.frame_stride, height=args.height, width=args.width, buckets=names
+        )
+    except ValueError as error:
+        raise ValueError(f"--buckets: {error}") from None
+    return build_buckets(cfg, args.batch_size)
 
 
 def main(argv: list[str], *, load_encoder: EncoderLoader | None = None) -> int:

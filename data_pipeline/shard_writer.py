@@ -100,6 +100,12 @@ def shard_scores(path: Path) -> list[dict[str, float]]:
     return sample_scores([(sample.key, sample.files) for sample in iter_samples(path)])
 
 
+def sample_buckets(samples: list[tuple[str, dict[str, bytes]]]) -> list[str]:
+    """The 'bucket' of each sample's json that names one (latent caches)."""
+    names = (json.loads(files["json"]).get("bucket") if "json" in files else None for _, files in samples)
+    return [name for name in names if isinstance(name, str)]
+
+
 def score_entries(scores: list[dict[str, float]]) -> dict[str, Any]:
     """The manifest's 'scores' (names) and 'score_histograms' ({} when no clip has scores)."""
     if not scores:
@@ -122,9 +128,19 @@ class _OpenShard:
 class ShardJob:
     """One `lvd shard` job writing `shard-NNNNNN.tar` files and `manifest.json` into `out_dir`."""
 
-    def __init__(self, out_dir: Path, *, params: dict[str, Any], shard_bytes: int, labels: list[str]) -> None:
+    def __init__(
+        self,
+        out_dir: Path,
+        *,
+        params: dict[str, Any],
+        shard_bytes: int,
+        labels: list[str],
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         self.out_dir, self.params, self.shard_bytes, self.labels = out_dir, params, shard_bytes, labels
+        self.extra = extra or {}  # further manifest entries (a latent cache's text encoder)
         self.scores: list[dict[str, float]] = []  # 'scores' of every written sample's json
+        self.buckets: dict[str, int] = {}  # clips per 'bucket' named in the written samples' json
         out_dir.mkdir(parents=True, exist_ok=True)
 
     def finished_manifest(self) -> dict[str, Any] | None:
@@ -144,7 +160,8 @@ class ShardJob:
         state = _load_state(self.out_dir, self.params)
         first = state["next_unit"]
         for entry in state["shards"]:  # a resumed job re-reads the scores of the shards written before
-            self.scores += shard_scores(self.out_dir / entry["path"])
+            written = [(sample.key, sample.files) for sample in iter_samples(self.out_dir / entry["path"])]
+            self._count(written)
         pending: list[tuple[int, str, dict[str, str]]] = []
         shard = _OpenShard()
         bar = tqdm(total=len(units), initial=first, desc=f"shard {self.params['command']}", unit="input")
@@ -194,11 +211,17 @@ class ShardJob:
     ) -> None:
         name = f"shard-{len(state['shards']):06d}.tar"
         atomic_write(self.out_dir / name, tar_bytes(shard.samples))
-        self.scores += sample_scores(shard.samples)
+        self._count(shard.samples)
         state["shards"].append({"path": name, "samples": len(shard.samples), "frames": shard.frames})
         state["next_unit"], state["skip_samples"] = cursor
         self._settle(state, cursor[0], pending)
         _write_json(self.out_dir / STATE, state)
+
+    def _count(self, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+        """Add written samples to the scores and bucket counts of the manifest."""
+        self.scores += sample_scores(samples)
+        for name in sample_buckets(samples):
+            self.buckets[name] = self.buckets.get(name, 0) + 1
 
     def _finish(self, state: dict[str, Any], inputs: int) -> dict[str, Any]:
         manifest = {
@@ -209,7 +232,7 @@ class ShardJob:
             "frames": sum(entry["frames"] for entry in state["shards"]),
             "skipped": state["skipped"],
             "warnings": state["warnings"],
-        } | score_entries(self.scores)
+        } | score_entries(self.scores) | ({"buckets": dict(sorted(self.buckets.items()))} if self.buckets else {}) | self.extra
         _write_json(self.out_dir / MANIFEST, manifest)
         (self.out_dir / STATE).unlink(missing_ok=True)
         return manifest

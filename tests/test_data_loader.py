@@ -298,7 +298,7 @@ def test_shard_cli_latents_uses_the_given_encoder_loader(shards, tmp_path, capsy
     ]
     assert main(args) == 2 and "lvd shard latents" in capsys.readouterr().err
     loaded = []
-    assert main(args, load_encoder=lambda path: loaded.append(path) or (encoder.video, None)) == 0
+    assert main(args, load_encoder=lambda path, **options: loaded.append(path) or (encoder.video, None)) == 0
     manifest = json.loads((tmp_path / "lat" / "manifest.json").read_text())
     assert (
         loaded == ["/models/vae"] and manifest["params"]["vae"] == "/models/vae" and manifest["samples"] > 0

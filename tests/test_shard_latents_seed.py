@@ -76,8 +76,8 @@ def test_same_latents_in_two_runs_after_a_resume_and_in_other_batches(video_shar
     # Killed after two encoder calls, then resumed by a fresh command (the global RNG elsewhere).
     calls = []
 
-    def dies_after_two_batches(folder: str):
-        encoder, text = load_encoder(folder)
+    def dies_after_two_batches(folder: str, **options):
+        encoder, text = load_encoder(folder, **options)
 
         def encode(video: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
             if len(calls) == 2:

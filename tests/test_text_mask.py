@@ -120,3 +120,19 @@ def test_the_sampler_binds_each_guidance_branch_with_its_own_prompt_mask(t5_fold
     assert cond["context_mask"].tolist()[0][:3] == [True, True, False]
     assert uncond["context_mask"].tolist()[0][:2] == [True, False]
     assert cond["context"].shape == (1, 77, 32)
+
+
+def test_a_latent_caches_token_mask_is_the_denoisers_context_mask() -> None:
+    """On cached text embeddings the mask stored beside them is what the cross-attention gets (the
+    text encoder is not asked: the cache may hold no tokens)."""
+    from trainer.tasks.encoders import LatentEncoders
+
+    class NoTokens(torch.nn.Module):
+        def token_mask(self, tokens: torch.Tensor) -> torch.Tensor:
+            raise AssertionError("the text encoder was asked for a mask the cache holds")
+
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    batch = Batch(captions=["a b", "a"], latents=torch.zeros(2, 4, 2, 4, 4), text_emb=torch.randn(2, 3, 8), text_mask=mask)
+    given = LatentEncoders(text_encoder=NoTokens(), vae=None).mask_input(batch, torch.device("cpu"))
+    assert torch.equal(given["context_mask"], mask.bool())
+    assert torch.equal(batch.head(1).text_mask, mask[:1])

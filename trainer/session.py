@@ -41,6 +41,7 @@ from trainer.engine import (
     local_shard,
     save_engine,
 )
+from trainer.latent_cache import check_text_encoder
 from trainer.lora import check_identity, inject_lora
 from trainer.monitor import measured_peak_flops, peak_memory_bytes, stderr
 from trainer.tasks import build_task
@@ -95,6 +96,8 @@ def build(cfg: TrainJobConfig, info: DistInfo) -> Session:
             check_image_network(task.trained["model"])
         except ValueError as err:
             raise TrainingError(str(err)) from None
+    if cfg.data.latent:
+        _check_cache(cfg, task)
     lora_base = _inject_lora(task, cfg) if cfg.train.lora.enabled else None
     if info.is_main:
         save_frozen(task, Path(cfg.run.dir) / "frozen")
@@ -122,6 +125,14 @@ def build(cfg: TrainJobConfig, info: DistInfo) -> Session:
         resume(session, tag)
     session.peak_flops = measured_peak_flops(info.device)  # after resume, as the RNG states were saved
     return session
+
+
+def _check_cache(cfg: TrainJobConfig, task: Task) -> None:
+    """A latent cache's text embeddings must come from the run's text encoder (one line otherwise)."""
+    try:
+        check_text_encoder(cfg.data.shards, cfg.model.text_encoder, task.frozen.get("text_encoder"))
+    except (ValueError, FileNotFoundError) as err:
+        raise TrainingError(str(err)) from None
 
 
 def _inject_lora(task: Task, cfg: TrainJobConfig) -> dict[str, Any]:

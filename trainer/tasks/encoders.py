@@ -50,18 +50,15 @@ class LatentEncoders:
             latents = self.vae.to_latents(batch.pixels().to(device), generator=generator)
         if batch.text_emb is None:
             return latents, self.text_encoder(batch.tokens.to(device))
-        # A latent cache holds each clip's own caption embedding; a caption the loader dropped
-        # (classifier-free guidance's p_uncond) must train the empty prompt's context instead,
-        # the one the sampler's unconditional branch uses.
-        context = batch.text_emb.to(device)
-        dropped = [i for i, caption in enumerate(batch.captions) if caption == ""]
-        if dropped:
-            context = context.clone()
-            context[dropped] = self.text_encoder(batch.tokens[dropped].to(device)).to(context.dtype)
-        return latents, context
+        # A latent cache's embeddings: where the loader dropped a caption (p_uncond) it put the
+        # cache's empty-caption embedding, the context the sampler's unconditional branch uses.
+        return latents, batch.text_emb.to(device)
 
     def mask_input(self, batch: Batch, device: torch.device) -> dict[str, Tensor]:
-        """The denoiser's `context_mask` keyword for the batch's captions (`text_mask_input`)."""
+        """The denoiser's `context_mask` keyword for the batch's captions (`text_mask_input`); a
+        latent cache's own token mask where it stored one."""
+        if batch.text_emb is not None and batch.text_mask is not None:
+            return {"context_mask": batch.text_mask.to(device).bool()}
         return text_mask_input(self.text_encoder, batch.tokens, device)
 
 

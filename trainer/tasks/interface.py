@@ -34,6 +34,9 @@ class Batch:
     """(B, c, t, h, w) cached VAE latents (latent shards)."""
     text_emb: Tensor | None = None
     """(B, L, D) cached caption embeddings (latent shards that hold them)."""
+    text_mask: Tensor | None = None
+    """(B, L) cached token mask of those embeddings, 1 at real tokens (a variable-length encoder's
+    cache, e.g. T5)."""
     frame_stride: Tensor | None = None
     """(B,) int64 frame stride of each clip (the loader's `data.frame_stride`)."""
     modality: Literal["video", "image"] = "video"
@@ -48,6 +51,7 @@ class Batch:
             video=batch.get("video"),
             latents=batch.get("latents"),
             text_emb=batch.get("text_emb"),
+            text_mask=batch.get("text_mask"),
             frame_stride=batch.get("frame_stride"),
             modality=batch.get("modality", "video"),
         )
@@ -69,6 +73,7 @@ class Batch:
             "video": self.video,
             "latents": self.latents,
             "text_emb": self.text_emb,
+            "text_mask": self.text_mask,
             "frame_stride": self.frame_stride,
         }
 

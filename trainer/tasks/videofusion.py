@@ -44,7 +44,10 @@ class VideoFusionTask:
         self.encoders = latent_encoders(model, vae=not latent, seed=seed, device=device)
         self.diffusion = build_denoising(objective.diffusion, device)
         self.frozen = self.encoders.helpers()
-        config = model_zoo.make_config(model.family, model.flavor, **model.overrides)
+        # Latent channels (`out_channels`, which latent shards need set) size both generators
+        # below; VideoFusionConfig itself has no such field.
+        overrides = {key: value for key, value in model.overrides.items() if key not in ("in_channels", "out_channels")}
+        config = model_zoo.make_config(model.family, model.flavor, **overrides)
         channels = self.encoders.latent_channels(model)
         sizes = dict(in_channels=channels, out_channels=channels, context_dim=self.encoders.context_dim())
         image = None if model.base_init_from is None else load_image_network(model, sizes)
