@@ -171,12 +171,8 @@ def restore_torch_linear() -> None:
         torch.nn.functional.linear = original
 
 
-def build_engine(model: nn.Module, train: TrainConfig, dist_info: DistInfo, *, mpu: Any = None) -> Any:
-    """A DeepSpeed engine over `model`; only parameters with requires_grad reach the optimizer.
-
-    `mpu` (`trainer.sequence_parallel.SequenceParallelGroups`): sequence parallelism; the batch
-    then counts data-parallel replicas only and gradients are summed over each SP group.
-    """
+def build_engine(model: nn.Module, train: TrainConfig, dist_info: DistInfo) -> Any:
+    """A DeepSpeed engine over `model`; only parameters with requires_grad reach the optimizer."""
     for param in model.parameters():
         # DeepSpeed flattens and broadcasts parameters as bytes: channels-last weights must be made dense.
         if not param.is_contiguous():
@@ -184,9 +180,8 @@ def build_engine(model: nn.Module, train: TrainConfig, dist_info: DistInfo, *, m
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError(f"{type(model).__name__}: no trainable parameters")
-    replicas = dist_info.world_size // (mpu.sp_size if mpu is not None else 1)
-    config = deepspeed_config(train, world_size=replicas, on_cuda=dist_info.device.type == "cuda")
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=config, mpu=mpu)
+    config = deepspeed_config(train, world_size=dist_info.world_size, on_cuda=dist_info.device.type == "cuda")
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)
     # WarmupCosineLR starts at iteration -1, whose rate is 0, and DeepSpeed steps it after each
     # optimizer step: the first update would not move the weights. Start it at iteration 0
     # (lr/warmup_steps); a resumed run loads the saved schedule over this.

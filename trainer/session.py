@@ -108,9 +108,7 @@ def build(cfg: TrainJobConfig, info: DistInfo) -> Session:
         _apply_block_wrappers(module, act_ckpt=cfg.train.act_ckpt)
         if backend is not None:
             compile_blocks(module, backend)  # after the checkpointing: the compile covers it
-    engines = {
-        name: build_engine(module.to(info.device), cfg.train, info, mpu=sp) for name, module in task.trained.items()
-    }
+    engines = {name: build_engine(module.to(info.device), cfg.train, info) for name, module in task.trained.items()}
     # The ranks of an SP group read the same clips and draw the same noise: the DP rank stands for the rank.
     loader = build_loader(
         cfg.data,
@@ -201,6 +199,8 @@ def train_step(session: Session, micro_batches: list[Batch]) -> dict[str, float]
                 skipped = True
                 continue
             for name, loss in out.losses:
+                if session.sp is not None and name == "model":
+                    loss = loss * session.sp.loss_scale  # each SP rank holds its tokens' part of the gradient
                 norm = backward_and_step(session.engines[name], loss)
                 if name == "model":
                     grad_norm = norm
