@@ -197,3 +197,25 @@ def test_sampling_sp2_on_two_ranks_equals_one_rank(tmp_path) -> None:
     report = json.loads((tmp_path / "two" / "v.json").read_text())
     assert report["world_size"] == 1  # the strategy saw one rank: the SP group's leader
     assert (tmp_path / "one" / "v.mp4").read_bytes() == (tmp_path / "two" / "v.mp4").read_bytes()
+
+
+def test_plan_measures_per_rank_activations_and_the_all_to_all() -> None:
+    """`lvd plan` with train.sp_size=2: per-rank activations about half of SP=1's (the sequence is
+    split), the all-to-all volume counted; the FLOPs of a sample do not change."""
+    from common.config import load_config
+    from trainer.config import TrainJobConfig
+    from trainer.plan import measure
+
+    repo = Path(__file__).resolve().parent.parent
+    counts = {
+        sp: measure(
+            load_config(TrainJobConfig, repo / "configs/tiny/video_dit.yaml",
+                        ["data.shards=unused", "data.height=256", "data.width=256", f"train.sp_size={sp}"]),
+            dtype=torch.float32,
+        )
+        for sp in (1, 2)
+    }
+    ratio = counts[2].activation_bytes_per_sample / counts[1].activation_bytes_per_sample
+    assert 0.45 < ratio < 0.6, ratio
+    assert counts[1].all_to_all_elements_per_sample == 0 and counts[2].all_to_all_elements_per_sample > 0
+    assert counts[2].train_flops_per_sample == counts[1].train_flops_per_sample
