@@ -19,6 +19,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from model_zoo.layers import DiTBlock, TimestepEmbedding, modulate, sincos_position_3d, zero_module
+from model_zoo.layers.attention import SequenceShard
 from model_zoo.pretrained import PretrainedMixin
 from model_zoo.registry import register_family
 
@@ -91,6 +92,8 @@ class DiT(PretrainedMixin, nn.Module):
             ]
         )
         self.final = FinalLayer(dim, pt * ph * pw * self.out_channels)
+        # Set from outside to run the blocks on a part of the token sequence (sequence parallelism).
+        self.sequence_shard: SequenceShard | None = None
 
     def _embed(self, x: Tensor, cond_frame: Tensor | None) -> Tensor:
         pt, ph, pw = self.config.patch_size
@@ -125,9 +128,14 @@ class DiT(PretrainedMixin, nn.Module):
         _, _, t_len, h, w = x.shape
         tokens = self._embed(x, cond_frame)  # (B, N, D)
         cond = self.time_embed(t)  # (B, D)
+        shard = self.sequence_shard
+        if shard is not None:
+            tokens = shard.shard(tokens)  # (B, N_local, D), after the position table
         for block in self.blocks:
             tokens = block(tokens, cond, context, context_mask)
         patches = self.final(tokens, cond)  # (B, N, pt*ph*pw*C_out)
+        if shard is not None:
+            patches = shard.gather(patches)
         return rearrange(
             patches,
             "b (t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)",

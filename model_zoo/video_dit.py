@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from model_zoo.layers import TimestepEmbedding, apply_rotary, modulate, zero_module
-from model_zoo.layers.attention import merge_heads
+from model_zoo.layers import TimestepEmbedding, modulate, zero_module
+from model_zoo.layers.attention import AttentionCore, SequenceShard, attention_heads, merge_heads
 from model_zoo.pretrained import PretrainedMixin
 from model_zoo.registry import register_family
 
@@ -108,12 +108,14 @@ class Attention(nn.Module):
 
     Queries come from x (B, L, D), keys/values from `source` (B, S, D); without `queries` only keys
     and values are made (the last block's text tokens, whose outputs nobody reads). `attend`
-    runs the attention itself, so MM-DiT can join two streams' projections.
+    runs the attention itself, so MM-DiT can join two streams' projections. A self-attention's
+    `core` (None: `attention_heads`) may be replaced from outside (sequence parallelism).
     """
 
     def __init__(self, dim: int, heads: int, *, queries: bool = True) -> None:
         super().__init__()
         self.heads = heads
+        self.core: AttentionCore | None = None
         self.q = nn.Linear(dim, dim) if queries else None
         self.q_norm = nn.RMSNorm(dim // heads, eps=1e-6) if queries else None
         self.kv = nn.Linear(dim, 2 * dim)
@@ -131,16 +133,18 @@ class Attention(nn.Module):
 
 
 def attend(
-    q: Tensor, k: Tensor, v: Tensor, rotary: tuple[Tensor, Tensor] | None, key_mask: Tensor | None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rotary: tuple[Tensor, Tensor] | None,
+    key_mask: Tensor | None,
+    core: AttentionCore | None = None,
 ) -> Tensor:
     """Scaled dot-product attention of (B, h, L, d) heads -> (B, L, h*d); rotary applies to the
-    first N queries/keys (the video tokens), `key_mask` (B, S) hides padded keys."""
-    if rotary is not None:
-        n = rotary[0].shape[0]
-        q = torch.cat([apply_rotary(q[:, :, :n], *rotary), q[:, :, n:]], dim=2)
-        k = torch.cat([apply_rotary(k[:, :, :n], *rotary), k[:, :, n:]], dim=2)
+    first N queries/keys (the video tokens), `key_mask` (B, S) hides padded keys; `core` (None:
+    `attention_heads`) computes the heads."""
     mask = key_mask[:, None, None, :] if key_mask is not None else None
-    return merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    return merge_heads((core or attention_heads)(q, k, v, rotary, mask))
 
 
 class MLP(nn.Module):
@@ -224,7 +228,7 @@ class VideoDiTBlock(nn.Module):
         vs, vsc, vg, ms, msc, mg = self.video.modulation(cond[0]).unbind(1)  # 6 x (B, D)
         h = modulate(self.video.norm_attn(x), vs, vsc)
         if self.text is None:
-            out = attend(*self.attn.project(h, h), rotary, None)  # (B, N, D)
+            out = attend(*self.attn.project(h, h), rotary, None, self.attn.core)  # (B, N, D)
             x = x + vg[:, None] * self.video.out(out)
             x = x + self.cross_out(
                 attend(*self.cross_attn.project(self.norm_cross(x), text), None, text_mask)
@@ -309,6 +313,8 @@ class VideoDiT(PretrainedMixin, nn.Module):
             [VideoDiTBlock(config, last=i == config.depth - 1) for i in range(config.depth)]
         )
         self.final = FinalLayer(dim, pt * ph * pw * self.out_channels)
+        # Set from outside to run the blocks on a part of the token sequence (sequence parallelism).
+        self.sequence_shard: SequenceShard | None = None
 
     def forward(self, x: Tensor, t: Tensor, *, context: Tensor, context_mask: Tensor | None = None) -> Tensor:
         """x (B, C, T, H, W), t (B,), context (B, S, context_dim), context_mask (B, S) bool
@@ -336,9 +342,14 @@ class VideoDiT(PretrainedMixin, nn.Module):
         # Per stream (video, text): the shared modulation (B, 6, D), or the time embedding (B, D).
         cond = self.shared(emb).unbind(1) if self.shared is not None else (emb,)
         cond = (cond[0], cond[-1])
+        shard = self.sequence_shard
+        if shard is not None:
+            tokens = shard.shard(tokens)  # (B, N_local, D); rotary keeps the global positions
         for block in self.blocks:
             tokens, text = block(tokens, text, mask, cond, rotary)
         patches = self.final(tokens, emb)  # (B, N, pt*ph*pw*C_out)
+        if shard is not None:
+            patches = shard.gather(patches)
         return rearrange(
             patches,
             "b (t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)",

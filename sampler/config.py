@@ -20,7 +20,7 @@ from sampler.strategies.common import DIFFUSION_SAMPLERS, FLOW_SAMPLERS
 SAMPLERS = (*DIFFUSION_SAMPLERS, *FLOW_SAMPLERS)
 """Every `--sampler` choice."""
 
-RUNTIME_FIELDS = ("nproc", "progress")
+RUNTIME_FIELDS = ("nproc", "progress", "sp")
 """Fields that do not change the result: a resumed run may differ in them."""
 
 
@@ -50,6 +50,10 @@ class SampleConfig:
     """Base seed; video i uses seed + i, and every unit of work its own stream of it."""
     nproc: int = 1
     """Local ranks to launch (ignored under torchrun / srun, whose environment sets the ranks)."""
+    sp: int = 1
+    """Sequence-parallel degree: each group of `sp` consecutive ranks runs every denoising forward
+    of a DiT --model together (Ulysses); the strategy's own rank parallelism runs over the groups
+    (ranks / sp of them). The number of ranks must be divisible by it."""
     steps: int = 50
     """Sampling steps (denoising calls; Heun makes two per step but the last)."""
     eta: float = 0.0
@@ -94,6 +98,8 @@ class SampleConfig:
             raise ValueError(f"--strategy {self.strategy} takes a {spec.config.__name__}, not {self.strategy_config!r}")
         if self.frames < 1 or self.steps < 1 or self.nproc < 1:
             raise ValueError("frames, steps and nproc must be >= 1")
+        if self.sp < 1 or (self.nproc > 1 and self.nproc % self.sp):
+            raise ValueError(f"--sp {self.sp} must be >= 1 and divide --nproc {self.nproc}")
         if spec.needs_model2 and self.model2 is None:
             raise ValueError(f"{self.strategy} needs --model2 ({' or '.join(spec.model2_tasks)} export)")
         if not self.prompts:

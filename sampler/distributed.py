@@ -16,10 +16,11 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from model_zoo.diffusion.guidance import Guide, cfg
 from model_zoo.diffusion.samplers import DenoiseFn
+from model_zoo.layers.sequence_parallel import Collectives, apply_ulysses
 
 T = TypeVar("T")
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=12)
@@ -31,9 +32,16 @@ class World:
     """This process's rank among `size` ranks."""
 
     rank: int = 0
-    """Global rank."""
+    """Rank among these ranks."""
     size: int = 1
     """Number of ranks."""
+    members: tuple[int, ...] | None = None
+    """The process-group ranks of ranks 0..size-1 (None: the same numbers)."""
+    group: Any = None
+    """Their process group (None: the default group)."""
+
+    def global_rank(self, rank: int) -> int:
+        return rank if self.members is None else self.members[rank]
 
     @property
     def is_main(self) -> bool:
@@ -49,27 +57,27 @@ class World:
 
     def barrier(self) -> None:
         if self.size > 1:
-            dist.barrier()
+            dist.barrier(group=self.group)
 
     def all_gather(self, value: T) -> list[T]:
         """Every rank's `value` (pickled), in rank order."""
         if self.size == 1:
             return [value]
         gathered: list[Any] = [None] * self.size
-        dist.all_gather_object(gathered, value)
+        dist.all_gather_object(gathered, value, group=self.group)
         return gathered
 
     def broadcast_tensor(self, tensor: Tensor, src: int) -> Tensor:
         """`tensor` of rank `src` on every rank (the others pass a buffer of the same shape and dtype)."""
         if self.size > 1:
-            dist.broadcast(tensor, src=src)
+            dist.broadcast(tensor, src=self.global_rank(src), group=self.group)
         return tensor
 
     def broadcast(self, value: T, src: int) -> T:
         if self.size == 1:
             return value
         box = [value]
-        dist.broadcast_object_list(box, src=src)
+        dist.broadcast_object_list(box, src=self.global_rank(src), group=self.group)
         return box[0]
 
 
@@ -117,14 +125,16 @@ class NeighbourExchange:
         far_heads: dict[int, Tensor] = {}
         for index, tail in tails.items():
             if index + 1 < len(owners) and owners[index + 1] != rank:
-                requests.append(dist.isend(tail.contiguous(), dst=owners[index + 1]))
+                peer = self.world.global_rank(owners[index + 1])
+                requests.append(dist.isend(tail.contiguous(), dst=peer))
                 far_heads[index + 1] = torch.empty_like(tail)
-                requests.append(dist.irecv(far_heads[index + 1], src=owners[index + 1]))
+                requests.append(dist.irecv(far_heads[index + 1], src=peer))
         for index, head in heads.items():
             if index > 0 and owners[index - 1] != rank:
-                requests.append(dist.isend(head.contiguous(), dst=owners[index - 1]))
+                peer = self.world.global_rank(owners[index - 1])
+                requests.append(dist.isend(head.contiguous(), dst=peer))
                 far_tails[index - 1] = torch.empty_like(head)
-                requests.append(dist.irecv(far_tails[index - 1], src=owners[index - 1]))
+                requests.append(dist.irecv(far_tails[index - 1], src=peer))
 
         def finish() -> tuple[dict[int, Tensor], dict[int, Tensor]]:
             for request in requests:
@@ -172,3 +182,90 @@ def branch_parallel_guide(world: World) -> Guide:
         return guided
 
     return guide
+
+
+def group_collectives(group: Any, rank: int, size: int) -> Collectives:
+    """The all-to-all and all-gather of `model_zoo`'s Ulysses over a process group."""
+
+    def all_to_all(x: Tensor) -> Tensor:
+        out = torch.empty_like(x)
+        dist.all_to_all_single(out, x, group=group)
+        return out
+
+    def all_gather(x: Tensor) -> Tensor:
+        parts = [torch.empty_like(x) for _ in range(size)]
+        dist.all_gather(parts, x, group=group)
+        return torch.stack(parts)
+
+    return Collectives(rank=rank, size=size, all_to_all=all_to_all, all_gather=all_gather)
+
+
+@dataclass(frozen=True)
+class SequenceParallel:
+    """This rank's place when each group of `size` consecutive ranks shares every denoiser forward.
+
+    Rank 0 of a group (the leader) runs the strategy, over `outer`, the world of the leaders; each
+    forward of the denoiser sends its inputs to the group's other ranks (the followers), which run
+    the same forward on their part of the sequence in `serve` until the leader says `finish`.
+    """
+
+    outer: World
+    """The leaders' world (the strategies' ranks); meaningless on a follower."""
+    rank: int
+    """Rank in the SP group (0: the leader)."""
+    size: int
+    """SP degree."""
+    leader: int
+    """Process-group rank of this group's leader."""
+    group: Any
+    """The SP group."""
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == 0
+
+    def attach(self, denoiser: nn.Module) -> None:
+        """Make `denoiser` (dit / video_dit) sequence-parallel; on the leader, every forward first
+        sends its inputs to the followers."""
+        apply_ulysses(denoiser, group_collectives(self.group, self.rank, self.size))
+        if not self.is_leader:
+            return
+        forward = denoiser.forward
+
+        def leading(*args: Any, **kwargs: Any) -> Any:
+            self._send((args, kwargs))
+            return forward(*args, **kwargs)
+
+        denoiser.forward = leading  # type: ignore[method-assign]
+
+    def serve(self, denoiser: nn.Module) -> None:
+        """Follower: run the leader's forwards until `finish`."""
+        while (call := self._send(None)) is not None:
+            args, kwargs = call
+            with torch.no_grad():
+                denoiser(*args, **kwargs)
+
+    def finish(self) -> None:
+        """Leader: release the followers."""
+        self._send(None)
+
+    def _send(self, value: Any) -> Any:
+        box = [value]
+        dist.broadcast_object_list(box, src=self.leader, group=self.group)
+        return box[0]
+
+
+def sequence_parallel(world: World, size: int) -> SequenceParallel:
+    """The SP groups (consecutive ranks) and the leaders' world; every rank must call this."""
+    if world.size % size:
+        raise ValueError(f"--sp {size} does not divide the number of ranks {world.size}")
+    leaders = tuple(range(0, world.size, size))
+    sp_group = None
+    for first in leaders:
+        group = dist.new_group(list(range(first, first + size)))
+        if first <= world.rank < first + size:
+            sp_group = group
+    leader_group = dist.new_group(list(leaders)) if len(leaders) > 1 else None
+    first = world.rank - world.rank % size
+    outer = World(rank=first // size, size=len(leaders), members=leaders, group=leader_group)
+    return SequenceParallel(outer=outer, rank=world.rank % size, size=size, leader=first, group=sp_group)

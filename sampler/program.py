@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from sampler.config import SampleConfig
-from sampler.distributed import World, close_world, init_world
+from sampler.distributed import World, close_world, init_world, sequence_parallel
 from sampler.image_input import conditioning_latent
 from sampler.job import VideoJob
 from sampler.pipeline import Pipeline, latent_frames_for, load_pipeline, vae_factors
@@ -132,9 +132,19 @@ def check_objective(strategy: str, pipeline: Pipeline | None) -> None:
 def generate(config: SampleConfig) -> list[Path]:
     """Run the command on this rank (joins the process group if the environment has several ranks)."""
     device = resolve_device(config.device)
-    world = init_world(device)
+    ranks = init_world(device)
+    sp = None
     try:
         pipeline = load_pipeline(config.model, device=device, lora=config.lora, lora_scale=config.lora_scale)
+        world = ranks
+        if config.sp > 1:
+            sp = sequence_parallel(ranks, config.sp)
+            sp.attach(pipeline.denoiser)
+            if not sp.is_leader:
+                sp.serve(pipeline.denoiser)
+                ranks.barrier()
+                return []
+            world = sp.outer
         pipeline2 = None if config.model2 is None else load_pipeline(config.model2, device=device)
         check_tasks(config.strategy, config.model, pipeline.task, config.model2, None if pipeline2 is None else pipeline2.task)
         for given in (pipeline, pipeline2):
@@ -163,10 +173,12 @@ def generate(config: SampleConfig) -> list[Path]:
                 image_latent=first_latent,
             )
             outputs += run_video(job, world)
-        world.barrier()
+        if sp is not None:
+            sp.finish()
+        ranks.barrier()
         return outputs
     finally:
-        close_world(world)
+        close_world(ranks)
 
 
 def run_video(job: VideoJob, world: World) -> list[Path]:

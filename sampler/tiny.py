@@ -43,12 +43,15 @@ def tiny_pipeline(
     seed: int = 0,
     vae: str = "video_vae",
     scheduler: SchedulerSpec | FlowSchedulerSpec = TINY_SCHEDULER,
+    denoiser: str | None = None,
 ) -> Path:
     """A pipeline folder for `task` with tiny random networks (latents: 4 channels, /4 in space);
-    a `FlowSchedulerSpec` makes it a flow-matching export."""
+    a `FlowSchedulerSpec` makes it a flow-matching export; `denoiser` names another family (e.g. dit)."""
     if task not in TASK_DENOISERS:
         raise ValueError(f"unknown task {task!r}; valid: {', '.join(TASK_DENOISERS)}")
     family, overrides = TASK_DENOISERS[task]
+    if denoiser is not None:
+        family, overrides = denoiser, {}
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         networks = {

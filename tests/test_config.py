@@ -94,6 +94,8 @@ def test_string_override_keeps_text_verbatim():
         (["train.act_ckpt=maybe"], "train.act_ckpt"),
         (["train.compile=true", "train.zero_stage=3"], "train.compile"),
         (["train.warmup_steps=-1"], "train.warmup_steps"),
+        (["train.sp_size=0"], "train.sp_size"),
+        (["train.sp_size=2"], "train.sp_size"),  # unet3d: sequence parallelism needs a DiT
         (["train.steps.x=1"], "train.steps"),
     ],
 )

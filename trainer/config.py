@@ -74,6 +74,10 @@ class TrainConfig:
     """Training precision (fp16 is not offered: bf16 on GPU, fp32 or bf16 on CPU)."""
     act_ckpt: bool = False
     """Activation checkpointing of the model's blocks, applied from outside the model."""
+    sp_size: int = 1
+    """Sequence-parallel degree (Ulysses, DiT families): each group of `sp_size` consecutive ranks
+    trains on the same clips, each rank on 1/sp_size of the token sequence; the world size must be
+    divisible by it and the attention heads too (data-parallel size = world size / sp_size)."""
     compile: bool = False
     """torch.compile each of the model's blocks (regional: one compile serves every block of a
     kind; parameter names and checkpoints do not change). ZeRO stage 0-2 only. Where the backend
@@ -112,6 +116,8 @@ class TrainConfig:
             )
         if self.max_bad_steps < 1:
             raise ValueError(f"max_bad_steps: must be >= 1, got {self.max_bad_steps}")
+        if self.sp_size < 1:
+            raise ValueError(f"sp_size: must be >= 1, got {self.sp_size}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -443,6 +449,11 @@ class TrainJobConfig:
     """The task and its loss (`objective.task` picks which; each task has its own terms)."""
 
     def __post_init__(self) -> None:
+        if self.train.sp_size > 1 and self.model.family not in SEQUENCE_PARALLEL_FAMILIES:
+            raise ValueError(
+                f"train.sp_size: sequence parallelism needs a DiT (model.family {' or '.join(SEQUENCE_PARALLEL_FAMILIES)}), "
+                f"got model.family={self.model.family}"
+            )
         if not self.data.image_shards:
             return
         if self.objective.task not in IMAGE_TASKS:
@@ -457,6 +468,8 @@ class TrainJobConfig:
             )
 
 
+SEQUENCE_PARALLEL_FAMILIES = ("dit", "video_dit")
+"""Model families whose self-attention can run Ulysses sequence parallelism."""
 IMAGE_TASKS = ("diffusion", "lvdm_prediction", "lvdm_interpolation")
 """Tasks that train on the image batches of `data.image_shards` as well as on videos."""
 IMAGE_FAMILIES = ("unet3d", "dit", "video_dit")

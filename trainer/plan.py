@@ -24,6 +24,7 @@ from torch.overrides import TorchFunctionMode
 
 import model_zoo
 from data_pipeline.buckets import build_buckets
+from model_zoo.layers.sequence_parallel import Collectives, apply_ulysses, self_attentions
 from trainer.config import TrainJobConfig
 from trainer.gpus import GPUS
 
@@ -42,6 +43,8 @@ class ModelCounts:
     train_flops_per_sample: float
     frozen_flops_per_sample: float
     tokens_per_sample: int
+    all_to_all_elements_per_sample: float = 0.0
+    """Ulysses (train.sp_size > 1): elements one rank sends per sample in one forward's all-to-alls."""
 
 
 def _input_shape(cfg: TrainJobConfig, vae: nn.Module | None) -> tuple[int, ...]:
@@ -134,14 +137,25 @@ def activation_bytes(model: nn.Module, shape: tuple[int, ...], *, checkpointed: 
     return counter.total + (counter.block_inputs + counter.block_peak if checkpointed else 0)
 
 
+def _shape_only_ulysses(model: nn.Module, size: int) -> None:
+    """Sequence parallelism of degree `size` as rank 0 of its group sees it, without communication:
+    the all-to-alls keep shapes and the gather repeats the rank's part, so a meta forward saves
+    exactly the tensors of one rank (docs/methods.md, 'Sequence parallelism (Ulysses)')."""
+    apply_ulysses(model, Collectives(rank=0, size=size, all_to_all=lambda x: x, all_gather=lambda x: x[None].expand(size, *x.shape)))
+
+
 def measure(cfg: TrainJobConfig, *, dtype: torch.dtype) -> ModelCounts:
-    """Build the task's networks on `meta` and measure them."""
+    """Build the task's networks on `meta` and measure them (per rank of an SP group when
+    `train.sp_size` > 1)."""
     from trainer.tasks import build_task
     from trainer.tasks.cmd import content_latent_shape
 
     with torch.device("meta"):
         task = build_task(cfg, torch.device("meta"))
     model = task.trained["model"]
+    sp = cfg.train.sp_size
+    if sp > 1:
+        _shape_only_ulysses(model, sp)
     vae, content_vae = task.frozen.get("vae"), task.frozen.get("content_vae")
     shape = _input_shape(cfg, vae) if content_vae is None else content_latent_shape(content_vae, cfg.data.height, cfg.data.width)
     trainable = sum(model_zoo.count_parameters(m, trainable_only=True) for m in task.trained.values())
@@ -151,6 +165,10 @@ def measure(cfg: TrainJobConfig, *, dtype: torch.dtype) -> ModelCounts:
     scale = torch.finfo(dtype).bits / 32
     acts = int(activation_bytes(model, shape, checkpointed=False, dtype=torch.float32) * scale)
     acts_ckpt = int(activation_bytes(model, shape, checkpointed=True, dtype=torch.float32) * scale)
+    if sp > 1:
+        model.sequence_shard = None  # FLOPs of the whole sample (the ranks share them)
+        for attention in self_attentions(model):
+            attention.core = None
     forward = model_zoo.estimate_flops(model, shape)
     frozen_flops = 0.0
     if vae is not None:
@@ -159,7 +177,12 @@ def measure(cfg: TrainJobConfig, *, dtype: torch.dtype) -> ModelCounts:
         frozen_flops = float(model_zoo.estimate_flops(encoder, pixels, make_inputs=lambda x: {}))
     patch = getattr(model.config, "patch_size", (1, 1, 1))
     tokens = int(shape[2] // patch[0] * (shape[3] // patch[1]) * (shape[4] // patch[2])) if isinstance(patch, tuple) else 0
-    return ModelCounts(trainable, frozen, acts, acts_ckpt, 3.0 * forward, frozen_flops, tokens)
+    # Each self-attention's 4 all-to-alls (q, k, v out; output back) send (sp-1)/sp of B·N/sp·D values.
+    exchanged = 0.0
+    if sp > 1:
+        layers = len(self_attentions(model))
+        exchanged = layers * 4 * -(-tokens // sp) * model.config.hidden_size * (sp - 1) / sp
+    return ModelCounts(trainable, frozen, acts, acts_ckpt, 3.0 * forward, frozen_flops, tokens, exchanged)
 
 
 @dataclass(frozen=True)
@@ -187,6 +210,10 @@ class Plan:
     days_for_samples: float
     samples: int
     assumptions: list[str]
+    sp_size: int = 1
+    """Sequence-parallel degree (train.sp_size); memory figures are per rank of an SP group."""
+    all_to_all_gb_per_step: float = 0.0
+    """Bytes one rank sends in Ulysses all-to-alls per optimizer step (forward, backward, recompute)."""
 
 
 def static_bytes(trainable: int, frozen: int, *, world: int, stage: int, bf16: bool) -> dict[str, float]:
@@ -222,7 +249,11 @@ def make_plan(
     total = static + per_sample * mb
     memory_gb["total"] = total / 2**30
     recompute = 4.0 / 3.0 if act_ckpt else 1.0  # checkpointing re-runs the forward in backward
-    global_batch = mb * cfg.train.grad_accum * world
+    sp = cfg.train.sp_size
+    global_batch = mb * cfg.train.grad_accum * (world // sp)  # an SP group trains on one set of clips
+    passes = 3 if act_ckpt else 2  # forward, backward (the reverse exchanges), recompute
+    element = 2 if bf16 else 4
+    all_to_all = counts.all_to_all_elements_per_sample * mb * cfg.train.grad_accum * passes * element
     step_flops = (counts.train_flops_per_sample * recompute + counts.frozen_flops_per_sample) * global_batch
     peak = spec["bf16_tflops" if bf16 else "fp32_tflops"] * 1e12
     step_time = step_flops / world / (peak * mfu)
@@ -234,6 +265,7 @@ def make_plan(
         gpu_memory_gb=spec["memory_gb"], fits=total <= budget, max_micro_batch=max_micro, step_flops=step_flops,
         assumed_mfu=mfu, step_time_s=step_time, clips_per_s=clips_per_s, tokens_per_s=clips_per_s * counts.tokens_per_sample,
         days_for_samples=samples / clips_per_s / 86400, samples=samples,
+        sp_size=sp, all_to_all_gb_per_step=all_to_all / 2**30,
         assumptions=[
             "AdamW: 2 fp32 moments; an fp32 master copy in bf16 and under ZeRO >= 1",
             "frozen helpers (VAE, text encoder, frozen base) whole on every rank, not partitioned",
@@ -291,6 +323,7 @@ def format_table(plan: Plan) -> str:
         ("config", plan.config),
         ("cluster", f"{plan.nodes} x {plan.gpus_per_node} {plan.gpu.upper()} ({plan.gpu_memory_gb:.0f} GB)"),
         ("ZeRO / act. ckpt / precision", f"{plan.zero_stage} / {'on' if plan.act_ckpt else 'off'} / {plan.precision}"),
+        ("sequence parallel", f"{plan.sp_size}" + (f" (all-to-all {plan.all_to_all_gb_per_step:.2f} GB sent per rank per step)" if plan.sp_size > 1 else "")),
         ("parameters trainable / frozen", f"{plan.trainable_params / 1e9:.3f} B / {plan.frozen_params / 1e9:.3f} B"),
         ("memory per GPU: params", f"{m['params']:.2f} GB"),
         ("  gradients", f"{m['grads']:.2f} GB"),

@@ -44,6 +44,7 @@ from trainer.engine import (
 from trainer.latent_cache import check_text_encoder
 from trainer.lora import check_identity, inject_lora
 from trainer.monitor import measured_peak_flops, peak_memory_bytes, stderr
+from trainer.sequence_parallel import SequenceParallelGroups
 from trainer.tasks import build_task
 from trainer.tasks.images import check_image_network
 from trainer.tasks.interface import Batch, StepOutput, Task
@@ -77,6 +78,15 @@ class Session:
     """The checkpoint the session started from (None: a fresh run)."""
     lora_base: dict[str, Any] | None = None
     """LoRA runs: the identity of the frozen base the adapters apply to (`trainer.lora.base_identity`)."""
+    sp: SequenceParallelGroups | None = None
+    """Sequence parallelism's groups (None: `train.sp_size` is 1)."""
+
+    @property
+    def replicas(self) -> tuple[int, int]:
+        """(data-parallel rank, data-parallel size): the rank and world size without SP."""
+        if self.sp is None:
+            return self.info.rank, self.info.world_size
+        return self.sp.dp_rank, self.sp.dp_size
 
     @property
     def ckpt_dir(self) -> Path:
@@ -101,24 +111,27 @@ def build(cfg: TrainJobConfig, info: DistInfo) -> Session:
     lora_base = _inject_lora(task, cfg) if cfg.train.lora.enabled else None
     if info.is_main:
         save_frozen(task, Path(cfg.run.dir) / "frozen")
+    sp = _sequence_parallel(task, cfg, info)
+    dp_rank, dp_size = (sp.dp_rank, sp.dp_size) if sp is not None else (info.rank, info.world_size)
     backend = _compile_backend(cfg, info)
     for module in task.trained.values():
         _apply_block_wrappers(module, act_ckpt=cfg.train.act_ckpt)
         if backend is not None:
             compile_blocks(module, backend)  # after the checkpointing: the compile covers it
     engines = {name: build_engine(module.to(info.device), cfg.train, info) for name, module in task.trained.items()}
+    # The ranks of an SP group read the same clips and draw the same noise: the DP rank stands for the rank.
     loader = build_training_loader(
         cfg.data,
-        rank=info.rank,
-        world_size=info.world_size,
+        rank=dp_rank,
+        world_size=dp_size,
         batch_size=cfg.train.micro_batch_size,
         seed=cfg.train.seed,
         tokenizer=task.tokenizer(),
     )
     ema = Ema(engines["model"].module, cfg.train.ema_decay, local_shard) if cfg.train.ema_decay > 0 else None
-    generator = rank_generator(cfg.train.seed, info.rank)
+    generator = rank_generator(cfg.train.seed, dp_rank)
     session = Session(
-        cfg=cfg, info=info, task=task, engines=engines, loader=loader, generator=generator, ema=ema, lora_base=lora_base
+        cfg=cfg, info=info, task=task, engines=engines, loader=loader, generator=generator, ema=ema, lora_base=lora_base, sp=sp
     )
     tag = checkpoint.latest_tag(session.ckpt_dir)
     if tag is not None:
@@ -141,6 +154,18 @@ def _inject_lora(task: Task, cfg: TrainJobConfig) -> dict[str, Any]:
         return inject_lora(task.trained["model"], cfg.train.lora, init_from=cfg.model.init_from)
     except ValueError as err:
         raise TrainingError(str(err)) from None
+
+
+def _sequence_parallel(task: Task, cfg: TrainJobConfig, info: DistInfo) -> SequenceParallelGroups | None:
+    """The DP x SP groups, with the main network made sequence-parallel (None when sp_size is 1)."""
+    if cfg.train.sp_size == 1:
+        return None
+    try:
+        sp = SequenceParallelGroups.build(info.rank, info.world_size, cfg.train.sp_size)
+        sp.apply(task.trained["model"])
+    except ValueError as err:
+        raise TrainingError(str(err)) from None
+    return sp
 
 
 def _apply_block_wrappers(module: torch.nn.Module, *, act_ckpt: bool) -> None:
@@ -195,6 +220,8 @@ def train_step(session: Session, micro_batches: list[Batch]) -> dict[str, float]
                 skipped = True
                 continue
             for name, loss in out.losses:
+                if session.sp is not None and name == "model":
+                    loss = loss * session.sp.loss_scale  # each SP rank holds its tokens' part of the gradient
                 norm = backward_and_step(session.engines[name], loss)
                 if name == "model":
                     grad_norm = norm
@@ -231,7 +258,7 @@ def _losses(session: Session, batch: Batch) -> StepOutput:
 def throughput(session: Session, elapsed: float, data_wait: float, clips: int) -> dict[str, float]:
     """Speed of a step of `clips` clips per rank that took `elapsed` seconds, `data_wait` of them
     waiting for data; the MFU counts the FLOPs of this step's shape."""
-    global_batch = clips * session.info.world_size
+    global_batch = clips * session.replicas[1]
     return {
         "step_time": elapsed,
         "samples_per_sec": global_batch / elapsed,

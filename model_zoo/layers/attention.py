@@ -8,6 +8,9 @@ each one receives.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -33,6 +36,42 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)  # (N, h, L, d)
 
 
+def attention_heads(
+    q: Tensor, k: Tensor, v: Tensor, rotary: tuple[Tensor, Tensor] | None = None, mask: Tensor | None = None
+) -> Tensor:
+    """Scaled dot-product attention of heads (N, h, L, d), (N, h, S, d) -> (N, h, L, d).
+
+    `rotary` cos/sin tables (n, d/2) rotate the first n queries and keys (all of them when n = L);
+    `mask` is `F.scaled_dot_product_attention`'s attn_mask (additive, or bool with True = attend).
+    """
+    if rotary is not None:
+        n = rotary[0].shape[0]
+        if n == q.shape[2] == k.shape[2]:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        else:
+            q = torch.cat([apply_rotary(q[:, :, :n], *rotary), q[:, :, n:]], dim=2)
+            k = torch.cat([apply_rotary(k[:, :, :n], *rotary), k[:, :, n:]], dim=2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+AttentionCore = Callable[..., Tensor]
+"""The signature of `attention_heads`: (q, k, v, rotary, mask) -> heads (N, h, L, d).
+
+A self-attention module whose `core` attribute is set runs that instead (the trainer and the
+sampler put a sequence-parallel core there; the model itself stays single-device)."""
+
+
+class SequenceShard(Protocol):
+    """What a transformer does with its token sequence around its blocks, when set from outside
+    (its `sequence_shard` attribute): `shard` keeps this device's part of the tokens (B, N, D) ->
+    (B, N_local, D) after the embedding, `gather` puts the full sequence back together before
+    unpatchify."""
+
+    def shard(self, tokens: Tensor) -> Tensor: ...
+
+    def gather(self, tokens: Tensor) -> Tensor: ...
+
+
 class RelativePositionBias(nn.Module):
     """Learned per-head additive attention bias indexed by the clipped distance j - i."""
 
@@ -51,7 +90,8 @@ class SelfAttention(nn.Module):
     """Self-attention over (N, L, C) tokens with a fused qkv projection.
 
     `bias` is an additive (…, h, L, L) attention bias; `rotary` are cos/sin tables from
-    `rotary_tables` applied to queries and keys.
+    `rotary_tables` applied to queries and keys. `core` (None: `attention_heads`) computes the
+    attention of the projected heads.
     """
 
     def __init__(self, dim: int, heads: int, *, qkv_bias: bool = False) -> None:
@@ -59,6 +99,7 @@ class SelfAttention(nn.Module):
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.out = nn.Linear(dim, dim)
+        self.core: AttentionCore | None = None
 
     def forward(
         self, x: Tensor, *, bias: Tensor | None = None, rotary: tuple[Tensor, Tensor] | None = None
@@ -68,10 +109,8 @@ class SelfAttention(nn.Module):
         # Unbinding the qkv axis in place makes the backward one stack straight into the
         # projection's (N, L, 3, h, d) layout, with no extra reshape copy.
         q, k, v = (part.transpose(1, 2) for part in qkv.unbind(2))  # 3 x (N, h, L, d)
-        if rotary is not None:
-            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         mask = bias.to(q.dtype) if bias is not None else None
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (N, h, L, d)
+        out = (self.core or attention_heads)(q, k, v, rotary, mask)  # (N, h, L, d)
         return self.out(merge_heads(out))  # (N, L, C)
 
 
