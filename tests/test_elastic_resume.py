@@ -97,7 +97,10 @@ def test_two_ranks_resume_on_one(two_rank_run, tmp_path, video_shards):
     _assert_continues(run_dir, two_rank_run)
 
 
+@pytest.mark.extended  # two more runs (about a minute on 2 free cores): out of the default suite's budget
 def test_one_rank_resumes_on_two(tmp_path, video_shards):
+    """1 rank x 2 accumulation steps, resumed on 2 ranks that share the one data rank: each reads
+    all its batches and keeps every other one; same samples, same noise."""
     reference = tmp_path / "one_rank"
     result = _run(reference, video_shards, "train.zero_stage=1", "train.grad_accum=2", nproc=1)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -122,7 +125,7 @@ def test_zero_stage_change_keeps_weights_and_moments(two_rank_run, tmp_path, vid
         read_layout_free,
         restore_torch_linear,
     )
-    from trainer.session import build
+    from trainer.session import build, save
 
     run_dir = _cut(two_rank_run, tmp_path / "run", CUT)
     overrides = [c for c in COMMON if "=" in c] + [f"data.shards={video_shards}", f"run.dir={run_dir}", f"train.zero_stage={stage}"]
@@ -161,6 +164,13 @@ def test_zero_stage_change_keeps_weights_and_moments(two_rank_run, tmp_path, vid
         old_ema = assemble([state.ema for state in checkpoint.read_rank_states(run_dir / "checkpoints", f"step_{CUT:08d}", 2)])
         for name in names:
             assert torch.equal(session.ema.shadow[name].flatten()[: old_ema[name].numel()], old_ema[name].flatten()), name
+        # Saved again at this stage, the checkpoint reads back to the same tensors (the reader of
+        # ZeRO-3 / ZeRO-0 files).
+        save(session)
+        again = read_layout_free(run_dir / "checkpoints" / f"step_{CUT:08d}" / "model", names)
+        for key in ("weights", "exp_avg", "exp_avg_sq"):
+            assert all(torch.equal(again[key][name], saved[key][name]) for name in names), key
+        assert again["step"] == saved["step"]
     finally:
         leave_distributed()
         restore_torch_linear()

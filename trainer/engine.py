@@ -335,13 +335,12 @@ def _rank_files(tag_dir: Path, kind: str) -> list[Path]:
     return sorted(files, key=lambda path: int(path.name.split("_")[3]))
 
 
-def checkpoint_layout(tag_dir: Path) -> tuple[int, int]:
-    """(ZeRO stage, data-parallel world size) of the DeepSpeed checkpoint in `tag_dir`."""
+def _zero_stage(tag_dir: Path) -> int:
+    """ZeRO stage of the DeepSpeed checkpoint in `tag_dir` (0: no per-rank optimizer files)."""
     optim = _rank_files(tag_dir, "optim_states")
     if not optim:
-        return 0, int(torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["dp_world_size"])
-    state = torch.load(optim[0], map_location="cpu", weights_only=False)["optimizer_state_dict"]
-    return int(state["zero_stage"]), len(optim)
+        return 0
+    return int(torch.load(optim[0], map_location="cpu", weights_only=False)["optimizer_state_dict"]["zero_stage"])
 
 
 def read_layout_free(tag_dir: Path, names: list[str]) -> dict[str, Any]:
@@ -349,7 +348,7 @@ def read_layout_free(tag_dir: Path, names: list[str]) -> dict[str, Any]:
     name: fp32 master weights ('weights'), Adam's moments ('exp_avg', 'exp_avg_sq'), its step
     count, the LR schedule and DeepSpeed's counters. `names`: the trainable parameters in the
     order the optimizer was given them (only used for a checkpoint without ZeRO)."""
-    stage, _ = checkpoint_layout(tag_dir)
+    stage = _zero_stage(tag_dir)
     model_file = tag_dir / "mp_rank_00_model_states.pt"
     model_files = [model_file] if model_file.is_file() else _rank_files(tag_dir, "model_states")
     model = torch.load(model_files[0], map_location="cpu", weights_only=False)

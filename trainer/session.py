@@ -39,7 +39,6 @@ from trainer.engine import (
     DistInfo,
     backward_and_step,
     build_engine,
-    checkpoint_layout,
     checkpoint_wrapper,
     current_lr,
     load_engine,
@@ -356,10 +355,10 @@ def resume(session: Session, tag: str) -> None:
             check_identity(recorded, session.lora_base, where=f"resume from {ckpt_dir / tag}")
         except ValueError as err:
             raise TrainingError(str(err)) from None
-    layouts = {name: checkpoint_layout(ckpt_dir / tag / name) for name in session.engines}
-    same = all(layout == (engine.zero_optimization_stage(), info.world_size) for layout, engine in zip(layouts.values(), session.engines.values()))
+    stage = int(meta.get("zero_stage", meta["config"]["train"]["zero_stage"]))
+    same = (stage, old_world) == (session.cfg.train.zero_stage, info.world_size)
     if not same and info.is_main:
-        stage, world = layouts["model"]
+        world = old_world
         stderr(
             f"lvd train: elastic resume: {ckpt_dir / tag} was written by {world} rank(s) at ZeRO-{stage}, this run has "
             f"{info.world_size} at ZeRO-{session.cfg.train.zero_stage}; weights and Adam moments re-partitioned, "
