@@ -19,7 +19,7 @@
 Goals: speedups >= 1.8, time-per-frame ratio <= 1.1, RSS ratio <= 1.2; and (ours) an
 efficiency >= 0.95 of the ceiling.
 
-    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.sampler_scaling [--steps 3] [--repeats 5] [--only hierarchical]
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.sampler_scaling [--steps 3] [--repeats 5] [--only hierarchical|blending|length|parallel]
 """
 
 from __future__ import annotations
@@ -142,7 +142,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--repeats", type=int, default=5, help="rounds of each case (1 rank, 2 ranks, two 1-rank copies)"
     )
-    parser.add_argument("--only", choices=("hierarchical", "blending", "length"), help="run one case only")
+    parser.add_argument(
+        "--only",
+        choices=("hierarchical", "blending", "length", "parallel"),
+        help="run one case only ('parallel': the two 2-rank cases, hierarchical and blending)",
+    )
     return parser.parse_args(argv)
 
 
@@ -177,9 +181,9 @@ def measure(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             for task in ("lvdm_prediction", "lvdm_interpolation", "streaming", "diffusion")
         }
         cases = parallel_cases(models, args)
-        if args.only in (None, "hierarchical"):
+        if args.only in (None, "hierarchical", "parallel"):
             measured["hierarchical"] = speedup(cases["hierarchical"], "gaps", root, "hier", args.repeats)
-        if args.only in (None, "blending"):
+        if args.only in (None, "blending", "parallel"):
             measured["blending"] = speedup(cases["blending"], "refine", root, "stream", args.repeats)
         if args.only in (None, "length"):
             measured["length"] = length_scaling(

@@ -90,9 +90,11 @@ def test_two_ranks_equal_one_rank(strategy, pipelines, tmp_path):
         report = json.loads((tmp_path / "two" / video).with_suffix(".json").read_text())
         assert report["world_size"] == 2
         assert [rank["computed"] > 0 for rank in report["ranks"]] == [True, True]  # both ranks did work
-        if strategy == "lvdm-hierarchical":  # keyframes on the video's owner; meanwhile the other fills gaps
+        if strategy == "lvdm-hierarchical":
+            # The first keyframe clip on both ranks (guidance branches split), the other keyframes
+            # on the video's owner; meanwhile the other rank fills gaps.
             owner, other = report["ranks"][index], report["ranks"][1 - index]
-            assert owner["timings"]["keyframes"] > 0 and "keyframes" not in other["timings"]
+            assert 0 < other["timings"]["keyframes"] < owner["timings"]["keyframes"]
             assert other["timings"]["gaps"] > 0
         else:  # CAM + APM on both ranks (guidance branches split), and both decoded pixels
             assert all(

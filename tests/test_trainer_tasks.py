@@ -474,16 +474,17 @@ def test_rank_state_round_trips_and_refuses_a_state_without_a_field():
 
     state = RankState(
         counters=Counters(step=4, bad_streak=1, skipped_total=2, flops_per_step=3.5),
-        generator=torch.Generator().manual_seed(1).get_state(),
+        generator={"1": torch.Generator().manual_seed(1).get_state()},
         torch_rng=torch.get_rng_state(),
         cuda_rng=None,
-        loader={"batches": 7},
+        loader={"1": {"batches": 7}},
         ema=None,
         world_size=2,
+        data_ranks=2,
     )
     again = RankState.from_dict(state.to_dict())
-    assert again.counters == state.counters and again.loader == {"batches": 7} and again.world_size == 2
-    assert torch.equal(again.generator, state.generator)
+    assert again.counters == state.counters and again.loader == {"1": {"batches": 7}} and again.world_size == 2
+    assert again.data_ranks == 2 and torch.equal(again.generator["1"], state.generator["1"])
     incomplete = {k: v for k, v in state.to_dict().items() if k != "loader"}
     with pytest.raises(ValueError, match=r"rank state without \['loader'\]"):
         RankState.from_dict(incomplete)
@@ -491,20 +492,22 @@ def test_rank_state_round_trips_and_refuses_a_state_without_a_field():
 
 def test_a_rank_state_of_the_older_layout_resumes_with_its_counters(tmp_path):
     """Rank files written before the counters had a type (loose keys, the step only in the tag)
-    still resume: `read_rank_state` upgrades them."""
+    and before data ranks (one generator and loader per rank) still resume: `read_rank_state`
+    upgrades them."""
     from trainer.checkpoint import rank_state_path, read_rank_state
 
-    path = rank_state_path(tmp_path, "step_00000012", 0)
+    path = rank_state_path(tmp_path, "step_00000012", 1)
     path.parent.mkdir(parents=True)
     generator = torch.Generator().manual_seed(3).get_state()
     older = {
         "generator": generator, "torch_rng": torch.get_rng_state(), "cuda_rng": None, "loader": {"batches": 5},
-        "ema": None, "bad_streak": 1, "skipped_total": 2, "flops_per_step": 9.0, "world_size": 1,
+        "ema": None, "bad_streak": 1, "skipped_total": 2, "flops_per_step": 9.0, "world_size": 2,
     }
     torch.save(older, path)
-    state = read_rank_state(tmp_path, "step_00000012", 0)
+    state = read_rank_state(tmp_path, "step_00000012", 1)
     assert (state.counters.step, state.counters.bad_streak, state.counters.skipped_total, state.counters.flops_per_step) == (12, 1, 2, 9.0)
-    assert state.loader == {"batches": 5} and torch.equal(state.generator, generator)
+    assert state.loader == {"1": {"batches": 5}} and torch.equal(state.generator["1"], generator)
+    assert state.data_ranks == 2
 
 
 def test_the_registry_has_a_task_for_every_objective_and_no_other():

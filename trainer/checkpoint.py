@@ -59,18 +59,22 @@ class RankState:
 
     counters: Counters
     """Steps done, skipped and the FLOPs of a step."""
-    generator: torch.Tensor
-    """State of the rank's generator of timesteps, noise, masks and levels."""
+    generator: dict[str, torch.Tensor]
+    """States of the generators of timesteps, noise, masks and levels this rank draws from, by
+    stream key ('l': data rank l's own; 'l.i': the i-th process sharing data rank l, see
+    `trainer.data_ranks`)."""
     torch_rng: torch.Tensor
     """State of torch's global CPU generator."""
     cuda_rng: list[torch.Tensor] | None
     """States of torch's CUDA generators (None without CUDA)."""
-    loader: dict[str, Any]
-    """The data loader's position."""
+    loader: dict[str, dict[str, Any]]
+    """The positions of the loaders of the data ranks this rank carries, by data rank ('0', ...)."""
     ema: dict[str, Any] | None
     """This rank's EMA shard (None: the run keeps no EMA)."""
     world_size: int
-    """Ranks of the run that wrote it (exact resume needs the same number)."""
+    """Ranks of the run that wrote it."""
+    data_ranks: int
+    """Data ranks of the run (its world size when it started; `trainer.data_ranks`)."""
 
     def to_dict(self) -> dict[str, Any]:
         state = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
@@ -123,12 +127,25 @@ def read_rank_state(directory: Path, tag: str, rank: int) -> RankState:
     path = rank_state_path(directory, tag, rank)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; was the checkpoint written with another world size?")
-    return RankState.from_dict(upgrade_rank_state(torch.load(path, map_location="cpu", weights_only=False), step_of(tag)))
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    return RankState.from_dict(upgrade_rank_state(state, step_of(tag), rank))
 
 
-def upgrade_rank_state(state: dict[str, Any], step: int) -> dict[str, Any]:
-    """A rank state as an older `lvd train` wrote it (the counters loose at the top level, the step
-    only in the tag) in today's shape; today's comes back unchanged."""
+def read_rank_states(directory: Path, tag: str, world_size: int) -> list[RankState]:
+    """The rank states of every rank of a checkpoint written by `world_size` ranks."""
+    return [read_rank_state(directory, tag, rank) for rank in range(world_size)]
+
+
+def upgrade_rank_state(state: dict[str, Any], step: int, rank: int) -> dict[str, Any]:
+    """A rank state as an older `lvd train` wrote it (one generator and loader per rank; before
+    that, the counters loose at the top level and the step only in the tag) in today's shape;
+    today's comes back unchanged."""
+    if "data_ranks" not in state and "generator" in state:
+        state = state | {
+            "generator": {str(rank): state["generator"]},
+            "loader": {str(rank): state["loader"]},
+            "data_ranks": state.get("world_size", 1),
+        }
     if "counters" in state or "bad_streak" not in state:
         return state
     loose = ("bad_streak", "skipped_total", "flops_per_step")

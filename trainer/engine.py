@@ -323,3 +323,125 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     if isinstance(value, list | tuple):
         return [t for v in value for t in _tensors(v)]
     return []
+
+
+# --- Elastic resume: a checkpoint of one layout loaded into an engine of another ------------------
+
+_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _rank_files(tag_dir: Path, kind: str) -> list[Path]:
+    files = list(tag_dir.glob(f"zero_pp_rank_*_mp_rank_00_{kind}.pt"))
+    return sorted(files, key=lambda path: int(path.name.split("_")[3]))
+
+
+def _zero_stage(tag_dir: Path) -> int:
+    """ZeRO stage of the DeepSpeed checkpoint in `tag_dir` (0: no per-rank optimizer files)."""
+    optim = _rank_files(tag_dir, "optim_states")
+    if not optim:
+        return 0
+    return int(torch.load(optim[0], map_location="cpu", weights_only=False)["optimizer_state_dict"]["zero_stage"])
+
+
+def read_layout_free(tag_dir: Path, names: list[str]) -> dict[str, Any]:
+    """The trained state of an engine checkpoint of any ZeRO stage and world size, per parameter
+    name: fp32 master weights ('weights'), Adam's moments ('exp_avg', 'exp_avg_sq'), its step
+    count, the LR schedule and DeepSpeed's counters. `names`: the trainable parameters in the
+    order the optimizer was given them (only used for a checkpoint without ZeRO)."""
+    stage = _zero_stage(tag_dir)
+    model_file = tag_dir / "mp_rank_00_model_states.pt"
+    model_files = [model_file] if model_file.is_file() else _rank_files(tag_dir, "model_states")
+    model = torch.load(model_files[0], map_location="cpu", weights_only=False)
+    out: dict[str, Any] = {key: {} for key in ("weights", *_MOMENTS)}
+    if stage == 0:
+        optim = model["optimizer"]
+        if not isinstance(optim, dict) or "state" not in optim:
+            raise ValueError(f"{tag_dir}: no plain optimizer state (a bf16 run without ZeRO cannot change layout)")
+        indices = [index for group in optim["param_groups"] for index in group["params"]]
+        if len(indices) != len(names):
+            raise ValueError(f"{tag_dir}: {len(indices)} optimized tensors, the model trains {len(names)}")
+        for index, name in zip(indices, names):
+            out["weights"][name] = model["module"][name].float()
+            for key in _MOMENTS:
+                out[key][name] = optim["state"][index][key].float()
+        out["step"] = _step_value(optim["state"][indices[0]]["step"])
+    else:
+        ranks = [torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"] for path in _rank_files(tag_dir, "optim_states")]
+        inner = "base_optimizer_state" if stage < 3 else "optimizer_state_dict"
+        masters = "single_partition_of_fp32_groups" if stage < 3 else "fp32_flat_groups"
+        for group, shapes in enumerate(model["param_shapes"]):
+            flats = {
+                "weights": [rank[masters][group].float() for rank in ranks],
+                **{key: [rank[inner]["state"][group][key].float() for rank in ranks] for key in _MOMENTS},
+            }
+            for key, pieces in flats.items():
+                out[key].update(_unflatten(pieces, shapes, partitioned_per_param=stage == 3))
+        out["step"] = _step_value(ranks[0][inner]["state"][0]["step"])
+    out |= {key: model[key] for key in ("lr_scheduler", "global_steps", "global_samples", "skipped_steps")}
+    return out
+
+
+def _step_value(step: Any) -> float:
+    return float(step.item() if isinstance(step, torch.Tensor) else step)
+
+
+def _unflatten(pieces: list[torch.Tensor], shapes: dict[str, Any], *, partitioned_per_param: bool) -> dict[str, torch.Tensor]:
+    """Whole tensors from the ranks' flat partitions. ZeRO-1/2: the ranks' partitions concatenate
+    to one flat vector holding the parameters back to back. ZeRO-3: each parameter is split on its
+    own into `ceil(numel / ranks)` pieces, one per rank, at the same offset in every rank's flat."""
+    out, offset = {}, 0
+    whole = None if partitioned_per_param else torch.cat(pieces)
+    for name, shape in shapes.items():
+        numel = int(torch.Size(shape).numel())
+        if whole is not None:
+            out[name] = whole[offset : offset + numel].view(shape).clone()
+            offset += numel
+        else:
+            part = -(-numel // len(pieces))
+            out[name] = torch.cat([piece[offset : offset + part] for piece in pieces])[:numel].view(shape).clone()
+            offset += part
+    return out
+
+
+def load_layout_free(engine: Any, state: dict[str, Any]) -> None:
+    """Put a `read_layout_free` state into an engine of any ZeRO stage and world size: fp32 master
+    weights and the 16/32-bit working copies, Adam's moments and step, the LR schedule."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    stage = engine.zero_optimization_stage()
+    params = [(name, p) for name, p in engine.module.named_parameters() if p.requires_grad]
+    missing = [name for name, _ in params if name not in state["weights"]]
+    if missing:
+        raise ValueError(f"the checkpoint lacks trained parameters, e.g. {missing[:3]}")
+    step = torch.tensor(state["step"], dtype=torch.float32)
+    optimizer = engine.optimizer
+    if stage == 0:
+        if not isinstance(optimizer, torch.optim.Optimizer) or hasattr(optimizer, "fp32_groups"):
+            raise ValueError("a layout change into a run without ZeRO needs train.precision=fp32 (or ZeRO 1-3)")
+        with torch.no_grad():
+            for name, p in params:
+                p.data.copy_(state["weights"][name].view_as(p))
+                optimizer.state[p] = {"step": step.clone(), **{key: state[key][name].view_as(p).clone() for key in _MOMENTS}}
+    else:
+        inner = optimizer.optimizer
+        flats = optimizer.single_partition_of_fp32_groups if stage < 3 else optimizer.fp32_partitioned_groups_flat
+        for flat in flats:
+            inner.state[flat] = {"step": step.clone(), **{key: torch.zeros_like(flat) for key in _MOMENTS}}
+        if stage < 3:
+            optimizer._hp_optimizer_states_linked = False
+            optimizer._lazy_init_hp_params_optimizer_state()  # the per-parameter views of the new moments
+        for name, p in params:
+            safe_set_full_fp32_param(p, state["weights"][name].to(flats[0].device))
+            for key in _MOMENTS:
+                safe_set_full_optimizer_state(p, state[key][name].to(flats[0].device), key)
+        if stage < 3:
+            optimizer.update_lp_params()  # the working copies from the masters, then gathered
+        else:
+            for working, master in zip(optimizer.fp16_partitioned_groups_flat, optimizer.fp32_partitioned_groups_flat):
+                working.data.copy_(master.data)
+    engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    # The optimizer's rate is the schedule's at the loaded iteration (a fresh engine holds step 0's).
+    for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_lr()):
+        group["lr"] = lr
+    engine.global_steps, engine.global_samples = state["global_steps"], state["global_samples"]
+    engine.skipped_steps = state["skipped_steps"]

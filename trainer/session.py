@@ -4,8 +4,10 @@
     metrics = train_step(session, micro_batches)
     maybe_save(session)
 
-A step's randomness comes from the rank's generator; its state, the loader's position, the EMA
-and the step counters are the rank state each checkpoint keeps (`checkpoint.RankState`).
+A step's randomness comes from the generators of the data ranks this rank trains (see
+trainer/data_ranks.py); their states, the loaders' positions, the EMA and the step counters are
+the rank state each checkpoint keeps (`checkpoint.RankState`). A checkpoint of another world size
+or ZeRO stage resumes through a layout-free copy of the weights and Adam's moments (`resume`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +33,8 @@ from trainer import checkpoint, faults
 from trainer.checkpoint import Counters, RankState
 from trainer.compiling import compile_blocks, unavailable_reason
 from trainer.config import TrainJobConfig
-from trainer.ema import Ema
+from trainer.data_ranks import DataLayout, LayoutError, stream_key
+from trainer.ema import Ema, assemble
 from trainer.engine import (
     DistInfo,
     backward_and_step,
@@ -38,7 +42,9 @@ from trainer.engine import (
     checkpoint_wrapper,
     current_lr,
     load_engine,
+    load_layout_free,
     local_shard,
+    read_layout_free,
     save_engine,
 )
 from trainer.latent_cache import check_text_encoder
@@ -63,11 +69,15 @@ class Session:
     task: Task
     engines: dict[str, Any]
     """One DeepSpeed engine per trained network of the task."""
-    loader: Any
-    """The data loader of this rank (`data_pipeline.loader.VideoLoader`, or with image shards
-    `data_pipeline.joint.JointLoader`)."""
-    generator: torch.Generator
-    """This rank's generator of timesteps, noise, masks and levels."""
+    layout: DataLayout
+    """Which data ranks this rank trains, and how many micro-batches a step has here (with sequence
+    parallelism the data ranks are the DP groups: every rank of an SP group trains the same ones)."""
+    loaders: dict[int, Any]
+    """The loaders of the data ranks this rank reads (`data_pipeline.loader.VideoLoader`, or with
+    image shards `data_pipeline.joint.JointLoader`)."""
+    generators: dict[str, torch.Generator]
+    """The generators of timesteps, noise, masks and levels of the micro-batches this rank trains,
+    by stream key (`data_ranks.stream_key`)."""
     ema: Ema | None
     """The EMA of the main network's weights (None: `train.ema_decay` is 0)."""
     counters: Counters = dataclasses.field(default_factory=Counters)
@@ -98,8 +108,18 @@ def rank_generator(seed: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + rank)
 
 
+def micro_generator(seed: int, data_rank: int, micro: int) -> torch.Generator:
+    """The generator of micro-batch `micro` of a step of data rank `data_rank` (the rank
+    generator for the first), checkpointed."""
+    if micro == 0:
+        return rank_generator(seed, data_rank)
+    return torch.Generator().manual_seed((seed * 1_000_003 + data_rank) * 1_009 + micro)
+
+
 def build(cfg: TrainJobConfig, info: DistInfo) -> Session:
     """The task, its engines, the loader and the EMA; resumed from the latest complete checkpoint."""
+    ckpt_dir = Path(cfg.run.dir) / "checkpoints"
+    tag = checkpoint.latest_tag(ckpt_dir)
     task = build_task(cfg, info.device)
     if cfg.data.image_shards:
         try:
@@ -118,22 +138,36 @@ def build(cfg: TrainJobConfig, info: DistInfo) -> Session:
         _apply_block_wrappers(module, act_ckpt=cfg.train.act_ckpt)
         if backend is not None:
             compile_blocks(module, backend)  # after the checkpointing: the compile covers it
-    engines = {name: build_engine(module.to(info.device), cfg.train, info) for name, module in task.trained.items()}
     # The ranks of an SP group read the same clips and draw the same noise: the DP rank stands for the rank.
-    loader = build_training_loader(
-        cfg.data,
-        rank=dp_rank,
-        world_size=dp_size,
-        batch_size=cfg.train.micro_batch_size,
-        seed=cfg.train.seed,
-        tokenizer=task.tokenizer(),
-    )
+    try:
+        layout = DataLayout(
+            data_ranks=_data_ranks(ckpt_dir, tag) if tag is not None else dp_size,
+            world_size=dp_size,
+            rank=dp_rank,
+            grad_accum=cfg.train.grad_accum,
+        )
+    except LayoutError as err:
+        raise TrainingError(f"cannot resume {ckpt_dir / str(tag)}: {err}") from None
+    # DeepSpeed accumulates this rank's share of the step's micro-batches (the global batch is fixed).
+    train = dataclasses.replace(cfg.train, grad_accum=layout.accum)
+    engines = {name: build_engine(module.to(info.device), train, info) for name, module in task.trained.items()}
+    loaders = {
+        data_rank: build_training_loader(
+            cfg.data,
+            rank=data_rank,
+            world_size=layout.data_ranks,
+            batch_size=cfg.train.micro_batch_size,
+            seed=cfg.train.seed,
+            tokenizer=task.tokenizer(),
+        )
+        for data_rank in layout.hosted()
+    }
     ema = Ema(engines["model"].module, cfg.train.ema_decay, local_shard) if cfg.train.ema_decay > 0 else None
-    generator = rank_generator(cfg.train.seed, dp_rank)
+    generators = {stream_key(*stream): micro_generator(cfg.train.seed, *stream) for stream in layout.streams()}
     session = Session(
-        cfg=cfg, info=info, task=task, engines=engines, loader=loader, generator=generator, ema=ema, lora_base=lora_base, sp=sp
+        cfg=cfg, info=info, task=task, engines=engines, layout=layout, loaders=loaders, generators=generators, ema=ema,
+        lora_base=lora_base, sp=sp,
     )
-    tag = checkpoint.latest_tag(session.ckpt_dir)
     if tag is not None:
         resume(session, tag)
     session.peak_flops = measured_peak_flops(info.device)  # after resume, as the RNG states were saved
@@ -192,15 +226,39 @@ def _compile_backend(cfg: TrainJobConfig, info: DistInfo) -> str | None:
     return None
 
 
+def _data_ranks(ckpt_dir: Path, tag: str) -> int:
+    meta = json.loads((ckpt_dir / tag / "meta.json").read_text())
+    return int(meta.get("data_ranks", meta["world_size"]))
+
+
 def next_micro_batches(session: Session) -> list[Batch]:
-    """The micro-batches of one optimizer step, typed where they leave the loader."""
-    return [Batch.from_loader(next(session.loader)) for _ in range(session.cfg.train.grad_accum)]
+    """The micro-batches of one optimizer step this rank trains, typed where they leave the loader
+    (a rank sharing a data rank reads, and drops, the other sharers' batches too)."""
+    kept = []
+    for data_rank, micro, keep in session.layout.schedule():
+        batch = next(session.loaders[data_rank])
+        if keep:
+            _trace(session, data_rank, micro, batch)
+            kept.append(Batch.from_loader(batch))
+    return kept
+
+
+def _trace(session: Session, data_rank: int, micro: int, batch: dict[str, Any]) -> None:
+    """`LVD_TRACE_SAMPLES=<file>`: a test hook; every rank appends one JSON line per micro-batch
+    with the sample keys it trains on, so a test can compare the data order of two runs."""
+    path = os.environ.get("LVD_TRACE_SAMPLES")
+    if not path:
+        return
+    keys = [f"{meta.get('__url__')}#{meta.get('__key__')}" for meta in batch.get("meta", [])]
+    line = {"step": session.counters.step + 1, "data_rank": data_rank, "micro": micro, "keys": keys}
+    with open(path, "a") as file:
+        file.write(json.dumps(line) + "\n")
 
 
 def train_step(session: Session, micro_batches: list[Batch]) -> dict[str, float]:
     """One optimizer step over the micro-batches; a non-finite loss on any rank skips it. With
     image shards, also the mean loss of each modality the micro-batches held (loss_image, loss_video)."""
-    counters, accum = session.counters, session.cfg.train.grad_accum
+    counters, accum = session.counters, session.layout.accum
     totals: dict[str, float] = {}
     skipped = False
     shape = step_shape(micro_batches)
@@ -209,9 +267,10 @@ def train_step(session: Session, micro_batches: list[Batch]) -> dict[str, float]
     by_modality: dict[str, list[float]] = {}
     lr = current_lr(session.engines["model"])
     grad_norm = float("nan")
-    for batch in micro_batches:
+    streams = [stream_key(*stream) for stream in session.layout.streams()]
+    for batch, stream in zip(micro_batches, streams, strict=True):
         with counter or contextlib.nullcontext():
-            out = _losses(session, batch)
+            out = _losses(session, batch, session.generators[stream])
             values = [float(loss.detach()) for _, loss in out.losses]
             if faults.nan_loss(counters.step + 1) and session.info.is_main:
                 values[0] = float("nan")
@@ -247,12 +306,12 @@ def step_shape(micro_batches: list[Batch]) -> str:
     return ",".join("x".join(map(str, clip.shape)) for clip in clips)
 
 
-def _losses(session: Session, batch: Batch) -> StepOutput:
+def _losses(session: Session, batch: Batch, generator: torch.Generator) -> StepOutput:
     # bf16: DeepSpeed holds bf16 weights; autocast makes the float32 inputs the models build
     # themselves (timestep embeddings, masks, noise) meet them in bf16.
     bf16 = session.cfg.train.precision == "bf16"
     with torch.autocast(session.info.device.type, dtype=torch.bfloat16, enabled=bf16):
-        return session.task.losses(session.engines, batch, session.generator, session.counters.step)
+        return session.task.losses(session.engines, batch, generator, session.counters.step)
 
 
 def throughput(session: Session, elapsed: float, data_wait: float, clips: int) -> dict[str, float]:
@@ -292,6 +351,8 @@ def save(session: Session) -> None:
     meta = {
         "step": counters.step,
         "world_size": info.world_size,
+        "data_ranks": session.layout.data_ranks,
+        "zero_stage": session.cfg.train.zero_stage,
         "engines": list(session.engines),
         "config": to_dict(session.cfg),
         "time": time.time(),
@@ -317,46 +378,87 @@ def save(session: Session) -> None:
 def _rank_state(session: Session) -> RankState:
     return RankState(
         counters=dataclasses.replace(session.counters),
-        generator=session.generator.get_state(),
+        generator={key: generator.get_state() for key, generator in session.generators.items()},
         torch_rng=torch.get_rng_state(),
         cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        loader=session.loader.state_dict(),
+        loader={str(rank): session.loaders[rank].state_dict() for rank in session.layout.carried()},
         ema=session.ema.state_dict() if session.ema is not None else None,
         world_size=session.info.world_size,
+        data_ranks=session.layout.data_ranks,
     )
 
 
 def resume(session: Session, tag: str) -> None:
-    """Load the engines and this rank's state of checkpoint `tag`; the same world size is required."""
+    """Load the engines and the rank state of checkpoint `tag`.
+
+    The same world size and ZeRO stage: every engine loads its own shards, bit-exact. Another
+    layout (elastic resume): each engine gets the checkpoint's fp32 master weights and Adam
+    moments, reassembled per parameter from all ranks' shards and re-partitioned
+    (`engine.read_layout_free` / `load_layout_free`); each data rank's loader position and
+    generator come from whichever rank carried them; the EMA is reassembled and re-sharded.
+    Processes that existed only in the old layout leave their global torch RNG state unused: rank
+    p takes that of old rank p mod (old world size)."""
     ckpt_dir, info = session.ckpt_dir, session.info
-    meta_world = checkpoint.read_rank_state(ckpt_dir, tag, 0).world_size if info.is_main else None
-    rank_file = checkpoint.rank_state_path(ckpt_dir, tag, info.rank)
-    if not rank_file.is_file() or (meta_world is not None and meta_world != info.world_size):
-        raise TrainingError(
-            f"{ckpt_dir / tag} was written by {meta_world or 'another number of'} ranks, this run has {info.world_size}; "
-            "exact resume needs the same world size (export it and start a new run with model.init_from=...)"
-        )
+    meta = json.loads((ckpt_dir / tag / "meta.json").read_text())
+    old_world = int(meta["world_size"])
     if session.lora_base is not None:
-        recorded = json.loads((ckpt_dir / tag / "meta.json").read_text()).get("lora_base") or {}
+        recorded = meta.get("lora_base") or {}
         try:
             check_identity(recorded, session.lora_base, where=f"resume from {ckpt_dir / tag}")
         except ValueError as err:
             raise TrainingError(str(err)) from None
+    stage = int(meta.get("zero_stage", meta["config"]["train"]["zero_stage"]))
+    same = (stage, old_world) == (session.cfg.train.zero_stage, info.world_size)
+    if not same and info.is_main:
+        world = old_world
+        stderr(
+            f"lvd train: elastic resume: {ckpt_dir / tag} was written by {world} rank(s) at ZeRO-{stage}, this run has "
+            f"{info.world_size} at ZeRO-{session.cfg.train.zero_stage}; weights and Adam moments re-partitioned, "
+            f"{session.layout.data_ranks} data rank(s) of {session.cfg.train.grad_accum} micro-batch(es) each kept"
+        )
     for name, engine in session.engines.items():
-        load_engine(engine, ckpt_dir / tag, name, trainable_only=session.lora_base is not None)
-    state = checkpoint.read_rank_state(ckpt_dir, tag, info.rank)
-    session.generator.set_state(state.generator)
-    torch.set_rng_state(state.torch_rng)
-    if state.cuda_rng is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state.cuda_rng)
-    try:
-        load_loader_state(session.loader, state.loader)
-    except ValueError as err:
-        raise TrainingError(f"resume from {ckpt_dir / tag}: {err}") from None
-    if session.ema is not None and state.ema is not None:
-        session.ema.load_state_dict(state.ema)
-    session.counters = state.counters
+        if same:
+            load_engine(engine, ckpt_dir / tag, name, trainable_only=session.lora_base is not None)
+            continue
+        names = [param_name for param_name, p in engine.module.named_parameters() if p.requires_grad]
+        try:
+            load_layout_free(engine, read_layout_free(ckpt_dir / tag / name, names))
+        except ValueError as err:
+            raise TrainingError(f"cannot resume {ckpt_dir / tag} in another layout: {name}: {err}") from None
+    states = checkpoint.read_rank_states(ckpt_dir, tag, old_world)
+    own = states[info.rank % old_world]
+    generators = {key: value for state in states for key, value in state.generator.items()}
+    loaders = {key: value for state in states for key, value in state.loader.items()}
+    for key, generator in session.generators.items():
+        if key in generators:  # absent only in a checkpoint of an older lvd (one generator per rank) with grad_accum > 1
+            generator.set_state(generators[key])
+    for data_rank, loader in session.loaders.items():
+        try:
+            load_loader_state(loader, loaders[str(data_rank)])
+        except ValueError as err:
+            raise TrainingError(f"resume from {ckpt_dir / tag}: {err}") from None
+    torch.set_rng_state(own.torch_rng)
+    if own.cuda_rng is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(own.cuda_rng)
+    if session.ema is not None and own.ema is not None:
+        session.ema.load_state_dict(own.ema if same else _reshard_ema(session.ema, [state.ema for state in states], info))
+    session.counters = own.counters
     session.resumed_from = ckpt_dir / tag
+
+
+def _reshard_ema(ema: Ema, rank_states: list[dict[str, Any]], info: DistInfo) -> dict[str, Any]:
+    """This rank's piece of the EMA of a checkpoint of another layout: the whole tensors below
+    ZeRO-3, the rank's partition of the flattened, padded tensor under ZeRO-3."""
+    whole = assemble(rank_states)
+    shadow = {}
+    for name, p in ema.params.items():
+        if hasattr(p, "ds_tensor"):
+            size = p.ds_tensor.numel()
+            flat = torch.nn.functional.pad(whole[name].flatten(), (0, size * info.world_size - whole[name].numel()))
+            shadow[name] = flat[info.rank * size : (info.rank + 1) * size].clone()
+        else:
+            shadow[name] = whole[name].view(p.shape).clone()
+    return {"shadow": shadow}
 
 
 def _check_finite(engines: dict[str, Any]) -> None:

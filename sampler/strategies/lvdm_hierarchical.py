@@ -6,8 +6,10 @@ two consecutive keyframes, both ends masked.
 The keyframe stride d (latent frames) is the one the two exports were trained for: the keyframe
 model's frame stride over the interpolation model's (model_index.json's 'frame_stride').
 
-On several ranks the keyframes run on the owner; meanwhile, and after, every rank claims the next
-gap whose keyframes are saved, or the next piece to VAE-decode.
+On several ranks the first keyframe clip, which nothing else can start before, runs on every rank
+in lockstep with the two guidance branches on ranks 0 and 1 (CFG parallelism); the owner then
+makes the other keyframe clips alone while, and after, every rank claims the next gap whose
+keyframes are saved, or the next piece to VAE-decode.
 """
 
 from __future__ import annotations
@@ -256,12 +258,13 @@ class GapStore:
 
 
 def run(job: VideoJob, config: HierarchicalConfig) -> None:
-    """The keyframes on the owner alone; meanwhile, and after, every rank claims the next unit of
+    """The first keyframe clip on every rank in lockstep (guidance branches split), the other
+    keyframes on the owner alone; meanwhile, and after, every rank claims the next unit of
     work in `hierarchical_tasks` order (`PartsStore.claim`): a gap, as soon as its two keyframes
     are saved, or the VAE decoding of a piece, as soon as its gaps are. The owner encodes the
     decoded pieces in video order as they appear.
 
-    No rank waits for a keyframe stage it cannot help with beyond the first keyframe clip, and no
+    No rank waits for a keyframe stage it cannot help with, and no
     static split of the gaps decides who finishes last: a rank that runs slower simply claims
     fewer units. Gaps depend only on their keyframes and (seed, gap index), and each piece's
     decoder starts from the last latent frames of the piece before it, exactly as one decoder
@@ -270,10 +273,17 @@ def run(job: VideoJob, config: HierarchicalConfig) -> None:
     timeout = UNIT_TIMEOUT
     plan = HierarchicalPlan(num_frames=job.latent_frames, keyframe_stride=config.keyframe_stride)
     num_chunks = lvdm_autoregressive.num_clips(config, plan.num_keyframes)
+    keyframe_stride = model_frame_strides(job, config)[0]
+    if job.world.size > 1:
+        # The first keyframe clip: no gap can start before it, so every rank steps it in lockstep,
+        # the conditional branch on rank 0 and the unconditional one on rank 1
+        # (`branch_parallel_guide`, bitwise the one-rank result); the owner saves it.
+        shared = lvdm_autoregressive.stepper(job, config, frame_stride=keyframe_stride)
+        run_chunks(job, "keyframes", shared, min(1, num_chunks), lambda _: None)
     if job.is_owner:
-        alone = replace(job, world=World())  # the keyframe stage: the owner, both guidance branches
-        stepper = lvdm_autoregressive.stepper(alone, config, frame_stride=model_frame_strides(job, config)[0])
-        run_chunks(alone, "keyframes", stepper, num_chunks, lambda _: None)
+        alone = replace(job, world=World())  # the other keyframe clips: the owner, both guidance branches
+        stepper = lvdm_autoregressive.stepper(alone, config, frame_stride=keyframe_stride)
+        run_chunks(alone, "keyframes", stepper, num_chunks, lambda _: None)  # from the saved first clip on
     keyframes = KeyframeReader(job, num_chunks, timeout)
     gaps = GapStore(job, config, keyframes, timeout)
     # Piece i < len(gaps): keyframe i and the stride - 1 frames of gap i; the last piece: the last keyframe.
