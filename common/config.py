@@ -43,10 +43,15 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         key, value = _parse_override(item)
         _set_dotted(data, key, value)
         sources[key] = "command line"
-    for key in _flatten(data):
-        if _get_dotted(data, key) == REQUIRED:
-            raise ConfigError(key, f"required: give it on the command line ({key}=PATH)", sources.get(key))
-    return from_dict(cls, data, sources=sources)
+    missing = [key for key in _flatten(data) if _get_dotted(data, key) == REQUIRED]
+    try:  # an unknown key or a bad value elsewhere is named before a missing required key
+        config = from_dict(cls, data, sources=sources)
+    except ConfigError as err:
+        if err.key not in missing:
+            raise
+    if missing:
+        raise ConfigError(missing[0], f"required: give it on the command line ({missing[0]}=PATH)", sources.get(missing[0]))
+    return config
 
 
 def _get_dotted(data: dict[str, Any], key: str) -> Any:
