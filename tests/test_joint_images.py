@@ -242,6 +242,7 @@ def test_a_run_killed_in_a_save_resumes_both_streams_exactly(reference, tmp_path
 
 
 @pytest.mark.multirank
+@pytest.mark.extended  # the keyed draw equal on every rank is shown in-process; this is its 2-rank run
 def test_two_rank_zero2_run_takes_one_modality_per_step(tmp_path, video_shards, image_shards):
     run_dir = tmp_path / "two_ranks"
     result = _train(run_dir, video_shards, image_shards, "train.zero_stage=2", "train.steps=4", "train.checkpoint_every=0", nproc=2)

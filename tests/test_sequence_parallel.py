@@ -79,6 +79,7 @@ def _rank(rank: int, port: int, results: dict) -> None:
 
 @pytest.mark.multirank
 @pytest.mark.slow  # two spawned interpreters: ~20 s alone, longer on a loaded machine
+@pytest.mark.extended  # the 2-rank training and sampling equality tests cover the same path end to end
 def test_ulysses_equals_single_device_on_two_ranks() -> None:
     with mp.Manager() as manager:
         results = manager.dict()
