@@ -107,18 +107,24 @@ class PseudoOptions:
     """Smallest crop window (fraction of the full window): the strongest zoom."""
 
 
-def process_image(item: InputItem, options: PseudoOptions) -> UnitResult:
-    """One image -> one pseudo-video sample, or the reason it was skipped. Never raises for bad input."""
+def _open_input(item: InputItem) -> Image.Image | UnitResult:
+    """The input image, or the skipped result naming why it cannot be used. Never raises for bad input."""
     if item.skip_reason is not None:
         return UnitResult(skipped=item.skip_reason)
-    path = Path(item.path)
-    issue = file_issue(path)
+    issue = file_issue(Path(item.path))
     if issue is not None:
         return UnitResult(skipped=issue)
     try:
-        image = load_rgb(item.path)
+        return load_rgb(item.path)
     except Exception as error:  # PIL raises many types for bad files; all mean "not an image"
         return UnitResult(skipped=f"not a readable image: {type(error).__name__}: {error}")
+
+
+def process_image(item: InputItem, options: PseudoOptions) -> UnitResult:
+    """One image -> one pseudo-video sample, or the reason it was skipped. Never raises for bad input."""
+    image = _open_input(item)
+    if isinstance(image, UnitResult):
+        return image
     size = short_side_size(*image.size, options.size)
     camera = draw_path(item.source, options.seed, min_scale=options.min_scale)
     frames = render(image, camera, frames=options.frames, size=size)
@@ -152,15 +158,9 @@ STILL_JPEG_QUALITY = 95
 def process_still(item: InputItem, options: PseudoOptions) -> UnitResult:
     """One image -> one plain image sample (jpg resized to the short side `options.size`, caption,
     json), or the reason it was skipped. Never raises for bad input."""
-    if item.skip_reason is not None:
-        return UnitResult(skipped=item.skip_reason)
-    issue = file_issue(Path(item.path))
-    if issue is not None:
-        return UnitResult(skipped=issue)
-    try:
-        image = load_rgb(item.path)
-    except Exception as error:  # PIL raises many types for bad files; all mean "not an image"
-        return UnitResult(skipped=f"not a readable image: {type(error).__name__}: {error}")
+    image = _open_input(item)
+    if isinstance(image, UnitResult):
+        return image
     size = short_side_size(*image.size, options.size)
     encoded = io.BytesIO()
     image.resize(size, Image.Resampling.BICUBIC).save(encoded, format="JPEG", quality=STILL_JPEG_QUALITY)
