@@ -269,6 +269,9 @@ class OneAtATime(World):
     def all_gather(self, value):
         return [value] * self.size
 
+    def broadcast(self, value, src):
+        return value
+
 
 def test_hierarchical_ranks_fill_gaps_as_keyframes_appear_and_claim_each_unit_once(
     pipelines, tmp_path, monkeypatch

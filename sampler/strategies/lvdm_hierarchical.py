@@ -284,6 +284,8 @@ def run(job: VideoJob, config: HierarchicalConfig) -> None:
         alone = replace(job, world=World())  # the other keyframe clips: the owner, both guidance branches
         stepper = lvdm_autoregressive.stepper(alone, config, frame_stride=keyframe_stride)
         run_chunks(alone, "keyframes", stepper, num_chunks, lambda _: None)  # from the saved first clip on
+        if job.world.size > 1 and num_chunks > 0:
+            job.store.reused -= 1  # the first clip was re-read from this run's own shared stage, not reused
     keyframes = KeyframeReader(job, num_chunks, timeout)
     gaps = GapStore(job, config, keyframes, timeout)
     # Piece i < len(gaps): keyframe i and the stride - 1 frames of gap i; the last piece: the last keyframe.
