@@ -31,7 +31,7 @@ from model_zoo.cmd import (
 )
 from trainer.config import CMDAutoencoderObjective, CMDContentObjective, CMDMotionObjective, ModelConfig
 from trainer.tasks.denoising import build_denoising
-from trainer.tasks.encoders import TEXT_ENCODER_SEED, VAE_SEED, text_mask_input
+from trainer.tasks.encoders import VAE_SEED, text_encoder, text_mask_input
 from trainer.tasks.interface import Batch, Engines, StepOutput
 from trainer.tasks.losses import reconstruction_loss
 from trainer.tasks.networks import build_helper, image_unet, init_from_or_build, trained_model
@@ -95,14 +95,7 @@ class FrozenAutoencoder:
                 f"model.vae={model.vae}: the CMD stages need the CMD autoencoder (an export of the "
                 f"cmd_autoencoder task, <export>/vae, or 'cmd/<flavor>'), not a {self.autoencoder.family!r} network"
             )
-        self.text_encoder = build_helper(
-            model.text_encoder,
-            seed=seed + TEXT_ENCODER_SEED,
-            device=device,
-            role="text_encoder",
-            tokenizer=model.tokenizer,
-            text_layer=model.text_layer,
-        )
+        self.text_encoder = text_encoder(model, seed=seed, device=device)
         self.device = device
 
     def helpers(self) -> dict[str, nn.Module]:

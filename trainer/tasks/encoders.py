@@ -70,16 +70,21 @@ def text_mask_input(text_encoder: nn.Module, tokens: Tensor | None, device: torc
     return {} if mask is None else {"context_mask": mask}
 
 
+def text_encoder(model: ModelConfig, *, seed: int, device: torch.device) -> nn.Module:
+    """The frozen text encoder of `model` (its tokenizer and layer; seeded when random)."""
+    return build_helper(
+        model.text_encoder,
+        seed=seed + TEXT_ENCODER_SEED,
+        device=device,
+        role="text_encoder",
+        tokenizer=model.tokenizer,
+        text_layer=model.text_layer,
+    )
+
+
 def latent_encoders(model: ModelConfig, *, vae: bool, seed: int, device: torch.device) -> LatentEncoders:
     """The text encoder and, for pixel data, the VAE of `model` (seeded when random)."""
     return LatentEncoders(
-        text_encoder=build_helper(
-            model.text_encoder,
-            seed=seed + TEXT_ENCODER_SEED,
-            device=device,
-            role="text_encoder",
-            tokenizer=model.tokenizer,
-            text_layer=model.text_layer,
-        ),
+        text_encoder=text_encoder(model, seed=seed, device=device),
         vae=build_helper(model.vae, seed=seed + VAE_SEED, device=device, role="vae") if vae else None,
     )
