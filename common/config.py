@@ -54,6 +54,13 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
     return config
 
 
+def given_keys(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> set[str]:
+    """The dotted keys the YAML file at `path` and the `a.b=value` overrides set themselves (the
+    keys a loaded config holds by choice rather than by default)."""
+    keys = set(_flatten(_read_yaml(Path(path)))) if path is not None else set()
+    return keys | {_parse_override(item)[0] for item in overrides}
+
+
 def _get_dotted(data: dict[str, Any], key: str) -> Any:
     for part in key.split("."):
         data = data[part]

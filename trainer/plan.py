@@ -13,6 +13,8 @@ communication buckets, 10% of GPU memory kept free for fragmentation.
 
 from __future__ import annotations
 
+import contextlib
+import io
 from dataclasses import dataclass, replace
 from statistics import mean
 from typing import Any
@@ -315,6 +317,219 @@ def combine_plans(plans: list[Plan]) -> Plan:
             f"bucket that needs most (micro-batch {largest.micro_batch_size}), step FLOPs and time the mean",
         ],
     )
+
+
+def _with_sp(cfg: TrainJobConfig, sp: int) -> TrainJobConfig:
+    return replace(cfg, train=replace(cfg.train, sp_size=sp))
+
+
+def _meta_task(cfg: TrainJobConfig) -> Any:
+    """The task's networks on `meta`, built quietly (`measure` has already announced them)."""
+    from trainer.tasks import build_task
+
+    with torch.device("meta"), contextlib.redirect_stderr(io.StringIO()):
+        return build_task(cfg, torch.device("meta"))
+
+
+def _without_sp(model: nn.Module) -> None:
+    """Undo `_shape_only_ulysses`: the model runs on the whole sequence again."""
+    model.sequence_shard = None
+    for attention in self_attentions(model):
+        attention.core = None
+
+
+def sp_unsupported(model: nn.Module) -> str | None:
+    """Why `model` cannot run sequence-parallel at all (None: it can), in the model zoo's words."""
+    try:
+        _shape_only_ulysses(model, 1)
+    except ValueError as err:
+        return str(err)
+    _without_sp(model)
+    return None
+
+
+def sp_problem(model: nn.Module, sp: int, *, gpus_per_node: int, world: int) -> str | None:
+    """Why `sp` cannot be the run's Ulysses degree (None: it can). An SP group is `sp` consecutive
+    ranks kept inside a node, so `sp` divides the GPUs of a node (and so the world size); Ulysses
+    shards the attention heads, so it divides them too (the model zoo's own check)."""
+    if sp < 1:
+        return "the degree must be >= 1"
+    if gpus_per_node % sp:
+        return f"the degree must divide the {gpus_per_node} GPUs of a node (an SP group stays inside a node)"
+    if world % sp:
+        return f"the degree must divide the world size {world}"
+    if sp == 1:
+        return None
+    try:
+        _shape_only_ulysses(model, sp)
+    except ValueError as err:
+        return str(err)
+    _without_sp(model)
+    return None
+
+
+def _per_rank_counts(model: nn.Module, shape: tuple[int, ...], sp: int, whole: ModelCounts, dtype: torch.dtype) -> ModelCounts:
+    """`whole` (the counts at SP 1) with the activations and all-to-all volume of one rank at
+    Ulysses degree `sp`: what `measure` gives for `train.sp_size=sp`, without re-counting the
+    parameters and FLOPs, which do not depend on the degree."""
+    _shape_only_ulysses(model, sp)
+    try:
+        scale = torch.finfo(dtype).bits / 32  # measured in fp32, scaled to the training precision
+        acts = int(activation_bytes(model, shape, checkpointed=False, dtype=torch.float32) * scale)
+        acts_ckpt = int(activation_bytes(model, shape, checkpointed=True, dtype=torch.float32) * scale)
+    finally:
+        _without_sp(model)
+    # Each self-attention's 4 all-to-alls (q, k, v out; output back) send (sp-1)/sp of B·N/sp·D values.
+    layers = len(self_attentions(model))
+    exchanged = layers * 4 * -(-whole.tokens_per_sample // sp) * model.config.hidden_size * (sp - 1) / sp
+    return replace(whole, activation_bytes_per_sample=acts, activation_bytes_per_sample_ckpt=acts_ckpt, all_to_all_elements_per_sample=exchanged)
+
+
+def measure_degrees(cfg: TrainJobConfig, degrees: list[int], *, dtype: torch.dtype, task: Any = None) -> dict[int, ModelCounts]:
+    """`measure` at each Ulysses degree of `degrees` (valid ones, see `sp_problem`), with what does
+    not depend on the degree measured once: one `measure` at SP 1 gives the parameters, FLOPs and
+    tokens (and SP 1's activations); each degree > 1 only re-runs the two meta forwards of the
+    activations, on one meta build of the task (`task`, to share one between buckets)."""
+    from trainer.tasks.cmd import content_latent_shape
+
+    whole = measure(_with_sp(cfg, 1), dtype=dtype)
+    counts = {1: whole} if 1 in degrees else {}
+    sharded = [sp for sp in degrees if sp > 1]
+    if sharded:
+        task = _meta_task(cfg) if task is None else task
+        vae, content_vae = task.frozen.get("vae"), task.frozen.get("content_vae")
+        shape = _input_shape(cfg, vae) if content_vae is None else content_latent_shape(content_vae, cfg.data.height, cfg.data.width)
+        for sp in sharded:
+            counts[sp] = _per_rank_counts(task.trained["model"], shape, sp, whole, dtype)
+    return counts
+
+
+class SPError(ValueError):
+    """A sequence-parallel degree that cannot be planned (the message says why)."""
+
+
+@dataclass(frozen=True)
+class SPChoice:
+    """The sequence-parallel degree of a plan, how it was chosen and what the others would cost."""
+
+    sp_size: int
+    rule: str
+    """"auto" (the smallest valid degree at which the micro-batch fits) or "forced" (--sp N, train.sp_size)."""
+    reason: str
+    """One line: why this degree."""
+    plans: dict[int, Plan]
+    """The plan at each degree measured (auto: every valid one)."""
+    invalid: dict[int, str]
+    """Degrees considered and refused, with the reason."""
+
+    @property
+    def plan(self) -> Plan:
+        return self.plans[self.sp_size]
+
+
+def ulysses_degrees(gpus_per_node: int) -> list[int]:
+    """The Ulysses degrees `lvd plan` considers: the divisors of a node's GPU count (an SP group is
+    consecutive ranks inside one node). Each is then checked by `sp_problem`."""
+    return [sp for sp in range(1, gpus_per_node + 1) if gpus_per_node % sp == 0]
+
+
+def choose_sp(plans: dict[int, Plan]) -> tuple[int, str]:
+    """The rule: the smallest degree whose plan fits the GPU; when none fits, the degree that needs
+    the least memory per GPU. Returns the degree and a line saying why."""
+    degrees = sorted(plans)
+    any_plan = plans[degrees[0]]
+    budget = any_plan.gpu_memory_gb * HEADROOM
+    mb = any_plan.micro_batch_size
+    fitting = [sp for sp in degrees if plans[sp].fits]
+    if not fitting:
+        best = min(degrees, key=lambda sp: plans[sp].memory_gb["total"])
+        return best, (
+            f"no valid degree ({', '.join(map(str, degrees))}) fits micro-batch {mb} in {budget:.1f} GB; "
+            f"showing SP {best}, the least memory per GPU ({plans[best].memory_gb['total']:.1f} GB; "
+            f"largest micro-batch that fits there: {plans[best].max_micro_batch})"
+        )
+    sp = fitting[0]
+    fit = f"micro-batch {mb} fits ({plans[sp].memory_gb['total']:.1f} of {budget:.1f} GB)"
+    if sp == 1:
+        return sp, f"auto: {fit} without sequence parallelism"
+    below = max(d for d in degrees if d < sp)
+    return sp, f"auto: the smallest valid degree at which {fit}; SP {below} needs {plans[below].memory_gb['total']:.1f} GB"
+
+
+def plan_sp(cfg: TrainJobConfig, *, dtype: torch.dtype, forced: int | None = None, forced_by: str = "", **plan_args: Any) -> SPChoice:
+    """The plan at the chosen sequence-parallel degree (`forced`, or the rule of `choose_sp` over
+    the valid Ulysses degrees), with the plans of every degree measured. `plan_args` go to
+    `make_plan` (gpu, nodes, gpus_per_node, ...). Raises SPError for an invalid `forced`."""
+    gpus_per_node = plan_args["gpus_per_node"]
+    world = plan_args["nodes"] * gpus_per_node
+    task = _meta_task(cfg)
+    model = task.trained["model"]
+    invalid: dict[int, str] = {}
+    unsupported = None
+    if forced is not None:
+        problem = sp_problem(model, forced, gpus_per_node=gpus_per_node, world=world)
+        if problem:
+            raise SPError(problem)
+        degrees = [forced]
+    elif (unsupported := sp_unsupported(model)) is not None:
+        degrees = [1]
+    else:
+        degrees = []
+        for sp in ulysses_degrees(gpus_per_node):
+            problem = sp_problem(model, sp, gpus_per_node=gpus_per_node, world=world)
+            if problem:
+                invalid[sp] = problem
+            else:
+                degrees.append(sp)
+    buckets = bucket_configs(cfg)
+    counts = [measure_degrees(bucket, degrees, dtype=dtype, task=task) for bucket in buckets]
+    plans = {
+        sp: combine_plans([make_plan(_with_sp(bucket, sp), bucket_counts[sp], **plan_args) for bucket, bucket_counts in zip(buckets, counts)])
+        for sp in degrees
+    }
+    if forced is not None:
+        fits = "" if plans[forced].fits else "; it does not fit (--sp auto compares the valid degrees)"
+        return SPChoice(forced, "forced", f"forced by {forced_by}{fits}", plans, invalid)
+    if unsupported is not None:
+        return SPChoice(1, "auto", f"auto: no other degree ({unsupported})", plans, invalid)
+    sp, reason = choose_sp(plans)
+    return SPChoice(sp, "auto", reason, plans, invalid)
+
+
+def sp_choice_json(choice: SPChoice) -> dict[str, Any]:
+    """The choice and every candidate degree, for `lvd plan --json`."""
+    candidates: list[dict[str, Any]] = []
+    for sp in sorted({*choice.plans, *choice.invalid}):
+        if sp in choice.invalid:
+            candidates.append({"sp_size": sp, "valid": False, "reason": choice.invalid[sp]})
+            continue
+        plan = choice.plans[sp]
+        candidates.append({
+            "sp_size": sp, "valid": True, "memory_gb": plan.memory_gb["total"], "fits": plan.fits,
+            "max_micro_batch": plan.max_micro_batch, "all_to_all_gb_per_step": plan.all_to_all_gb_per_step,
+            "step_time_s": plan.step_time_s, "clips_per_s": plan.clips_per_s,
+        })
+    budget = choice.plan.gpu_memory_gb * HEADROOM
+    return {"chosen": choice.sp_size, "rule": choice.rule, "reason": choice.reason, "budget_gb": budget, "candidates": candidates}
+
+
+def format_sp_choice(choice: SPChoice) -> str:
+    """The line saying why this degree, and a compact table of the degrees considered."""
+    lines = [f"SP degree: {choice.sp_size} -- {choice.reason}"]
+    if len(choice.plans) + len(choice.invalid) <= 1:
+        return lines[0]
+    lines.append(f"{'SP':>4}  {'memory/GPU':>10}  {'fits':>4}  {'max mb':>6}  {'all-to-all/rank/step':>20}  {'step time':>9}  {'clips/s':>8}")
+    for sp in sorted({*choice.plans, *choice.invalid}):
+        mark = "*" if sp == choice.sp_size else " "
+        if sp in choice.invalid:
+            lines.append(f"{sp:>3}{mark}  not valid: {choice.invalid[sp]}")
+            continue
+        p = choice.plans[sp]
+        lines.append(
+            f"{sp:>3}{mark}  {p.memory_gb['total']:>7.1f} GB  {'yes' if p.fits else 'no':>4}  {p.max_micro_batch:>6}  "
+            f"{p.all_to_all_gb_per_step:>17.2f} GB  {p.step_time_s:>7.2f} s  {p.clips_per_s:>8.1f}"
+        )
+    return "\n".join(lines)
 
 
 def format_table(plan: Plan) -> str:
