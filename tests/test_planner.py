@@ -51,14 +51,21 @@ def test_meta_counts_of_a_1b_config():
     assert counts.train_flops_per_sample > 1e12
 
 
-def test_plan_cli_json_for_dit_1b_on_8x8_h100(capsys, monkeypatch):
+def _plan(capsys, monkeypatch, *argv: str) -> tuple[int, str, str]:
     from lvd.cli import main
 
     monkeypatch.chdir(REPO)  # in-process through the entry point's main (a process start saved)
-    code = main(["plan", "--config", "configs/scale/dit-1b.yaml", "--nodes", "8", "--gpus-per-node", "8", "--gpu", "h100", "--json"])
+    code = main(["plan", *argv])
     captured = capsys.readouterr()
-    assert code == 0, captured.err[-2000:]
-    plan = json.loads(captured.out)
+    return code, captured.out, captured.err
+
+
+def test_plan_cli_json_for_dit_1b_on_8x8_h100_picks_sp_1(capsys, monkeypatch):
+    """dit/1b's micro-batch fits without sequence parallelism: `lvd plan` (train.sp_size not set)
+    compares the valid Ulysses degrees and picks 1; the JSON carries the candidates."""
+    code, out, err = _plan(capsys, monkeypatch, "--config", "configs/scale/dit-1b.yaml", "--nodes", "8", "--gpus-per-node", "8", "--gpu", "h100", "--json")
+    assert code == 0, err[-2000:]
+    plan = json.loads(out)
     assert plan["fits"] is True
     assert plan["trainable_params"] >= 1.0e9
     assert plan["max_micro_batch"] >= plan["micro_batch_size"]
@@ -66,3 +73,64 @@ def test_plan_cli_json_for_dit_1b_on_8x8_h100(capsys, monkeypatch):
     assert plan["step_time_s"] > 0 and plan["clips_per_s"] > 0 and plan["days_for_samples"] > 0
     for key in ("params", "grads", "optimizer", "activations_no_ckpt", "activations_ckpt", "buffers"):
         assert key in plan["memory_gb"]
+    choice = plan["sp_choice"]
+    assert (choice["chosen"], choice["rule"], plan["sp_size"]) == (1, "auto", 1)
+    candidates = {c["sp_size"]: c for c in choice["candidates"]}
+    assert sorted(candidates) == [1, 2, 4, 8]  # the divisors of 8 GPUs per node; dit/1b's 16 heads take all
+    assert all(c["valid"] for c in candidates.values())
+    assert candidates[1]["memory_gb"] == plan["memory_gb"]["total"] and candidates[1]["fits"]
+    memory = [candidates[sp]["memory_gb"] for sp in (1, 2, 4, 8)]
+    assert memory == sorted(memory, reverse=True)  # activations per rank shrink with the degree
+    assert candidates[1]["all_to_all_gb_per_step"] == 0 < candidates[2]["all_to_all_gb_per_step"]
+
+
+def test_plan_picks_the_smallest_sp_at_which_the_121_frame_5b_fits(capsys, monkeypatch):
+    """video_dit/5b on 121 frames at 720x1280 (111,600 tokens): micro-batch 2 does not fit at SP 1,
+    so `lvd plan` picks the smallest Ulysses degree whose per-rank memory is within the budget."""
+    code, out, err = _plan(capsys, monkeypatch, "--config", "configs/scale/video-dit-5b-121f.yaml", "--nodes", "16", "--gpus-per-node", "8", "--gpu", "h100", "--json")
+    assert code == 0, err[-2000:]
+    plan = json.loads(out)
+    choice = plan["sp_choice"]
+    valid = sorted(c["sp_size"] for c in choice["candidates"] if c["valid"])
+    assert valid == [1, 2, 4, 8]  # 24 heads
+    memory = {c["sp_size"]: c["memory_gb"] for c in choice["candidates"]}
+    chosen = choice["chosen"]
+    assert chosen > 1 and plan["sp_size"] == chosen and choice["rule"] == "auto"
+    below = valid[valid.index(chosen) - 1]
+    assert memory[chosen] <= choice["budget_gb"] == 80 * 0.9 < memory[below]
+    assert plan["fits"] and plan["memory_gb"]["total"] == memory[chosen]
+    assert chosen == min(sp for sp in valid if memory[sp] <= choice["budget_gb"])
+    assert plan["all_to_all_gb_per_step"] > 0
+
+
+def test_plan_forced_sp_and_an_invalid_one_in_one_line(capsys, monkeypatch):
+    """--sp N and train.sp_size=N force the degree; one that does not divide the heads or a node's
+    GPUs is one config-error line naming it, before anything is measured."""
+    tiny = ["--config", "configs/tiny/video_dit.yaml", "--gpus-per-node", "8"]
+    code, out, err = _plan(capsys, monkeypatch, *tiny, "--sp", "4", "data.shards=unused")
+    assert code == 2 and out == ""
+    assert err.strip().splitlines() == [err.strip()] and "--sp 4" in err and "2 attention heads" in err, err
+    code, out, err = _plan(capsys, monkeypatch, *tiny, "data.shards=unused", "train.sp_size=3")
+    assert code == 2 and out == ""
+    assert err.strip().splitlines() == [err.strip()] and "train.sp_size=3" in err and "8 GPUs of a node" in err, err
+    code, out, err = _plan(capsys, monkeypatch, *tiny, "--sp", "2", "data.shards=unused", "--json")
+    assert code == 0, err[-2000:]
+    choice = json.loads(out)["sp_choice"]
+    assert (choice["chosen"], choice["rule"]) == (2, "forced") and "--sp 2" in choice["reason"]
+    assert [c["sp_size"] for c in choice["candidates"]] == [2]
+
+
+def test_per_rank_counts_of_each_degree_equal_measure_at_that_degree():
+    """`measure_degrees` (SP-independent counts taken once) gives what `measure` gives with
+    train.sp_size set, at every degree."""
+    import torch
+
+    from trainer.plan import measure_degrees
+
+    overrides = ["data.shards=unused", "data.height=128", "data.width=128"]
+    cfg = load_config(TrainJobConfig, REPO / "configs/tiny/video_dit.yaml", overrides)
+    counts = measure_degrees(cfg, [1, 2], dtype=torch.bfloat16)
+    for sp in (1, 2):
+        alone = measure(load_config(TrainJobConfig, REPO / "configs/tiny/video_dit.yaml", [*overrides, f"train.sp_size={sp}"]), dtype=torch.bfloat16)
+        assert counts[sp] == alone, sp
+    assert counts[2].activation_bytes_per_sample < counts[1].activation_bytes_per_sample
