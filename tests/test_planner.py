@@ -103,6 +103,20 @@ def test_plan_picks_the_smallest_sp_at_which_the_121_frame_5b_fits(capsys, monke
     assert plan["all_to_all_gb_per_step"] > 0
 
 
+def test_plan_says_when_no_sp_degree_fits_and_shows_the_least_memory(capsys, monkeypatch):
+    """Without activation checkpointing the 121-frame 5B fits at no degree: the table says so and
+    shows the degree needing the least memory per GPU, with the per-degree comparison."""
+    code, out, err = _plan(capsys, monkeypatch, "--config", "configs/scale/video-dit-5b-121f.yaml", "--nodes", "16", "train.act_ckpt=false")
+    assert code == 0, err[-2000:]
+    lines = out.splitlines()
+    why = next(line for line in lines if line.startswith("SP degree:"))
+    assert why.startswith("SP degree: 8 -- no valid degree (1, 2, 4, 8) fits micro-batch 2"), why
+    assert "DOES NOT FIT" in out
+    rows = lines[lines.index(why) + 2:]
+    assert [row.split()[0] for row in rows] == ["1", "2", "4", "8*"]
+    assert all(row.split()[3] == "no" for row in rows)
+
+
 def test_plan_forced_sp_and_an_invalid_one_in_one_line(capsys, monkeypatch):
     """--sp N and train.sp_size=N force the degree; one that does not divide the heads or a node's
     GPUs is one config-error line naming it, before anything is measured."""
