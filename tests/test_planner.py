@@ -117,9 +117,9 @@ def test_plan_says_when_no_sp_degree_fits_and_shows_the_least_memory(capsys, mon
     assert all(row.split()[3] == "no" for row in rows)
 
 
-def test_plan_forced_sp_and_an_invalid_one_in_one_line(capsys, monkeypatch):
-    """--sp N and train.sp_size=N force the degree; one that does not divide the heads or a node's
-    GPUs is one config-error line naming it, before anything is measured."""
+def test_plan_forced_sp_and_an_invalid_one_in_one_line(capsys, monkeypatch, tmp_path):
+    """--sp N and train.sp_size=N (override or file) force the degree; one that does not divide the
+    heads or a node's GPUs is one config-error line naming it, before anything is measured."""
     tiny = ["--config", "configs/tiny/video_dit.yaml", "--gpus-per-node", "8"]
     code, out, err = _plan(capsys, monkeypatch, *tiny, "--sp", "4", "data.shards=unused")
     assert code == 2 and out == ""
@@ -132,6 +132,17 @@ def test_plan_forced_sp_and_an_invalid_one_in_one_line(capsys, monkeypatch):
     choice = json.loads(out)["sp_choice"]
     assert (choice["chosen"], choice["rule"]) == (2, "forced") and "--sp 2" in choice["reason"]
     assert [c["sp_size"] for c in choice["candidates"]] == [2]
+    import yaml
+
+    data = yaml.safe_load((REPO / "configs/tiny/video_dit.yaml").read_text())
+    data.setdefault("train", {})["sp_size"] = 2
+    (tmp_path / "sp2.yaml").write_text(yaml.safe_dump(data))
+    code, out, err = _plan(capsys, monkeypatch, "--config", str(tmp_path / "sp2.yaml"), "data.shards=unused", "--json")
+    assert code == 0, err[-2000:]
+    choice = json.loads(out)["sp_choice"]
+    assert (choice["chosen"], choice["rule"], choice["reason"]) == (2, "forced", "forced by train.sp_size=2")
+    code, out, err = _plan(capsys, monkeypatch, "--config", str(tmp_path / "sp2.yaml"), "data.shards=unused", "--json", "--sp", "auto")
+    assert code == 0 and json.loads(out)["sp_choice"]["rule"] == "auto", err[-2000:]
 
 
 def test_per_rank_counts_of_each_degree_equal_measure_at_that_degree():
