@@ -16,8 +16,12 @@ gradient on one rank is then the contribution of that rank's tokens, and the sum
 is the full gradient: the trainer's gradient reduction must sum over the group and average over
 data-parallel replicas only.
 
+Ring attention (`RingAttention`, `apply_ring`) shards keys instead of heads, and combines with
+Ulysses into the hybrid (USP): P = U x R ranks, an all-to-all over heads inside groups of U, a ring
+among R (see its docstring and `usp_groups` for the rank layout).
+
 No torch.distributed here (model code stays single-device): the caller passes the collectives.
-See docs/methods.md, 'Sequence parallelism (Ulysses)'.
+See docs/methods.md, 'Sequence parallelism (Ulysses)' and 'Ring attention and the hybrid'.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model_zoo.layers.attention import attention_heads
+from model_zoo.layers.attention import apply_rotary, attention_heads
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,9 @@ class Collectives:
     """(P, ...) -> (P, ...): chunk j goes to rank j; chunk j of the result came from rank j."""
     all_gather: Callable[[Tensor], Tensor]
     """(...) -> (P, ...): every rank's tensor, stacked in rank order."""
+    ring_shift: Callable[[Tensor, int], Tensor] | None = None
+    """(x, offset) -> the x of rank (rank - offset) mod P, while this rank's x goes to rank
+    (rank + offset) mod P (point-to-point; ring attention only)."""
 
 
 class _AllToAll(torch.autograd.Function):
@@ -140,10 +147,175 @@ def apply_ulysses(model: nn.Module, comm: Collectives) -> Ulysses:
         if attention.heads % comm.size:
             raise ValueError(
                 f"sequence parallelism: {name} has {attention.heads} attention heads, not divisible by the "
-                f"SP degree {comm.size} (Ulysses shards heads; ring attention is not implemented)"
+                f"SP degree {comm.size} (Ulysses shards heads; ring attention shards keys instead: "
+                f"train.sp_ring={comm.size}, or lvd sample --sp-ring {comm.size})"
             )
     ulysses = Ulysses(comm)
     model.sequence_shard = ulysses
     for attention in attentions:
         attention.core = ulysses.core
     return ulysses
+
+
+class _RingShift(torch.autograd.Function):
+    """Send to the next rank of the ring, receive from the previous; the gradient goes back the
+    other way, so every block's dK/dV returns to the rank that made it."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, comm: Collectives) -> Tensor:  # type: ignore[override]
+        ctx.comm = comm
+        return comm.ring_shift(x.contiguous(), 1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return ctx.comm.ring_shift(grad.contiguous(), -1), None
+
+
+def usp_groups(size: int, ring: int) -> tuple[list[list[int]], list[list[int]]]:
+    """The Ulysses groups and the ring groups (lists of SP ranks) of SP degree `size` = U x R.
+
+    SP rank s = r * U + u: the U ranks of Ulysses group r are consecutive, so their sequence parts
+    are one contiguous chunk (chunk r of R) after their all-to-all; ring group u joins the ranks
+    that hold head group u of every chunk, in chunk order."""
+    if ring < 1 or size % ring:
+        raise ValueError(f"ring degree {ring} does not divide the SP degree {size}")
+    heads = size // ring
+    return (
+        [[r * heads + u for u in range(heads)] for r in range(ring)],
+        [[r * heads + u for r in range(ring)] for u in range(heads)],
+    )
+
+
+def ring_block(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, state: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Fold one key/value block into the online-softmax state (Milakov & Gimelshein 2018; the
+    FlashAttention recurrence): q (B, h, L, d), k/v (B, h, S, d), `valid` (S,) bool marks the real
+    keys; state = (running max m (B, h, L, 1), running sum l (B, h, L, 1), unnormalised output
+    acc (B, h, L, d)). The output is acc / l after the last block.
+
+    The max only shifts the exponent, which cancels in acc / l, so it is detached: the gradient is
+    exactly softmax attention's. A fully masked block (or row) adds exp(-inf) = 0 and never a NaN:
+    the shift is taken as 0 while the max is still -inf."""
+    m, total, acc = state
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, h, L, S)
+    scores = scores.masked_fill(~valid, float("-inf"))
+    new_m = torch.maximum(m, scores.amax(-1, keepdim=True)).detach()
+    shift = torch.where(torch.isinf(new_m), torch.zeros_like(new_m), new_m)
+    weights = torch.exp(scores - shift)  # masked keys: 0
+    alpha = torch.exp(m - shift)  # rescale of the previous blocks (0 before the first real key)
+    return new_m, total * alpha + weights.sum(-1, keepdim=True), acc * alpha + weights @ v
+
+
+class RingAttention:
+    """A model's `sequence_shard` and its self-attentions' `core` for ring or hybrid (USP)
+    sequence parallelism over P = U x R ranks.
+
+    `comm` is the whole SP group (the shard / gather, as `Ulysses`), `heads` the rank's Ulysses
+    group of U ranks (all-to-all; U = 1: none), `ring` its ring group of R ranks (ring_shift). With
+    the layout of `usp_groups`, after the head all-to-all a rank holds h/U heads of chunk r (U
+    consecutive sequence parts). Each rank keeps its queries; keys and values, rotated with their
+    own global positions, travel R - 1 times around the ring and each visit is folded in with
+    `ring_block`. Keys at a global index >= the true length (padding) are masked; padded query rows
+    are computed and dropped by the gather.
+
+    Under autograd every visiting K/V block and its (L x S) scores are kept for the backward: R
+    blocks per layer. A GPU deployment would run a fused kernel per block that returns the
+    log-sum-exp (FlashAttention's), keeping O(L) per block and re-sending K/V in the backward.
+    """
+
+    def __init__(self, comm: Collectives, heads: Collectives, ring: Collectives) -> None:
+        if heads.size * ring.size != comm.size:
+            raise ValueError(f"Ulysses degree {heads.size} x ring degree {ring.size} is not the SP degree {comm.size}")
+        if ring.ring_shift is None and ring.size > 1:
+            raise ValueError("ring attention needs the group's ring_shift")
+        self.comm, self.heads, self.ring = comm, heads, ring
+        self.length = 0
+        self.block = ring_block
+        """The per-block fold (the planner swaps in a fused-kernel stand-in to count its memory)."""
+
+    def padded(self, length: int) -> int:
+        return -(-length // self.comm.size) * self.comm.size
+
+    def shard(self, tokens: Tensor) -> Tensor:
+        """(B, N, D) -> this rank's (B, ceil(N/P), D), zero-padded at the end of the sequence."""
+        self.length = tokens.shape[1]
+        tokens = F.pad(tokens, (0, 0, 0, self.padded(self.length) - self.length))
+        return tokens.chunk(self.comm.size, dim=1)[self.comm.rank]
+
+    def gather(self, tokens: Tensor) -> Tensor:
+        """This rank's (B, ceil(N/P), C) -> every rank's (B, N, C)."""
+        return _Gather.apply(tokens, self.comm)[:, : self.length]
+
+    def _to_heads(self, x: Tensor) -> Tensor:
+        """(B, h, L, d) sequence part -> (B, h/U, U*L, d): the Ulysses group's chunk, padding kept."""
+        u = self.heads.size
+        if u == 1:
+            return x
+        b, h, local, d = x.shape
+        chunks = x.view(b, u, h // u, local, d).transpose(0, 1)  # (U, B, h/U, L, d): heads for rank j
+        received = _AllToAll.apply(chunks, self.heads)  # (U, B, h/U, L, d): sequence part j
+        return received.permute(1, 2, 0, 3, 4).reshape(b, h // u, u * local, d)
+
+    def _to_sequence(self, x: Tensor) -> Tensor:
+        """(B, h/U, U*L, d) -> (B, h, L, d)."""
+        u = self.heads.size
+        if u == 1:
+            return x
+        b, heads, length, d = x.shape
+        chunks = x.view(b, heads, u, length // u, d).permute(2, 0, 1, 3, 4)  # (U, B, h/U, L, d): part j
+        received = _AllToAll.apply(chunks, self.heads)  # (U, B, h/U, L, d): head group j
+        return received.transpose(0, 1).reshape(b, heads * u, -1, d)
+
+    def core(
+        self, q: Tensor, k: Tensor, v: Tensor, rotary: tuple[Tensor, Tensor] | None = None, mask: Tensor | None = None
+    ) -> Tensor:
+        """Self-attention of sequence-sharded heads (B, h, N/P, d) over the whole sequence."""
+        if mask is not None:
+            raise ValueError("sequence parallelism: an attention mask or bias over the sharded sequence is not supported")
+        q, k, v = (self._to_heads(x) for x in (q, k, v))  # (B, h/U, C, d), C = U*N/P: chunk r
+        chunk = q.shape[2]
+        r, size = self.ring.rank, self.ring.size
+        if rotary is not None:  # global positions of chunk r; the padding's angles are 0
+            cos, sin = (F.pad(t, (0, 0, 0, self.padded(self.length) - t.shape[0]), value=fill)
+                        for t, fill in zip(rotary, (1.0, 0.0), strict=True))
+            cos, sin = cos[r * chunk : (r + 1) * chunk], sin[r * chunk : (r + 1) * chunk]
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        positions = torch.arange(chunk, device=q.device)
+        b, h, _, d = q.shape
+        state = (
+            q.new_full((b, h, chunk, 1), float("-inf")),
+            q.new_zeros((b, h, chunk, 1)),
+            q.new_zeros((b, h, chunk, d)),
+        )
+        kv = torch.stack([k, v])  # (2, B, h/U, C, d): one message a step
+        for step in range(size):
+            origin = (r - step) % size  # the chunk whose keys are here now
+            state = self.block(q, kv[0], kv[1], origin * chunk + positions < self.length, state)
+            if step < size - 1:
+                kv = _RingShift.apply(kv, self.ring)
+        _, total, acc = state
+        return self._to_sequence(acc / total)
+
+
+def apply_ring(model: nn.Module, comm: Collectives, heads: Collectives, ring: Collectives) -> RingAttention:
+    """Run `model` (a `dit` or `video_dit`) with ring or hybrid sequence parallelism, in place:
+    `comm` is the whole SP group, `heads` and `ring` this rank's groups of `usp_groups`.
+
+    Raises ValueError as `apply_ulysses`, with a head count not divisible by the Ulysses degree."""
+    name = type(model).__name__
+    if not hasattr(model, "sequence_shard"):
+        raise ValueError(f"sequence parallelism: {name} is not a DiT (families dit and video_dit support it)")
+    if getattr(getattr(model, "config", None), "text_attention", "cross") == "joint":
+        raise ValueError("sequence parallelism: video_dit with text_attention=joint is not supported (use cross)")
+    attentions = self_attentions(model)
+    for attention in attentions:
+        if attention.heads % heads.size:
+            raise ValueError(
+                f"sequence parallelism: {name} has {attention.heads} attention heads, not divisible by the "
+                f"Ulysses degree {heads.size} = SP degree {comm.size} / sp_ring {ring.size}; raise train.sp_ring "
+                f"(lvd sample --sp-ring) to a divisor of {comm.size} that leaves a divisor of {attention.heads}"
+            )
+    attention_ring = RingAttention(comm, heads, ring)
+    model.sequence_shard = attention_ring
+    for attention in attentions:
+        attention.core = attention_ring.core
+    return attention_ring
