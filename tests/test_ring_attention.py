@@ -198,3 +198,28 @@ def test_hybrid_2x2_on_four_ranks_equals_single_device() -> None:
         assert not missing, (key, missing)
         assert out_err < 1e-5, (key, out_err)
         assert grad_err < 1e-5, (key, grad_err)
+
+
+def test_plan_measures_the_ring_and_counts_its_traffic() -> None:
+    """`lvd plan` with train.sp_ring: the shape-only ring runs on meta; per-rank activations are
+    below SP=1's (the autograd ring keeps the visiting K/V blocks and their scores, so more than
+    Ulysses'); the ring's K/V shifts are counted (2 * (R-1) of B·N/P·D a layer), the hybrid's
+    head all-to-alls too; a sample's FLOPs do not change."""
+    from common.config import load_config
+    from trainer.config import TrainJobConfig
+    from trainer.plan import measure
+
+    def counts(*extra: str):
+        return measure(load_config(TrainJobConfig, REPO / "configs/tiny/video_dit.yaml",
+                                   ["data.shards=unused", "data.height=256", "data.width=256", *extra]), dtype=torch.float32)
+
+    one, ulysses = counts(), counts("train.sp_size=2")
+    ring, hybrid = counts("train.sp_size=2", "train.sp_ring=2"), counts("train.sp_size=4", "train.sp_ring=2")
+    per_layer = one.tokens_per_sample // 2 * 64  # B·N/P·D, width 64
+    assert ring.ring_elements_per_sample == ring.all_to_all_elements_per_sample == 2 * 2 * per_layer  # 2 layers
+    assert hybrid.ring_elements_per_sample == 2 * 2 * per_layer / 2
+    assert hybrid.all_to_all_elements_per_sample == hybrid.ring_elements_per_sample + 2 * 4 * per_layer / 2 / 2
+    assert ulysses.ring_elements_per_sample == 0
+    assert ulysses.activation_bytes_per_sample < ring.activation_bytes_per_sample < one.activation_bytes_per_sample
+    assert hybrid.activation_bytes_per_sample < ring.activation_bytes_per_sample
+    assert ring.train_flops_per_sample == hybrid.train_flops_per_sample == one.train_flops_per_sample

@@ -24,7 +24,7 @@ from torch.overrides import TorchFunctionMode
 
 import model_zoo
 from data_pipeline.buckets import build_buckets
-from model_zoo.layers.sequence_parallel import Collectives, apply_ulysses, self_attentions
+from model_zoo.layers.sequence_parallel import Collectives, apply_ring, apply_ulysses, self_attentions
 from trainer.config import TrainJobConfig
 from trainer.gpus import GPUS
 
@@ -44,7 +44,11 @@ class ModelCounts:
     frozen_flops_per_sample: float
     tokens_per_sample: int
     all_to_all_elements_per_sample: float = 0.0
-    """Ulysses (train.sp_size > 1): elements one rank sends per sample in one forward's all-to-alls."""
+    """Sequence parallelism (train.sp_size > 1): elements one rank sends per sample in one forward's
+    exchanges: the Ulysses all-to-alls plus, with train.sp_ring > 1, the ring's K/V shifts
+    (`ring_elements_per_sample`; the backward sends the same volume back)."""
+    ring_elements_per_sample: float = 0.0
+    """The ring's part of `all_to_all_elements_per_sample` (K/V blocks sent around the ring)."""
 
 
 def _input_shape(cfg: TrainJobConfig, vae: nn.Module | None) -> tuple[int, ...]:
@@ -137,11 +141,22 @@ def activation_bytes(model: nn.Module, shape: tuple[int, ...], *, checkpointed: 
     return counter.total + (counter.block_inputs + counter.block_peak if checkpointed else 0)
 
 
-def _shape_only_ulysses(model: nn.Module, size: int) -> None:
-    """Sequence parallelism of degree `size` as rank 0 of its group sees it, without communication:
-    the all-to-alls keep shapes and the gather repeats the rank's part, so a meta forward saves
-    exactly the tensors of one rank (docs/methods.md, 'Sequence parallelism (Ulysses)')."""
-    apply_ulysses(model, Collectives(rank=0, size=size, all_to_all=lambda x: x, all_gather=lambda x: x[None].expand(size, *x.shape)))
+def _shape_only_ulysses(model: nn.Module, size: int, ring: int = 1) -> None:
+    """Sequence parallelism of degree `size` (ring degree `ring`) as rank 0 of its group sees it,
+    without communication: the all-to-alls keep shapes, the gather repeats the rank's part and the
+    ring shift returns a copy (a new storage, as a received block is), so a meta forward saves
+    exactly the tensors of one rank (docs/methods.md, 'Sequence parallelism (Ulysses)'). The ring's
+    blocks are the trainer's autograd fold: each keeps its K/V block and its L x S scores (no
+    fused ring kernel)."""
+
+    def fake(n: int) -> Collectives:
+        return Collectives(rank=0, size=n, all_to_all=lambda x: x, all_gather=lambda x: x[None].expand(n, *x.shape),
+                           ring_shift=lambda x, _: x.clone())
+
+    if ring == 1:
+        apply_ulysses(model, fake(size))
+    else:
+        apply_ring(model, fake(size), fake(size // ring), fake(ring))
 
 
 def measure(cfg: TrainJobConfig, *, dtype: torch.dtype) -> ModelCounts:
@@ -155,7 +170,7 @@ def measure(cfg: TrainJobConfig, *, dtype: torch.dtype) -> ModelCounts:
     model = task.trained["model"]
     sp = cfg.train.sp_size
     if sp > 1:
-        _shape_only_ulysses(model, sp)
+        _shape_only_ulysses(model, sp, cfg.train.sp_ring)
     vae, content_vae = task.frozen.get("vae"), task.frozen.get("content_vae")
     shape = _input_shape(cfg, vae) if content_vae is None else content_latent_shape(content_vae, cfg.data.height, cfg.data.width)
     trainable = sum(model_zoo.count_parameters(m, trainable_only=True) for m in task.trained.values())
@@ -177,12 +192,16 @@ def measure(cfg: TrainJobConfig, *, dtype: torch.dtype) -> ModelCounts:
         frozen_flops = float(model_zoo.estimate_flops(encoder, pixels, make_inputs=lambda x: {}))
     patch = getattr(model.config, "patch_size", (1, 1, 1))
     tokens = int(shape[2] // patch[0] * (shape[3] // patch[1]) * (shape[4] // patch[2])) if isinstance(patch, tuple) else 0
-    # Each self-attention's 4 all-to-alls (q, k, v out; output back) send (sp-1)/sp of B·N/sp·D values.
-    exchanged = 0.0
+    # Each self-attention's 4 all-to-alls (q, k, v out; output back) send (U-1)/U of B·N/sp·D values
+    # (U = sp / sp_ring ranks exchange heads); the ring sends its K and V, 2·B·N/sp·D, R-1 times.
+    exchanged = ring_sent = 0.0
     if sp > 1:
         layers = len(self_attentions(model))
-        exchanged = layers * 4 * -(-tokens // sp) * model.config.hidden_size * (sp - 1) / sp
-    return ModelCounts(trainable, frozen, acts, acts_ckpt, 3.0 * forward, frozen_flops, tokens, exchanged)
+        local = -(-tokens // sp) * model.config.hidden_size
+        heads, ring = sp // cfg.train.sp_ring, cfg.train.sp_ring
+        ring_sent = float(layers * 2 * local * (ring - 1))
+        exchanged = layers * 4 * local * (heads - 1) / heads + ring_sent
+    return ModelCounts(trainable, frozen, acts, acts_ckpt, 3.0 * forward, frozen_flops, tokens, exchanged, ring_sent)
 
 
 @dataclass(frozen=True)
