@@ -145,9 +145,8 @@ def _shape_only_ulysses(model: nn.Module, size: int, ring: int = 1) -> None:
     """Sequence parallelism of degree `size` (ring degree `ring`) as rank 0 of its group sees it,
     without communication: the all-to-alls keep shapes, the gather repeats the rank's part and the
     ring shift returns a copy (a new storage, as a received block is), so a meta forward saves
-    exactly the tensors of one rank (docs/methods.md, 'Sequence parallelism (Ulysses)'). The ring's
-    blocks are the trainer's autograd fold: each keeps its K/V block and its L x S scores (no
-    fused ring kernel)."""
+    exactly the tensors of one rank (docs/methods.md, 'Sequence parallelism (Ulysses)'). The ring
+    keeps every visiting K/V block for the backward (its scores are recomputed there)."""
 
     def fake(n: int) -> Collectives:
         return Collectives(rank=0, size=n, all_to_all=lambda x: x, all_gather=lambda x: x[None].expand(n, *x.shape),

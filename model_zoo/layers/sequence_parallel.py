@@ -186,23 +186,54 @@ def usp_groups(size: int, ring: int) -> tuple[list[list[int]], list[list[int]]]:
     )
 
 
+class _BlockAttention(torch.autograd.Function):
+    """One key/value block's unnormalised attention: with scores s = q kᵀ / √d (keys not `valid`:
+    -inf) and m the row max (-inf for a row with no valid key, whose shift is then 0), returns
+    m, l = Σ_j exp(s_ij - m) and acc = Σ_j exp(s_ij - m) v_j.
+
+    m is not differentiable: the fold treats every block's m as a constant, which softmax's shift
+    invariance allows, so the gradients are exactly attention's. The backward recomputes the
+    scores (FlashAttention's recomputation) and keeps only q, k, v and m: O(L + S) saved per
+    block instead of the L x S scores."""
+
+    @staticmethod
+    def _weights(q: Tensor, k: Tensor, valid: Tensor, m: Tensor | None) -> tuple[Tensor, Tensor]:
+        scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, h, L, S)
+        scores = scores.masked_fill(~valid, float("-inf"))
+        if m is None:
+            m = scores.amax(-1, keepdim=True)
+        shift = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+        return torch.exp(scores - shift), m  # masked keys: 0
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
+        weights, m = _BlockAttention._weights(q, k, valid, None)
+        ctx.save_for_backward(q, k, v, valid, m)
+        ctx.mark_non_differentiable(m)
+        return m, weights.sum(-1, keepdim=True), weights @ v
+
+    @staticmethod
+    def backward(ctx, _grad_m: Tensor, grad_sum: Tensor, grad_acc: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:  # type: ignore[override]
+        q, k, v, valid, m = ctx.saved_tensors
+        weights, _ = _BlockAttention._weights(q, k, valid, m)  # (B, h, L, S)
+        grad_scores = weights * (grad_acc @ v.transpose(-1, -2) + grad_sum) * q.shape[-1] ** -0.5
+        return grad_scores @ k, grad_scores.transpose(-1, -2) @ q, weights.transpose(-1, -2) @ grad_acc, None
+
+
 def ring_block(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, state: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """Fold one key/value block into the online-softmax state (Milakov & Gimelshein 2018; the
     FlashAttention recurrence): q (B, h, L, d), k/v (B, h, S, d), `valid` (S,) bool marks the real
     keys; state = (running max m (B, h, L, 1), running sum l (B, h, L, 1), unnormalised output
-    acc (B, h, L, d)). The output is acc / l after the last block.
+    acc (B, h, L, d)), starting from (-inf, 0, 0). The output is acc / l after the last block.
 
-    The max only shifts the exponent, which cancels in acc / l, so it is detached: the gradient is
-    exactly softmax attention's. A fully masked block (or row) adds exp(-inf) = 0 and never a NaN:
-    the shift is taken as 0 while the max is still -inf."""
+    Both the state and the block are rescaled to the new running max; a fully masked block (or
+    row) has max -inf and adds exp(-inf) = 0, never a NaN (the shift is 0 while the max is -inf)."""
     m, total, acc = state
-    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, h, L, S)
-    scores = scores.masked_fill(~valid, float("-inf"))
-    new_m = torch.maximum(m, scores.amax(-1, keepdim=True)).detach()
+    block_m, block_sum, block_acc = _BlockAttention.apply(q, k, v, valid)
+    new_m = torch.maximum(m, block_m)
     shift = torch.where(torch.isinf(new_m), torch.zeros_like(new_m), new_m)
-    weights = torch.exp(scores - shift)  # masked keys: 0
-    alpha = torch.exp(m - shift)  # rescale of the previous blocks (0 before the first real key)
-    return new_m, total * alpha + weights.sum(-1, keepdim=True), acc * alpha + weights @ v
+    old_scale, block_scale = torch.exp(m - shift), torch.exp(block_m - shift)
+    return new_m, total * old_scale + block_sum * block_scale, acc * old_scale + block_acc * block_scale
 
 
 class RingAttention:
@@ -217,9 +248,12 @@ class RingAttention:
     `ring_block`. Keys at a global index >= the true length (padding) are masked; padded query rows
     are computed and dropped by the gather.
 
-    Under autograd every visiting K/V block and its (L x S) scores are kept for the backward: R
-    blocks per layer. A GPU deployment would run a fused kernel per block that returns the
-    log-sum-exp (FlashAttention's), keeping O(L) per block and re-sending K/V in the backward.
+    Memory: each block's attention is plain torch ops that recompute its scores in the backward,
+    so the backward keeps, per layer, the rank's queries and the R visiting K/V blocks (all the
+    chunk-r-sized K/V of the sequence) plus O(L) statistics, never an L x S score matrix; its
+    (L x S) scores exist one block at a time. A GPU deployment would run a fused kernel per block
+    that returns the log-sum-exp (FlashAttention's), with the same O(L) state, and would send K/V
+    around the ring again in the backward instead of keeping the R blocks.
     """
 
     def __init__(self, comm: Collectives, heads: Collectives, ring: Collectives) -> None:
@@ -229,8 +263,6 @@ class RingAttention:
             raise ValueError("ring attention needs the group's ring_shift")
         self.comm, self.heads, self.ring = comm, heads, ring
         self.length = 0
-        self.block = ring_block
-        """The per-block fold (the planner swaps in a fused-kernel stand-in to count its memory)."""
 
     def padded(self, length: int) -> int:
         return -(-length // self.comm.size) * self.comm.size
@@ -289,7 +321,7 @@ class RingAttention:
         kv = torch.stack([k, v])  # (2, B, h/U, C, d): one message a step
         for step in range(size):
             origin = (r - step) % size  # the chunk whose keys are here now
-            state = self.block(q, kv[0], kv[1], origin * chunk + positions < self.length, state)
+            state = ring_block(q, kv[0], kv[1], origin * chunk + positions < self.length, state)
             if step < size - 1:
                 kv = _RingShift.apply(kv, self.ring)
         _, total, acc = state
