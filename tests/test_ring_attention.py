@@ -4,6 +4,7 @@ real gloo ranks gives the single-device outputs and gradients, clear errors."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -90,8 +91,13 @@ RING_TRAIN_CASES = {
 
 
 @pytest.mark.multirank
-@pytest.mark.slow  # two trainings (1 and 2 ranks): ~60-90 s each case on 2 shared cores
-@pytest.mark.parametrize("case", list(RING_TRAIN_CASES))
+@pytest.mark.parametrize(
+    "case",
+    [  # ~40 s each alone on 2 cores; the dit case (padding) also runs in the 4-rank test: slow lane
+        pytest.param(name, marks=[pytest.mark.slow] if name.startswith("dit") else [])
+        for name in RING_TRAIN_CASES
+    ],
+)
 def test_training_ring2_on_two_ranks_equals_one_rank(case, tmp_path, video_shards) -> None:
     """`lvd train --nproc 2 train.sp_size=2 train.sp_ring=2` (keys and values pass between the
     ranks) gives one rank's losses, gradient norms (each step, 1e-5 relative) and final weights."""
@@ -114,7 +120,6 @@ def test_training_ring2_on_two_ranks_equals_one_rank(case, tmp_path, video_shard
 
 
 @pytest.mark.multirank
-@pytest.mark.slow  # one- and two-rank sampling runs
 def test_sampling_ring2_on_two_ranks_equals_one_rank(tmp_path) -> None:
     """`lvd sample --nproc 2 --sp 2 --sp-ring 2` with a DiT on 45 tokens (padded): the latents
     match one rank's to 1e-5, as the Ulysses sampling test."""
@@ -156,8 +161,9 @@ def _hybrid_rank(rank: int, port: int, results: dict) -> None:
     from trainer.sequence_parallel import SequenceParallelGroups
 
     try:
-        groups = SequenceParallelGroups.build(rank, 4, sp_size=4, sp_ring=2)
-        for name, (family, overrides, shape) in HYBRID_CASES.items():
+        layouts = {ring: SequenceParallelGroups.build(rank, 4, sp_size=4, sp_ring=ring) for ring in (2, 4)}
+        for (name, (family, overrides, shape)), ring in itertools.product(HYBRID_CASES.items(), layouts):
+            groups = layouts[ring]
             torch.manual_seed(0)
             model = build_model(family, "tiny", **overrides)
             with torch.no_grad():  # zero-initialised gates would hide the attention
@@ -179,21 +185,22 @@ def _hybrid_rank(rank: int, port: int, results: dict) -> None:
                 dist.all_reduce(grad)
             out_err = (out - ref_out).abs().max().item() / ref_out.abs().max().item()
             grad_err = max((grads[n] - g).abs().max().item() / (g.abs().max().item() + 1e-12) for n, g in ref_grads.items())
-            results[(name, rank)] = (out_err, grad_err, sorted(set(ref_grads) ^ set(grads)))
+            results[(name, ring, rank)] = (out_err, grad_err, sorted(set(ref_grads) ^ set(grads)))
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.multirank
-@pytest.mark.slow  # four spawned interpreters
-def test_hybrid_2x2_on_four_ranks_equals_single_device() -> None:
-    """SP degree 4 = Ulysses 2 x ring 2 on real gloo ranks (the trainer's groups): forward output,
-    input gradient and parameter gradients (summed over the group) match the unsharded model."""
+@pytest.mark.slow  # four spawned interpreters, ~40 s alone
+def test_hybrid_2x2_and_ring_4_on_four_ranks_equal_single_device() -> None:
+    """SP degree 4 = Ulysses 2 x ring 2, and a ring of 4 (keys pass 3 hops: the gradients must go
+    back the opposite way), on real gloo ranks with the trainer's groups: forward output, input
+    gradient and parameter gradients (summed over the group) match the unsharded model."""
     with mp.Manager() as manager:
         results = manager.dict()
         mp.spawn(_hybrid_rank, args=(_free_port(), results), nprocs=4, join=True)
         results = dict(results)
-    assert set(results) == {(name, rank) for name in HYBRID_CASES for rank in range(4)}
+    assert set(results) == {(name, ring, rank) for name in HYBRID_CASES for ring in (2, 4) for rank in range(4)}
     for key, (out_err, grad_err, missing) in results.items():
         assert not missing, (key, missing)
         assert out_err < 1e-5, (key, out_err)
