@@ -77,7 +77,8 @@ class TrainConfig:
     sp_size: int = 1
     """Sequence-parallel degree (Ulysses, DiT families): each group of `sp_size` consecutive ranks
     trains on the same clips, each rank on 1/sp_size of the token sequence; the world size must be
-    divisible by it and the attention heads too (data-parallel size = world size / sp_size)."""
+    divisible by it and the attention heads by sp_size / sp_ring (data-parallel size = world size /
+    sp_size)."""
     sp_ring: int = 1
     """Ring degree R of sequence parallelism: 1 is Ulysses alone, `sp_size` pure ring attention
     (any head count), between them the hybrid: Ulysses over sp_size / R ranks (the heads must be
