@@ -23,14 +23,19 @@ from tests.test_sequence_parallel import TRAIN_CASES, _forward_backward, _free_p
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_ring_block_fold_is_exact_with_fully_masked_blocks() -> None:
-    """Keys folded block by block (a fully masked block first, one in the middle) give
-    F.scaled_dot_product_attention's output and gradients, with no NaN."""
+@pytest.mark.parametrize("fused", [True, False], ids=["cpu-flash-kernels", "plain-matmuls"])
+def test_ring_block_fold_is_exact_with_fully_masked_blocks(fused, monkeypatch) -> None:
+    """Keys folded block by block (a fully masked block first, one in the middle, one partly
+    masked) give F.scaled_dot_product_attention's output and gradients, with no NaN; through the
+    CPU flash kernels and through the plain path other devices take."""
+    import model_zoo.layers.sequence_parallel as sp
+
+    monkeypatch.setattr(sp, "FUSED_DEVICES", ("cpu",) if fused else ())
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 5, 8, dtype=torch.float64, requires_grad=True),
                *(torch.randn(2, 3, 16, 8, dtype=torch.float64, requires_grad=True) for _ in range(2)))
     valid = torch.ones(16, dtype=torch.bool)
-    valid[4:8] = valid[12:] = False  # block 1 fully masked, block 3 fully masked
+    valid[4:8] = valid[13:] = False  # block 1 fully masked, block 3 partly
     reference = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[None, None, None])
     state = (torch.full((2, 3, 5, 1), float("-inf"), dtype=torch.float64),
              torch.zeros(2, 3, 5, 1, dtype=torch.float64), torch.zeros(2, 3, 5, 8, dtype=torch.float64))
@@ -45,7 +50,7 @@ def test_ring_block_fold_is_exact_with_fully_masked_blocks() -> None:
     for mine, ref in zip(ours, theirs, strict=True):
         assert not mine.isnan().any()
         assert (mine - ref).abs().max().item() < 1e-12
-    assert ours[1][:, :, 4:8].abs().max() == 0  # masked keys get no gradient
+    assert ours[1][:, :, 4:8].abs().max() == 0 and ours[1][:, :, 13:].abs().max() == 0  # masked keys: no gradient
 
 
 def test_usp_layout_makes_ulysses_groups_contiguous() -> None:

@@ -186,37 +186,82 @@ def usp_groups(size: int, ring: int) -> tuple[list[list[int]], list[list[int]]]:
     )
 
 
+FUSED_DEVICES = ("cpu", "meta")
+"""Devices whose ring blocks run PyTorch's fused CPU flash-attention kernels (see `_BlockAttention`)."""
+
+
+def _stat_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of the online-softmax statistics: float32, float64 for float64 inputs."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 class _BlockAttention(torch.autograd.Function):
     """One key/value block's unnormalised attention: with scores s = q kᵀ / √d (keys not `valid`:
-    -inf) and m the row max (-inf for a row with no valid key, whose shift is then 0), returns
-    m, l = Σ_j exp(s_ij - m) and acc = Σ_j exp(s_ij - m) v_j.
+    -inf) and a per-row shift m, returns m (B, h, L, 1) (`_stat_dtype`), l = Σ_j exp(s_ij - m) and
+    acc = Σ_j exp(s_ij - m) v_j; m is -inf for a block with no valid key (l = acc = 0).
 
     m is not differentiable: the fold treats every block's m as a constant, which softmax's shift
-    invariance allows, so the gradients are exactly attention's. The backward recomputes the
-    scores (FlashAttention's recomputation) and keeps only q, k, v and m: O(L + S) saved per
-    block instead of the L x S scores."""
+    invariance allows, so the gradients are exactly attention's. Nothing of size L x S is kept
+    for the backward, only q, k, v and m (the scores are recomputed, FlashAttention's way).
 
-    @staticmethod
-    def _weights(q: Tensor, k: Tensor, valid: Tensor, m: Tensor | None) -> tuple[Tensor, Tensor]:
-        scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, h, L, S)
-        scores = scores.masked_fill(~valid, float("-inf"))
-        if m is None:
-            m = scores.amax(-1, keepdim=True)
-        shift = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-        return torch.exp(scores - shift), m  # masked keys: 0
+    On CPU (and `meta`) both directions are PyTorch's fused CPU flash-attention kernels: forward
+    with m = its log-sum-exp, so l = 1 and acc = its output; its backward computes
+    dS = P ∘ (dO Vᵀ - rowsum(dO ∘ O)) from the `out` it is given, so calling it with V extended by a
+    column of ones, dO by the column dl, and O = 0 yields P ∘ (dacc Vᵀ + dl), the gradient of
+    (acc, l) (q and k get a zero column, which leaves the scores as they are). Elsewhere the same
+    quantities are computed with plain matmuls (shift: the row max)."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
-        weights, m = _BlockAttention._weights(q, k, valid, None)
-        ctx.save_for_backward(q, k, v, valid, m)
+        b, h, length, d = q.shape
+        stats, dtype = (b, h, length, 1), _stat_dtype(q)
+        ctx.fused = q.device.type in FUSED_DEVICES
+        ctx.empty = q.device.type != "meta" and not bool(valid.any())
+        if ctx.empty:  # nothing to attend in this block
+            ctx.mark_non_differentiable(m := q.new_full(stats, float("-inf"), dtype=dtype))
+            return m, q.new_zeros(stats, dtype=dtype), q.new_zeros(q.shape)
+        bias = None
+        if q.device.type == "meta" or not bool(valid.all()):
+            bias = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill(~valid, float("-inf"))
+            bias = bias.expand(1, 1, length, -1)
+        if ctx.fused:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias, scale=d**-0.5)[:2]
+            m, total, acc = lse[..., None].to(dtype), q.new_ones(stats, dtype=dtype), out
+        else:
+            weights, m = _BlockAttention._weights(q, k, bias, None)
+            total, acc = weights.sum(-1, keepdim=True).to(dtype), weights @ v
+        ctx.save_for_backward(q, k, v, bias, m)
         ctx.mark_non_differentiable(m)
-        return m, weights.sum(-1, keepdim=True), weights @ v
+        return m, total, acc
 
     @staticmethod
-    def backward(ctx, _grad_m: Tensor, grad_sum: Tensor, grad_acc: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:  # type: ignore[override]
-        q, k, v, valid, m = ctx.saved_tensors
-        weights, _ = _BlockAttention._weights(q, k, valid, m)  # (B, h, L, S)
-        grad_scores = weights * (grad_acc @ v.transpose(-1, -2) + grad_sum) * q.shape[-1] ** -0.5
+    def _weights(q: Tensor, k: Tensor, bias: Tensor | None, m: Tensor | None) -> tuple[Tensor, Tensor]:
+        scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, h, L, S)
+        if bias is not None:
+            scores = scores + bias
+        if m is None:
+            m = scores.amax(-1, keepdim=True).to(_stat_dtype(q))
+        return torch.exp(scores - m.to(scores.dtype)), m
+
+    @staticmethod
+    def backward(ctx, _grad_m: Tensor, grad_sum: Tensor, grad_acc: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        if ctx.empty:
+            return None, None, None, None
+        q, k, v, bias, m = ctx.saved_tensors
+        scale = q.shape[-1] ** -0.5
+        if ctx.fused:
+
+            def widen(x: Tensor, fill: float) -> Tensor:
+                return torch.cat([x, torch.full_like(x[..., :1], fill)], dim=-1)
+
+            grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                torch.cat([grad_acc, grad_sum.to(grad_acc.dtype)], dim=-1), widen(q, 0.0), widen(k, 0.0), widen(v, 1.0),
+                q.new_zeros((*q.shape[:-1], q.shape[-1] + 1)), m[..., 0],
+                0.0, False, attn_mask=bias, scale=scale,
+            )
+            return *(g[..., :-1] for g in grads), None
+        weights, _ = _BlockAttention._weights(q, k, bias, m)  # (B, h, L, S)
+        grad_scores = weights * (grad_acc @ v.transpose(-1, -2) + grad_sum.to(weights.dtype)) * scale
         return grad_scores @ k, grad_scores.transpose(-1, -2) @ q, weights.transpose(-1, -2) @ grad_acc, None
 
 
@@ -313,10 +358,11 @@ class RingAttention:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         positions = torch.arange(chunk, device=q.device)
         b, h, _, d = q.shape
-        state = (
-            q.new_full((b, h, chunk, 1), float("-inf")),
-            q.new_zeros((b, h, chunk, 1)),
-            q.new_zeros((b, h, chunk, d)),
+        dtype = _stat_dtype(q)
+        state = (  # float32 (float64) statistics and accumulator whatever q's dtype
+            q.new_full((b, h, chunk, 1), float("-inf"), dtype=dtype),
+            q.new_zeros((b, h, chunk, 1), dtype=dtype),
+            q.new_zeros((b, h, chunk, d), dtype=dtype),
         )
         kv = torch.stack([k, v])  # (2, B, h/U, C, d): one message a step
         for step in range(size):
@@ -325,7 +371,7 @@ class RingAttention:
             if step < size - 1:
                 kv = _RingShift.apply(kv, self.ring)
         _, total, acc = state
-        return self._to_sequence(acc / total)
+        return self._to_sequence((acc / total).to(q.dtype))
 
 
 def apply_ring(model: nn.Module, comm: Collectives, heads: Collectives, ring: Collectives) -> RingAttention:
