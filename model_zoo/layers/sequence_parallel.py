@@ -220,8 +220,8 @@ class _BlockAttention(torch.autograd.Function):
         if ctx.empty:  # nothing to attend in this block
             ctx.mark_non_differentiable(m := q.new_full(stats, float("-inf"), dtype=dtype))
             return m, q.new_zeros(stats, dtype=dtype), q.new_zeros(q.shape)
-        bias = None
-        if q.device.type == "meta" or not bool(valid.all()):
+        bias = None  # on `meta` (shapes only) the mask is left out
+        if q.device.type != "meta" and not bool(valid.all()):
             bias = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill(~valid, float("-inf"))
             bias = bias.expand(1, 1, length, -1)
         if ctx.fused:
