@@ -98,7 +98,7 @@ RING_TRAIN_CASES = {
 @pytest.mark.multirank
 @pytest.mark.parametrize(
     "case",
-    [  # ~40 s each alone on 2 cores; the dit case (padding) also runs in the 4-rank test: slow lane
+    [  # ~30 s each alone on 2 cores; the dit case (padding) also runs in the 4-rank test: slow lane
         pytest.param(name, marks=[pytest.mark.slow] if name.startswith("dit") else [])
         for name in RING_TRAIN_CASES
     ],
@@ -195,8 +195,7 @@ def _hybrid_rank(rank: int, port: int, results: dict) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.multirank
-@pytest.mark.slow  # four spawned interpreters, ~40 s alone
+@pytest.mark.multirank  # four spawned interpreters: ~20 s alone on 2 cores
 def test_hybrid_2x2_and_ring_4_on_four_ranks_equal_single_device() -> None:
     """SP degree 4 = Ulysses 2 x ring 2, and a ring of 4 (keys pass 3 hops: the gradients must go
     back the opposite way), on real gloo ranks with the trainer's groups: forward output, input

@@ -293,12 +293,12 @@ class RingAttention:
     `ring_block`. Keys at a global index >= the true length (padding) are masked; padded query rows
     are computed and dropped by the gather.
 
-    Memory: each block's attention is plain torch ops that recompute its scores in the backward,
-    so the backward keeps, per layer, the rank's queries and the R visiting K/V blocks (all the
-    chunk-r-sized K/V of the sequence) plus O(L) statistics, never an L x S score matrix; its
-    (L x S) scores exist one block at a time. A GPU deployment would run a fused kernel per block
-    that returns the log-sum-exp (FlashAttention's), with the same O(L) state, and would send K/V
-    around the ring again in the backward instead of keeping the R blocks.
+    Memory: each block's attention recomputes its scores in the backward (`_BlockAttention`: the
+    fused CPU flash kernels on CPU, plain matmuls elsewhere), so the backward keeps, per layer,
+    the rank's queries and the R visiting K/V blocks (all of the sequence's K/V for its heads) plus
+    O(L) statistics, never an L x S score matrix. A GPU deployment would use a fused GPU kernel
+    that returns the log-sum-exp, and would send K/V around the ring again in the backward
+    instead of keeping the R blocks.
     """
 
     def __init__(self, comm: Collectives, heads: Collectives, ring: Collectives) -> None:
