@@ -20,7 +20,7 @@ from sampler.strategies.common import DIFFUSION_SAMPLERS, FLOW_SAMPLERS
 SAMPLERS = (*DIFFUSION_SAMPLERS, *FLOW_SAMPLERS)
 """Every `--sampler` choice."""
 
-RUNTIME_FIELDS = ("nproc", "progress", "sp")
+RUNTIME_FIELDS = ("nproc", "progress", "sp", "sp_ring")
 """Fields that do not change the result: a resumed run may differ in them."""
 
 
@@ -54,6 +54,10 @@ class SampleConfig:
     """Sequence-parallel degree: each group of `sp` consecutive ranks runs every denoising forward
     of a DiT --model together (Ulysses); the strategy's own rank parallelism runs over the groups
     (ranks / sp of them). The number of ranks must be divisible by it."""
+    sp_ring: int = 1
+    """Ring degree of --sp: 1 is Ulysses alone (the heads must be divisible by --sp), --sp pure ring
+    attention (any head count), between them the hybrid (Ulysses over --sp / --sp-ring ranks, a
+    ring over --sp-ring). Must divide --sp."""
     steps: int = 50
     """Sampling steps (denoising calls; Heun makes two per step but the last)."""
     eta: float = 0.0
@@ -100,6 +104,8 @@ class SampleConfig:
             raise ValueError("frames, steps and nproc must be >= 1")
         if self.sp < 1 or (self.nproc > 1 and self.nproc % self.sp):
             raise ValueError(f"--sp {self.sp} must be >= 1 and divide --nproc {self.nproc}")
+        if self.sp_ring < 1 or self.sp % self.sp_ring:
+            raise ValueError(f"--sp-ring {self.sp_ring} must be >= 1 and divide --sp {self.sp}")
         if spec.needs_model2 and self.model2 is None:
             raise ValueError(f"{self.strategy} needs --model2 ({' or '.join(spec.model2_tasks)} export)")
         if not self.prompts:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from model_zoo.diffusion.guidance import Guide, cfg
 from model_zoo.diffusion.samplers import DenoiseFn
-from model_zoo.layers.sequence_parallel import Collectives, apply_ulysses
+from model_zoo.layers.sequence_parallel import Collectives, apply_ring, apply_ulysses, usp_groups
 
 T = TypeVar("T")
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=12)
@@ -185,7 +185,8 @@ def branch_parallel_guide(world: World) -> Guide:
 
 
 def group_collectives(group: Any, rank: int, size: int) -> Collectives:
-    """The all-to-all and all-gather of `model_zoo`'s Ulysses over a process group."""
+    """The all-to-all, all-gather and ring shift of `model_zoo`'s sequence parallelism over a
+    process group (`rank`: this process' index in it)."""
 
     def all_to_all(x: Tensor) -> Tensor:
         out = torch.empty_like(x)
@@ -197,7 +198,15 @@ def group_collectives(group: Any, rank: int, size: int) -> Collectives:
         dist.all_gather(parts, x, group=group)
         return torch.stack(parts)
 
-    return Collectives(rank=rank, size=size, all_to_all=all_to_all, all_gather=all_gather)
+    def ring_shift(x: Tensor, offset: int) -> Tensor:
+        out = torch.empty_like(x)
+        peers = (dist.get_global_rank(group, (rank + offset) % size), dist.get_global_rank(group, (rank - offset) % size))
+        ops = [dist.P2POp(dist.isend, x, peers[0], group), dist.P2POp(dist.irecv, out, peers[1], group)]
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()
+        return out
+
+    return Collectives(rank=rank, size=size, all_to_all=all_to_all, all_gather=all_gather, ring_shift=ring_shift)
 
 
 @dataclass(frozen=True)
@@ -219,6 +228,12 @@ class SequenceParallel:
     """Process-group rank of this group's leader."""
     group: Any
     """The SP group."""
+    ring: int = 1
+    """Ring degree (1: Ulysses alone)."""
+    heads_group: Any = None
+    """This rank's Ulysses group when `ring` > 1 (`usp_groups`' layout)."""
+    ring_group: Any = None
+    """This rank's ring group when `ring` > 1."""
 
     @property
     def is_leader(self) -> bool:
@@ -227,7 +242,18 @@ class SequenceParallel:
     def attach(self, denoiser: nn.Module) -> None:
         """Make `denoiser` (dit / video_dit) sequence-parallel; on the leader, every forward first
         sends its inputs to the followers."""
-        apply_ulysses(denoiser, group_collectives(self.group, self.rank, self.size))
+        comm = group_collectives(self.group, self.rank, self.size)
+        if self.ring == 1:
+            apply_ulysses(denoiser, comm)
+        else:
+            heads = self.size // self.ring
+            ring_rank, heads_rank = divmod(self.rank, heads)
+            apply_ring(
+                denoiser,
+                comm,
+                group_collectives(self.heads_group, heads_rank, heads),
+                group_collectives(self.ring_group, ring_rank, self.ring),
+            )
         if not self.is_leader:
             return
         forward = denoiser.forward
@@ -255,17 +281,28 @@ class SequenceParallel:
         return box[0]
 
 
-def sequence_parallel(world: World, size: int) -> SequenceParallel:
-    """The SP groups (consecutive ranks) and the leaders' world; every rank must call this."""
+def sequence_parallel(world: World, size: int, ring: int = 1) -> SequenceParallel:
+    """The SP groups (consecutive ranks; with `ring` > 1 also their Ulysses and ring groups) and
+    the leaders' world; every rank must call this."""
     if world.size % size:
         raise ValueError(f"--sp {size} does not divide the number of ranks {world.size}")
+    if ring < 1 or size % ring:
+        raise ValueError(f"--sp-ring {ring} does not divide --sp {size}")
     leaders = tuple(range(0, world.size, size))
-    sp_group = None
-    for first in leaders:
-        group = dist.new_group(list(range(first, first + size)))
-        if first <= world.rank < first + size:
-            sp_group = group
+    found: dict[str, Any] = {}
+    for first in leaders:  # every rank must take part in every new_group
+        layouts = {"sp": [list(range(size))]}
+        if ring > 1:
+            layouts["heads"], layouts["ring"] = usp_groups(size, ring)
+        for kind, groups in layouts.items():
+            for members in groups:
+                group = dist.new_group([first + m for m in members])
+                if world.rank - first in members:
+                    found[kind] = group
     leader_group = dist.new_group(list(leaders)) if len(leaders) > 1 else None
     first = world.rank - world.rank % size
     outer = World(rank=first // size, size=len(leaders), members=leaders, group=leader_group)
-    return SequenceParallel(outer=outer, rank=world.rank % size, size=size, leader=first, group=sp_group)
+    return SequenceParallel(
+        outer=outer, rank=world.rank % size, size=size, leader=first, group=found["sp"], ring=ring,
+        heads_group=found.get("heads"), ring_group=found.get("ring"),
+    )

@@ -138,7 +138,7 @@ def generate(config: SampleConfig) -> list[Path]:
         pipeline = load_pipeline(config.model, device=device, lora=config.lora, lora_scale=config.lora_scale)
         world = ranks
         if config.sp > 1:
-            sp = sequence_parallel(ranks, config.sp)
+            sp = sequence_parallel(ranks, config.sp, config.sp_ring)
             sp.attach(pipeline.denoiser)
             if not sp.is_leader:
                 sp.serve(pipeline.denoiser)

@@ -230,7 +230,7 @@ def test_the_flags_are_generated_and_repeat_no_default():
         "--uncond-weight", "--w", "--keyframe-stride", "--stride", "--overlap", "--M", "--alpha",
         "--beta", "--lam", "--lambda", "--blend-frames", "--F", "--blend-overlap", "--O", "--refine-t",
         "--refine-size", "--no-refine", "--no-progress", "--quiet", "--content-strength", "--lora", "--lora-scale",
-        "--no-blend", "--no-apm", "--no-noise-reversion", "--image", "--sp",
+        "--no-blend", "--no-apm", "--no-noise-reversion", "--image", "--sp", "--sp-ring",
     }
     assert all(action.default is None for action in actions)
 

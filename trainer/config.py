@@ -77,7 +77,12 @@ class TrainConfig:
     sp_size: int = 1
     """Sequence-parallel degree (Ulysses, DiT families): each group of `sp_size` consecutive ranks
     trains on the same clips, each rank on 1/sp_size of the token sequence; the world size must be
-    divisible by it and the attention heads too (data-parallel size = world size / sp_size)."""
+    divisible by it and the attention heads by sp_size / sp_ring (data-parallel size = world size /
+    sp_size)."""
+    sp_ring: int = 1
+    """Ring degree R of sequence parallelism: 1 is Ulysses alone, `sp_size` pure ring attention
+    (any head count), between them the hybrid: Ulysses over sp_size / R ranks (the heads must be
+    divisible by it), a ring over R. Must divide `sp_size`."""
     compile: bool = False
     """torch.compile each of the model's blocks (regional: one compile serves every block of a
     kind; parameter names and checkpoints do not change). ZeRO stage 0-2 only. Where the backend
@@ -118,6 +123,8 @@ class TrainConfig:
             raise ValueError(f"max_bad_steps: must be >= 1, got {self.max_bad_steps}")
         if self.sp_size < 1:
             raise ValueError(f"sp_size: must be >= 1, got {self.sp_size}")
+        if self.sp_ring < 1 or self.sp_size % self.sp_ring:
+            raise ValueError(f"sp_ring: must be >= 1 and divide sp_size {self.sp_size}, got {self.sp_ring}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -26,7 +26,7 @@ from torch.overrides import TorchFunctionMode
 
 import model_zoo
 from data_pipeline.buckets import build_buckets
-from model_zoo.layers.sequence_parallel import Collectives, apply_ulysses, self_attentions
+from model_zoo.layers.sequence_parallel import Collectives, apply_ring, apply_ulysses, self_attentions
 from trainer.config import TrainJobConfig
 from trainer.gpus import GPUS
 
@@ -46,7 +46,11 @@ class ModelCounts:
     frozen_flops_per_sample: float
     tokens_per_sample: int
     all_to_all_elements_per_sample: float = 0.0
-    """Ulysses (train.sp_size > 1): elements one rank sends per sample in one forward's all-to-alls."""
+    """Sequence parallelism (train.sp_size > 1): elements one rank sends per sample in one forward's
+    exchanges: the Ulysses all-to-alls plus, with train.sp_ring > 1, the ring's K/V shifts
+    (`ring_elements_per_sample`; the backward sends the same volume back)."""
+    ring_elements_per_sample: float = 0.0
+    """The ring's part of `all_to_all_elements_per_sample` (K/V blocks sent around the ring)."""
 
 
 def _input_shape(cfg: TrainJobConfig, vae: nn.Module | None) -> tuple[int, ...]:
@@ -139,11 +143,44 @@ def activation_bytes(model: nn.Module, shape: tuple[int, ...], *, checkpointed: 
     return counter.total + (counter.block_inputs + counter.block_peak if checkpointed else 0)
 
 
-def _shape_only_ulysses(model: nn.Module, size: int) -> None:
-    """Sequence parallelism of degree `size` as rank 0 of its group sees it, without communication:
-    the all-to-alls keep shapes and the gather repeats the rank's part, so a meta forward saves
-    exactly the tensors of one rank (docs/methods.md, 'Sequence parallelism (Ulysses)')."""
-    apply_ulysses(model, Collectives(rank=0, size=size, all_to_all=lambda x: x, all_gather=lambda x: x[None].expand(size, *x.shape)))
+def _shape_only_ulysses(model: nn.Module, size: int, ring: int = 1) -> None:
+    """Sequence parallelism of degree `size` (ring degree `ring`) as rank 0 of its group sees it,
+    without communication: the all-to-alls keep shapes, the gather repeats the rank's part and the
+    ring shift returns a copy (a new storage, as a received block is), so a meta forward saves
+    exactly the tensors of one rank (docs/methods.md, 'Sequence parallelism (Ulysses)'). The ring
+    keeps every visiting K/V block for the backward (its scores are recomputed there)."""
+
+    def fake(n: int) -> Collectives:
+        return Collectives(rank=0, size=n, all_to_all=lambda x: x, all_gather=lambda x: x[None].expand(n, *x.shape),
+                           ring_shift=lambda x, _: x.clone())
+
+    if ring == 1:
+        apply_ulysses(model, fake(size))
+    else:
+        apply_ring(model, fake(size), fake(size // ring), fake(ring))
+
+
+def _activations(model: nn.Module, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[int, int]:
+    """Bytes saved for backward per sample without and with checkpointing, measured in fp32 and
+    scaled by the element size (bf16 training saves bf16 activations)."""
+    scale = torch.finfo(dtype).bits / 32
+    acts = int(activation_bytes(model, shape, checkpointed=False, dtype=torch.float32) * scale)
+    acts_ckpt = int(activation_bytes(model, shape, checkpointed=True, dtype=torch.float32) * scale)
+    return acts, acts_ckpt
+
+
+def _exchanged(model: nn.Module, tokens: int, sp: int, ring: int) -> tuple[float, float]:
+    """Elements one rank sends per sample in one forward (all of it, and the ring's part).
+
+    Each self-attention's 4 all-to-alls (q, k, v out; output back) send (U-1)/U of B·N/sp·D values
+    (U = sp / ring ranks exchange heads); the ring sends its K and V, 2·B·N/sp·D, R-1 times."""
+    if sp == 1:
+        return 0.0, 0.0
+    layers = len(self_attentions(model))
+    local = -(-tokens // sp) * model.config.hidden_size
+    heads = sp // ring
+    ring_sent = float(layers * 2 * local * (ring - 1))
+    return layers * 4 * local * (heads - 1) / heads + ring_sent, ring_sent
 
 
 def measure(cfg: TrainJobConfig, *, dtype: torch.dtype) -> ModelCounts:
@@ -157,20 +194,15 @@ def measure(cfg: TrainJobConfig, *, dtype: torch.dtype) -> ModelCounts:
     model = task.trained["model"]
     sp = cfg.train.sp_size
     if sp > 1:
-        _shape_only_ulysses(model, sp)
+        _shape_only_ulysses(model, sp, cfg.train.sp_ring)
     vae, content_vae = task.frozen.get("vae"), task.frozen.get("content_vae")
     shape = _input_shape(cfg, vae) if content_vae is None else content_latent_shape(content_vae, cfg.data.height, cfg.data.width)
     trainable = sum(model_zoo.count_parameters(m, trainable_only=True) for m in task.trained.values())
     frozen_in_trained = sum(model_zoo.count_parameters(m) for m in task.trained.values()) - trainable
     frozen = frozen_in_trained + sum(model_zoo.count_parameters(m) for m in task.frozen.values())
-    # Measured in fp32 and scaled by the element size: bf16 training saves bf16 activations.
-    scale = torch.finfo(dtype).bits / 32
-    acts = int(activation_bytes(model, shape, checkpointed=False, dtype=torch.float32) * scale)
-    acts_ckpt = int(activation_bytes(model, shape, checkpointed=True, dtype=torch.float32) * scale)
+    acts, acts_ckpt = _activations(model, shape, dtype)
     if sp > 1:
-        model.sequence_shard = None  # FLOPs of the whole sample (the ranks share them)
-        for attention in self_attentions(model):
-            attention.core = None
+        _without_sp(model)  # FLOPs of the whole sample (the ranks share them)
     forward = model_zoo.estimate_flops(model, shape)
     frozen_flops = 0.0
     if vae is not None:
@@ -179,12 +211,8 @@ def measure(cfg: TrainJobConfig, *, dtype: torch.dtype) -> ModelCounts:
         frozen_flops = float(model_zoo.estimate_flops(encoder, pixels, make_inputs=lambda x: {}))
     patch = getattr(model.config, "patch_size", (1, 1, 1))
     tokens = int(shape[2] // patch[0] * (shape[3] // patch[1]) * (shape[4] // patch[2])) if isinstance(patch, tuple) else 0
-    # Each self-attention's 4 all-to-alls (q, k, v out; output back) send (sp-1)/sp of B·N/sp·D values.
-    exchanged = 0.0
-    if sp > 1:
-        layers = len(self_attentions(model))
-        exchanged = layers * 4 * -(-tokens // sp) * model.config.hidden_size * (sp - 1) / sp
-    return ModelCounts(trainable, frozen, acts, acts_ckpt, 3.0 * forward, frozen_flops, tokens, exchanged)
+    exchanged, ring_sent = _exchanged(model, tokens, sp, cfg.train.sp_ring)
+    return ModelCounts(trainable, frozen, acts, acts_ckpt, 3.0 * forward, frozen_flops, tokens, exchanged, ring_sent)
 
 
 @dataclass(frozen=True)
@@ -368,21 +396,22 @@ def sp_problem(model: nn.Module, sp: int, *, gpus_per_node: int, world: int) -> 
     return None
 
 
-def _per_rank_counts(model: nn.Module, shape: tuple[int, ...], sp: int, whole: ModelCounts, dtype: torch.dtype) -> ModelCounts:
-    """`whole` (the counts at SP 1) with the activations and all-to-all volume of one rank at
-    Ulysses degree `sp`: what `measure` gives for `train.sp_size=sp`, without re-counting the
-    parameters and FLOPs, which do not depend on the degree."""
-    _shape_only_ulysses(model, sp)
+def _per_rank_counts(
+    model: nn.Module, shape: tuple[int, ...], sp: int, ring: int, whole: ModelCounts, dtype: torch.dtype
+) -> ModelCounts:
+    """`whole` (the counts at SP 1) with the activations and exchanged volume of one rank at
+    degree `sp` (ring degree `ring`): what `measure` gives for `train.sp_size=sp`, without
+    re-counting the parameters and FLOPs, which do not depend on the degree."""
+    _shape_only_ulysses(model, sp, ring)
     try:
-        scale = torch.finfo(dtype).bits / 32  # measured in fp32, scaled to the training precision
-        acts = int(activation_bytes(model, shape, checkpointed=False, dtype=torch.float32) * scale)
-        acts_ckpt = int(activation_bytes(model, shape, checkpointed=True, dtype=torch.float32) * scale)
+        acts, acts_ckpt = _activations(model, shape, dtype)
     finally:
         _without_sp(model)
-    # Each self-attention's 4 all-to-alls (q, k, v out; output back) send (sp-1)/sp of B·N/sp·D values.
-    layers = len(self_attentions(model))
-    exchanged = layers * 4 * -(-whole.tokens_per_sample // sp) * model.config.hidden_size * (sp - 1) / sp
-    return replace(whole, activation_bytes_per_sample=acts, activation_bytes_per_sample_ckpt=acts_ckpt, all_to_all_elements_per_sample=exchanged)
+    exchanged, ring_sent = _exchanged(model, whole.tokens_per_sample, sp, ring)
+    return replace(
+        whole, activation_bytes_per_sample=acts, activation_bytes_per_sample_ckpt=acts_ckpt,
+        all_to_all_elements_per_sample=exchanged, ring_elements_per_sample=ring_sent,
+    )
 
 
 def measure_degrees(cfg: TrainJobConfig, degrees: list[int], *, dtype: torch.dtype, task: Any = None) -> dict[int, ModelCounts]:
@@ -400,7 +429,7 @@ def measure_degrees(cfg: TrainJobConfig, degrees: list[int], *, dtype: torch.dty
         vae, content_vae = task.frozen.get("vae"), task.frozen.get("content_vae")
         shape = _input_shape(cfg, vae) if content_vae is None else content_latent_shape(content_vae, cfg.data.height, cfg.data.width)
         for sp in sharded:
-            counts[sp] = _per_rank_counts(task.trained["model"], shape, sp, whole, dtype)
+            counts[sp] = _per_rank_counts(task.trained["model"], shape, sp, 1, whole, dtype)
     return counts
 
 

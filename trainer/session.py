@@ -195,7 +195,7 @@ def _sequence_parallel(task: Task, cfg: TrainJobConfig, info: DistInfo) -> Seque
     if cfg.train.sp_size == 1:
         return None
     try:
-        sp = SequenceParallelGroups.build(info.rank, info.world_size, cfg.train.sp_size)
+        sp = SequenceParallelGroups.build(info.rank, info.world_size, cfg.train.sp_size, cfg.train.sp_ring)
         sp.apply(task.trained["model"])
     except ValueError as err:
         raise TrainingError(str(err)) from None
