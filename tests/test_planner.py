@@ -159,3 +159,30 @@ def test_per_rank_counts_of_each_degree_equal_measure_at_that_degree():
         alone = measure(load_config(TrainJobConfig, REPO / "configs/tiny/video_dit.yaml", [*overrides, f"train.sp_size={sp}"]), dtype=torch.bfloat16)
         assert counts[sp] == alone, sp
     assert counts[2].activation_bytes_per_sample < counts[1].activation_bytes_per_sample
+
+
+def test_plan_takes_a_ring_where_the_heads_stop_ulysses(capsys, monkeypatch):
+    """A degree whose Ulysses part cannot split the heads is planned with the least ring degree
+    that makes it valid (the hybrid with the largest Ulysses part), and the per-degree counts with
+    a ring equal `measure` with train.sp_size and train.sp_ring set; a forced degree takes the
+    config's train.sp_ring."""
+    import torch
+
+    from trainer.plan import measure_degrees
+
+    tiny = ["--config", "configs/tiny/video_dit.yaml", "--gpus-per-node", "8", "data.shards=unused"]  # 2 heads
+    code, out, err = _plan(capsys, monkeypatch, *tiny, "--sp", "auto", "--json")
+    assert code == 0, err[-2000:]
+    candidates = json.loads(out)["sp_choice"]["candidates"]
+    assert [(c["sp_size"], c["valid"], c.get("sp_ring")) for c in candidates] == [(1, True, 1), (2, True, 1), (4, True, 2), (8, True, 4)]
+    code, out, err = _plan(capsys, monkeypatch, *tiny, "train.sp_size=4", "train.sp_ring=2", "--json")
+    assert code == 0, err[-2000:]
+    plan = json.loads(out)
+    assert (plan["sp_size"], plan["sp_ring"], plan["sp_choice"]["rule"]) == (4, 2, "forced")
+    code, out, err = _plan(capsys, monkeypatch, *tiny, "train.sp_size=4", "train.sp_ring=2")
+    assert code == 0 and "SP degree: 4 with train.sp_ring=2" in out, err[-2000:]
+    overrides = ["data.shards=unused", "data.height=64", "data.width=64"]
+    cfg = load_config(TrainJobConfig, REPO / "configs/tiny/video_dit.yaml", overrides)
+    counts = measure_degrees(cfg, [4], dtype=torch.float32, rings={4: 2})
+    alone = measure(load_config(TrainJobConfig, REPO / "configs/tiny/video_dit.yaml", [*overrides, "train.sp_size=4", "train.sp_ring=2"]), dtype=torch.float32)
+    assert counts[4] == alone and alone.ring_elements_per_sample > 0

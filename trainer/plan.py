@@ -242,6 +242,8 @@ class Plan:
     assumptions: list[str]
     sp_size: int = 1
     """Sequence-parallel degree (train.sp_size); memory figures are per rank of an SP group."""
+    sp_ring: int = 1
+    """Ring degree inside it (train.sp_ring; 1: Ulysses alone)."""
     all_to_all_gb_per_step: float = 0.0
     """Bytes one rank sends in Ulysses all-to-alls per optimizer step (forward, backward, recompute)."""
 
@@ -295,7 +297,7 @@ def make_plan(
         gpu_memory_gb=spec["memory_gb"], fits=total <= budget, max_micro_batch=max_micro, step_flops=step_flops,
         assumed_mfu=mfu, step_time_s=step_time, clips_per_s=clips_per_s, tokens_per_s=clips_per_s * counts.tokens_per_sample,
         days_for_samples=samples / clips_per_s / 86400, samples=samples,
-        sp_size=sp, all_to_all_gb_per_step=all_to_all / 2**30,
+        sp_size=sp, sp_ring=cfg.train.sp_ring, all_to_all_gb_per_step=all_to_all / 2**30,
         assumptions=[
             "AdamW: 2 fp32 moments; an fp32 master copy in bf16 and under ZeRO >= 1",
             "frozen helpers (VAE, text encoder, frozen base) whole on every rank, not partitioned",
@@ -347,8 +349,8 @@ def combine_plans(plans: list[Plan]) -> Plan:
     )
 
 
-def _with_sp(cfg: TrainJobConfig, sp: int) -> TrainJobConfig:
-    return replace(cfg, train=replace(cfg.train, sp_size=sp))
+def _with_sp(cfg: TrainJobConfig, sp: int, ring: int = 1) -> TrainJobConfig:
+    return replace(cfg, train=replace(cfg.train, sp_size=sp, sp_ring=ring))
 
 
 def _meta_task(cfg: TrainJobConfig) -> Any:
@@ -376,24 +378,40 @@ def sp_unsupported(model: nn.Module) -> str | None:
     return None
 
 
-def sp_problem(model: nn.Module, sp: int, *, gpus_per_node: int, world: int) -> str | None:
-    """Why `sp` cannot be the run's Ulysses degree (None: it can). An SP group is `sp` consecutive
-    ranks kept inside a node, so `sp` divides the GPUs of a node (and so the world size); Ulysses
-    shards the attention heads, so it divides them too (the model zoo's own check)."""
+def sp_problem(model: nn.Module, sp: int, *, gpus_per_node: int, world: int, ring: int = 1) -> str | None:
+    """Why `sp` (with ring degree `ring`) cannot be the run's sequence-parallel degree (None: it
+    can). An SP group is `sp` consecutive ranks kept inside a node, so `sp` divides the GPUs of a
+    node (and so the world size); Ulysses shards the attention heads over sp / ring ranks, so that
+    divides them too (the model zoo's own check)."""
     if sp < 1:
         return "the degree must be >= 1"
     if gpus_per_node % sp:
         return f"the degree must divide the {gpus_per_node} GPUs of a node (an SP group stays inside a node)"
     if world % sp:
         return f"the degree must divide the world size {world}"
+    if ring < 1 or sp % ring:
+        return f"train.sp_ring {ring} must divide the degree {sp}"
     if sp == 1:
         return None
     try:
-        _shape_only_ulysses(model, sp)
+        _shape_only_ulysses(model, sp, ring)
     except ValueError as err:
         return str(err)
     _without_sp(model)
     return None
+
+
+def smallest_ring(model: nn.Module, sp: int, *, gpus_per_node: int, world: int) -> tuple[int | None, str | None]:
+    """The least ring degree R (a divisor of `sp`) with which `sp` is valid: 1 (Ulysses alone)
+    when the heads allow it, else the hybrid with the largest Ulysses part. Returns (R, None), or
+    (None, the Ulysses problem) when no R helps (the degree itself cannot be used)."""
+    first = sp_problem(model, sp, gpus_per_node=gpus_per_node, world=world)
+    if first is None:
+        return 1, None
+    for ring in range(2, sp + 1):
+        if sp % ring == 0 and sp_problem(model, sp, gpus_per_node=gpus_per_node, world=world, ring=ring) is None:
+            return ring, None
+    return None, first
 
 
 def _per_rank_counts(
@@ -414,8 +432,11 @@ def _per_rank_counts(
     )
 
 
-def measure_degrees(cfg: TrainJobConfig, degrees: list[int], *, dtype: torch.dtype, task: Any = None) -> dict[int, ModelCounts]:
-    """`measure` at each Ulysses degree of `degrees` (valid ones, see `sp_problem`), with what does
+def measure_degrees(
+    cfg: TrainJobConfig, degrees: list[int], *, dtype: torch.dtype, task: Any = None, rings: dict[int, int] | None = None
+) -> dict[int, ModelCounts]:
+    """`measure` at each degree of `degrees` (valid ones, see `sp_problem`; ring degree
+    `rings[sp]`, default 1: Ulysses alone), with what does
     not depend on the degree measured once: one `measure` at SP 1 gives the parameters, FLOPs and
     tokens (and SP 1's activations); each degree > 1 only re-runs the two meta forwards of the
     activations, on one meta build of the task (`task`, to share one between buckets)."""
@@ -429,7 +450,7 @@ def measure_degrees(cfg: TrainJobConfig, degrees: list[int], *, dtype: torch.dty
         vae, content_vae = task.frozen.get("vae"), task.frozen.get("content_vae")
         shape = _input_shape(cfg, vae) if content_vae is None else content_latent_shape(content_vae, cfg.data.height, cfg.data.width)
         for sp in sharded:
-            counts[sp] = _per_rank_counts(task.trained["model"], shape, sp, 1, whole, dtype)
+            counts[sp] = _per_rank_counts(task.trained["model"], shape, sp, (rings or {}).get(sp, 1), whole, dtype)
     return counts
 
 
@@ -495,8 +516,10 @@ def plan_sp(cfg: TrainJobConfig, *, dtype: torch.dtype, forced: int | None = Non
     model = task.trained["model"]
     invalid: dict[int, str] = {}
     unsupported = None
+    rings: dict[int, int] = {}
     if forced is not None:
-        problem = sp_problem(model, forced, gpus_per_node=gpus_per_node, world=world)
+        rings[forced] = cfg.train.sp_ring if forced > 1 else 1
+        problem = sp_problem(model, forced, gpus_per_node=gpus_per_node, world=world, ring=rings[forced])
         if problem:
             raise SPError(problem)
         degrees = [forced]
@@ -505,15 +528,16 @@ def plan_sp(cfg: TrainJobConfig, *, dtype: torch.dtype, forced: int | None = Non
     else:
         degrees = []
         for sp in ulysses_degrees(gpus_per_node):
-            problem = sp_problem(model, sp, gpus_per_node=gpus_per_node, world=world)
-            if problem:
-                invalid[sp] = problem
+            ring, problem = smallest_ring(model, sp, gpus_per_node=gpus_per_node, world=world)
+            if ring is None:
+                invalid[sp] = problem or ""
             else:
                 degrees.append(sp)
+                rings[sp] = ring
     buckets = bucket_configs(cfg)
-    counts = [measure_degrees(bucket, degrees, dtype=dtype, task=task) for bucket in buckets]
+    counts = [measure_degrees(bucket, degrees, dtype=dtype, task=task, rings=rings) for bucket in buckets]
     plans = {
-        sp: combine_plans([make_plan(_with_sp(bucket, sp), bucket_counts[sp], **plan_args) for bucket, bucket_counts in zip(buckets, counts)])
+        sp: combine_plans([make_plan(_with_sp(bucket, sp, rings.get(sp, 1)), bucket_counts[sp], **plan_args) for bucket, bucket_counts in zip(buckets, counts)])
         for sp in degrees
     }
     if forced is not None:
@@ -534,7 +558,7 @@ def sp_choice_json(choice: SPChoice) -> dict[str, Any]:
             continue
         plan = choice.plans[sp]
         candidates.append({
-            "sp_size": sp, "valid": True, "memory_gb": plan.memory_gb["total"], "fits": plan.fits,
+            "sp_size": sp, "sp_ring": plan.sp_ring, "valid": True, "memory_gb": plan.memory_gb["total"], "fits": plan.fits,
             "max_micro_batch": plan.max_micro_batch, "all_to_all_gb_per_step": plan.all_to_all_gb_per_step,
             "step_time_s": plan.step_time_s, "clips_per_s": plan.clips_per_s,
         })
@@ -544,7 +568,8 @@ def sp_choice_json(choice: SPChoice) -> dict[str, Any]:
 
 def format_sp_choice(choice: SPChoice) -> str:
     """The line saying why this degree, and a compact table of the degrees considered."""
-    lines = [f"SP degree: {choice.sp_size} -- {choice.reason}"]
+    ring = choice.plan.sp_ring
+    lines = [f"SP degree: {choice.sp_size}" + (f" with train.sp_ring={ring}" if ring > 1 else "") + f" -- {choice.reason}"]
     if len(choice.plans) + len(choice.invalid) <= 1:
         return lines[0]
     lines.append(f"{'SP':>4}  {'memory/GPU':>10}  {'fits':>4}  {'max mb':>6}  {'all-to-all/rank/step':>20}  {'step time':>9}  {'clips/s':>8}")
@@ -557,6 +582,7 @@ def format_sp_choice(choice: SPChoice) -> str:
         lines.append(
             f"{sp:>3}{mark}  {p.memory_gb['total']:>7.1f} GB  {'yes' if p.fits else 'no':>4}  {p.max_micro_batch:>6}  "
             f"{p.all_to_all_gb_per_step:>17.2f} GB  {p.step_time_s:>7.2f} s  {p.clips_per_s:>8.1f}"
+            + (f"  (ring {p.sp_ring})" if p.sp_ring > 1 else "")
         )
     return "\n".join(lines)
 
@@ -567,7 +593,8 @@ def format_table(plan: Plan) -> str:
         ("config", plan.config),
         ("cluster", f"{plan.nodes} x {plan.gpus_per_node} {plan.gpu.upper()} ({plan.gpu_memory_gb:.0f} GB)"),
         ("ZeRO / act. ckpt / precision", f"{plan.zero_stage} / {'on' if plan.act_ckpt else 'off'} / {plan.precision}"),
-        ("sequence parallel", f"{plan.sp_size}" + (f" (all-to-all {plan.all_to_all_gb_per_step:.2f} GB sent per rank per step)" if plan.sp_size > 1 else "")),
+        ("sequence parallel", f"{plan.sp_size}" + (f", ring {plan.sp_ring} (train.sp_ring)" if plan.sp_ring > 1 else "")
+         + (f" (all-to-all {plan.all_to_all_gb_per_step:.2f} GB sent per rank per step)" if plan.sp_size > 1 else "")),
         ("parameters trainable / frozen", f"{plan.trainable_params / 1e9:.3f} B / {plan.frozen_params / 1e9:.3f} B"),
         ("memory per GPU: params", f"{m['params']:.2f} GB"),
         ("  gradients", f"{m['grads']:.2f} GB"),
