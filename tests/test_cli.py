@@ -132,3 +132,17 @@ def test_print_config_shows_resolved_values():
     assert "steps: 7" in result.stdout
     assert "family: dit" in result.stdout
     assert "zero_stage: 0" in result.stdout
+
+
+def test_launcher_stops_the_other_ranks_and_names_the_dead_one(capfd):
+    """`--nproc` ranks: one killed (SIGKILL) while the other would wait a minute; the launcher stops
+    the survivor at once, exits 128 + 9 and says which rank died."""
+    import time
+
+    from common.launch import launch_local
+
+    rank = "import os, signal, time\nif os.environ['RANK'] == '1':\n    time.sleep(0.5)\n    os.kill(os.getpid(), signal.SIGKILL)\ntime.sleep(60)"
+    started = time.monotonic()
+    assert launch_local(["-c", rank], nproc=2) == 128 + 9
+    assert time.monotonic() - started < 30
+    assert "lvd: rank 1 of 2 was killed by SIGKILL; stopping the other 1 rank(s)" in capfd.readouterr().err
