@@ -220,3 +220,28 @@ def test_plan_measures_per_rank_activations_and_the_all_to_all() -> None:
     assert 0.45 < ratio < 0.6, ratio
     assert counts[1].all_to_all_elements_per_sample == 0 and counts[2].all_to_all_elements_per_sample > 0
     assert counts[2].train_flops_per_sample == counts[1].train_flops_per_sample
+
+
+@pytest.mark.multirank
+def test_a_killed_sp_rank_stops_its_group_naming_it(tmp_path, video_shards) -> None:
+    """Rank 1 of an SP group dies (SIGKILL) as step 2 begins, while rank 0 waits for it in the first
+    all-to-all of that step: `lvd train --nproc` stops rank 0 too and exits non-zero within seconds
+    (not the process group's 30-minute collective timeout), naming the dead rank."""
+    import time
+
+    from tests.conftest import run_lvd
+    from trainer.monitor import read_metrics
+
+    config, extra = TRAIN_CASES["dit-odd-tokens-zero2-ckpt"]
+    started = time.monotonic()
+    result = run_lvd(
+        "train", "--nproc", "2", "--config", config, f"data.shards={video_shards}", f"run.dir={tmp_path / 'run'}",
+        "train.micro_batch_size=1", "train.steps=4", "train.warmup_steps=0", "train.checkpoint_every=0",
+        "run.log_every=1", "run.progress=quiet", "train.sp_size=2", *extra,
+        env={"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "LVD_FAULT": "kill_rank:1:2"}, timeout=300,
+    )  # fmt: skip
+    elapsed = time.monotonic() - started
+    assert result.returncode != 0, result.stderr[-3000:]
+    assert "lvd: rank 1 of 2 was killed by SIGKILL" in result.stderr, result.stderr[-3000:]
+    assert sorted(read_metrics(tmp_path / "run")) == [1]  # step 1 done, step 2 never finished
+    assert elapsed < 240, elapsed

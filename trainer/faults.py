@@ -3,6 +3,7 @@
     LVD_FAULT=kill_in_save:<step>            SIGKILL the process half-way through that step's save
     LVD_FAULT=nan_loss:<step>[:<step>...]    rank 0's loss is NaN at these steps
     LVD_FAULT=nan_loss_from:<step>           rank 0's loss is NaN from this step on
+    LVD_FAULT=kill_rank:<rank>:<step>        SIGKILL that rank as that step begins (its peers are left in a collective)
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ def _fault() -> tuple[str, str]:
 def kill_in_save(step: int) -> None:
     """Die like `kill -9` in the middle of writing the checkpoint of `step`, when asked to."""
     if _fault() == ("kill_in_save", str(step)):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_rank(rank: int, step: int) -> None:
+    """Die like `kill -9` as (1-based) optimizer step `step` begins, when this rank is the one asked for."""
+    if _fault() == ("kill_rank", f"{rank}:{step}"):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
