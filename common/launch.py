@@ -8,6 +8,7 @@ SIGTERM/SIGUSR1 sent to the launcher are forwarded to every rank.
 
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 import socket
@@ -18,6 +19,25 @@ import time
 PREEMPTED_EXIT_CODE = 75
 """Exit code of a run that stopped on a signal after a complete checkpoint (EX_TEMPFAIL): the
 job that ran it requeues it (slurm/launch.sh spells the same number for the sbatch scripts)."""
+
+
+COLLECTIVE_TIMEOUT_ENV = "LVD_COLLECTIVE_TIMEOUT"
+
+
+def collective_timeout(default: datetime.timedelta) -> datetime.timedelta:
+    """How long a rank waits in a collective for a peer that neither answers nor exits (a hung
+    rank, a lost node) before it fails: `LVD_COLLECTIVE_TIMEOUT` seconds when set, else `default`.
+    A peer that exits is noticed by the launcher (and by gloo's closed connection) at once."""
+    value = os.environ.get(COLLECTIVE_TIMEOUT_ENV, "")
+    if not value:
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise ValueError(f"{COLLECTIVE_TIMEOUT_ENV}: must be a positive number of seconds, got {value!r}")
+    return datetime.timedelta(seconds=seconds)
 
 
 def free_port() -> int:
@@ -76,9 +96,9 @@ def _report_failures(procs: list[subprocess.Popen[bytes]]) -> int:
     failed = [(rank, proc.returncode) for rank, proc in enumerate(procs) if proc.returncode not in (None, 0)]
     if not failed:
         return 0
-    running = sum(proc.returncode is None for proc in procs)
+    running = [str(rank) for rank, proc in enumerate(procs) if proc.returncode is None]
     ranks = ", ".join(f"rank {rank} of {len(procs)} {_describe(code)}" for rank, code in failed)
-    stopping = f"; stopping the other {running} rank(s)" if running else ""
+    stopping = f"; stopping rank(s) {', '.join(running)}" if running else ""
     print(f"lvd: {ranks}{stopping}", file=sys.stderr, flush=True)
     return failed[0][1]
 

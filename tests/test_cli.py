@@ -145,4 +145,4 @@ def test_launcher_stops_the_other_ranks_and_names_the_dead_one(capfd):
     started = time.monotonic()
     assert launch_local(["-c", rank], nproc=2) == 128 + 9
     assert time.monotonic() - started < 30
-    assert "lvd: rank 1 of 2 was killed by SIGKILL; stopping the other 1 rank(s)" in capfd.readouterr().err
+    assert "lvd: rank 1 of 2 was killed by SIGKILL; stopping rank(s) 0" in capfd.readouterr().err

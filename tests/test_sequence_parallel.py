@@ -222,26 +222,49 @@ def test_plan_measures_per_rank_activations_and_the_all_to_all() -> None:
     assert counts[2].train_flops_per_sample == counts[1].train_flops_per_sample
 
 
-@pytest.mark.multirank
-def test_a_killed_sp_rank_stops_its_group_naming_it(tmp_path, video_shards) -> None:
-    """Rank 1 of an SP group dies (SIGKILL) as step 2 begins, while rank 0 waits for it in the first
-    all-to-all of that step: `lvd train --nproc` stops rank 0 too and exits non-zero within seconds
-    (not the process group's 30-minute collective timeout), naming the dead rank."""
+def _sp_run_with_fault(run_dir: Path, shards: str, **env: str):
+    """A 4-step `lvd train --nproc 2 train.sp_size=2` run under `env` (an LVD_FAULT); the result
+    and its wall time."""
     import time
 
     from tests.conftest import run_lvd
-    from trainer.monitor import read_metrics
 
     config, extra = TRAIN_CASES["dit-odd-tokens-zero2-ckpt"]
     started = time.monotonic()
     result = run_lvd(
-        "train", "--nproc", "2", "--config", config, f"data.shards={video_shards}", f"run.dir={tmp_path / 'run'}",
+        "train", "--nproc", "2", "--config", config, f"data.shards={shards}", f"run.dir={run_dir}",
         "train.micro_batch_size=1", "train.steps=4", "train.warmup_steps=0", "train.checkpoint_every=0",
         "run.log_every=1", "run.progress=quiet", "train.sp_size=2", *extra,
-        env={"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "LVD_FAULT": "kill_rank:1:2"}, timeout=300,
+        env={"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", **env}, timeout=600,
     )  # fmt: skip
-    elapsed = time.monotonic() - started
+    return result, time.monotonic() - started
+
+
+@pytest.mark.multirank
+def test_a_killed_sp_rank_stops_its_group_naming_it(tmp_path, video_shards) -> None:
+    """Rank 1 of an SP group dies (SIGKILL) as step 2 begins, while rank 0 waits for it in the first
+    all-to-all of that step: `lvd train --nproc` stops rank 0 too and exits non-zero within seconds
+    (not the process group's collective timeout), naming the dead rank."""
+    from trainer.monitor import read_metrics
+
+    result, elapsed = _sp_run_with_fault(tmp_path / "run", video_shards, LVD_FAULT="kill_rank:1:2")
     assert result.returncode != 0, result.stderr[-3000:]
     assert "lvd: rank 1 of 2 was killed by SIGKILL" in result.stderr, result.stderr[-3000:]
     assert sorted(read_metrics(tmp_path / "run")) == [1]  # step 1 done, step 2 never finished
     assert elapsed < 240, elapsed
+
+
+@pytest.mark.multirank
+def test_a_hung_sp_rank_fails_its_group_after_the_collective_timeout(tmp_path, video_shards) -> None:
+    """Rank 1 of an SP group hangs (SIGSTOP) as step 2 begins: no process exits, so only the timeout
+    of the SP group's all-to-all ends rank 0's wait. With LVD_COLLECTIVE_TIMEOUT=30 rank 0 fails
+    after 30 s (the SP group was built with that timeout, not torch's 30 minutes for a new group),
+    and the launcher stops the hung rank, naming both."""
+    from trainer.monitor import read_metrics
+
+    timeout = 30
+    result, elapsed = _sp_run_with_fault(tmp_path / "run", video_shards, LVD_FAULT="stop_rank:1:2", LVD_COLLECTIVE_TIMEOUT=str(timeout))
+    assert result.returncode != 0, result.stderr[-3000:]
+    assert "lvd: rank 0 of 2 exited with code 1; stopping rank(s) 1" in result.stderr, result.stderr[-3000:]
+    assert sorted(read_metrics(tmp_path / "run")) == [1]
+    assert timeout < elapsed < 300, elapsed

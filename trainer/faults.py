@@ -4,6 +4,7 @@
     LVD_FAULT=nan_loss:<step>[:<step>...]    rank 0's loss is NaN at these steps
     LVD_FAULT=nan_loss_from:<step>           rank 0's loss is NaN from this step on
     LVD_FAULT=kill_rank:<rank>:<step>        SIGKILL that rank as that step begins (its peers are left in a collective)
+    LVD_FAULT=stop_rank:<rank>:<step>        SIGSTOP it instead: a hung rank, which no launcher sees exit
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ def kill_in_save(step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def kill_rank(rank: int, step: int) -> None:
-    """Die like `kill -9` as (1-based) optimizer step `step` begins, when this rank is the one asked for."""
-    if _fault() == ("kill_rank", f"{rank}:{step}"):
-        os.kill(os.getpid(), signal.SIGKILL)
+def fail_rank(rank: int, step: int) -> None:
+    """Die like `kill -9` (kill_rank) or hang like `kill -STOP` (stop_rank) as (1-based) optimizer
+    step `step` begins, when this rank is the one asked for."""
+    kind, steps = _fault()
+    if kind in ("kill_rank", "stop_rank") and steps == f"{rank}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL if kind == "kill_rank" else signal.SIGSTOP)
 
 
 def nan_loss(step: int) -> bool:

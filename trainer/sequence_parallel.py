@@ -16,6 +16,7 @@ half the gradient.) See docs/methods.md, 'Sequence parallelism (Ulysses)'.
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,12 +53,13 @@ class SequenceParallelGroups:
     sp_group: Any
 
     @classmethod
-    def build(cls, rank: int, world_size: int, sp_size: int) -> SequenceParallelGroups:
+    def build(cls, rank: int, world_size: int, sp_size: int, *, timeout: datetime.timedelta) -> SequenceParallelGroups:
+        """`timeout`: of the SP groups' collectives (a new group does not inherit the default group's)."""
         if sp_size < 1 or world_size % sp_size:
             raise ValueError(f"train.sp_size: {sp_size} does not divide the world size {world_size}")
         sp_group = None
         for first in range(0, world_size, sp_size):  # every rank must take part in every new_group
-            group = dist.new_group(list(range(first, first + sp_size)))
+            group = dist.new_group(list(range(first, first + sp_size)), timeout=timeout)
             if first <= rank < first + sp_size:
                 sp_group = group
         return cls(rank=rank, world_size=world_size, sp_size=sp_size, sp_group=sp_group)

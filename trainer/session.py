@@ -44,6 +44,7 @@ from trainer.engine import (
     load_engine,
     load_layout_free,
     local_shard,
+    process_group_timeout,
     read_layout_free,
     save_engine,
 )
@@ -196,7 +197,7 @@ def _sequence_parallel(task: Task, cfg: TrainJobConfig, info: DistInfo) -> Seque
     if cfg.train.sp_size == 1:
         return None
     try:
-        sp = SequenceParallelGroups.build(info.rank, info.world_size, cfg.train.sp_size)
+        sp = SequenceParallelGroups.build(info.rank, info.world_size, cfg.train.sp_size, timeout=process_group_timeout())
         sp.apply(task.trained["model"])
     except ValueError as err:
         raise TrainingError(str(err)) from None
@@ -276,7 +277,7 @@ def train_step(session: Session, micro_batches: list[Batch]) -> dict[str, float]
     """One optimizer step over the micro-batches; a non-finite loss on any rank skips it. With
     image shards, also the mean loss of each modality the micro-batches held (loss_image, loss_video)."""
     counters, accum = session.counters, session.layout.accum
-    faults.kill_rank(session.info.rank, counters.step + 1)
+    faults.fail_rank(session.info.rank, counters.step + 1)
     totals: dict[str, float] = {}
     skipped = False
     shape = step_shape(micro_batches)
