@@ -200,6 +200,60 @@ def test_sampling_sp2_on_two_ranks_equals_one_rank(tmp_path) -> None:
     assert (tmp_path / "one" / "v.mp4").read_bytes() == (tmp_path / "two" / "v.mp4").read_bytes()
 
 
+def _child_of_rank(launcher: int, rank: int) -> int:
+    """The pid of the launcher's child that runs `rank` (Linux /proc)."""
+    for child in Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split():
+        environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return int(child)
+    raise AssertionError(f"no child of {launcher} runs rank {rank}")
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("fault", ["kill", "stop"])
+def test_sampling_with_a_dead_or_hung_sp_follower_stops(fault, tmp_path) -> None:
+    """`lvd sample --nproc 2 --sp 2`: once the leader has started the video, the follower is killed
+    (SIGKILL) or hangs (SIGSTOP). The leader, waiting for it in the next all-to-all, fails at once on
+    the closed connection, or after LVD_COLLECTIVE_TIMEOUT=20 s (the SP group's timeout; torch gives a
+    new group 30 minutes otherwise); the launcher stops the rest and names the ranks; no mp4."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from sampler.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline(tmp_path / "pipe", "diffusion", seed=0, denoiser="dit")
+    video = tmp_path / "two" / "v.mp4"
+    argv = ["--model", str(pipe), "--strategy", "ddim", "--frames", "5", "--prompt", "a red car", "--steps", "500",
+            "--height", "24", "--width", "40", "--device", "cpu", "--no-progress", "--nproc", "2", "--sp", "2", "--out", str(video)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sampler.cli", *argv], cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "LVD_COLLECTIVE_TIMEOUT": "20"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (video.with_suffix(".parts") / "params.json").is_file():  # the leader has begun the video
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        os.kill(_child_of_rank(proc.pid, 1), signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
+        hit = time.monotonic()
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    elapsed = time.monotonic() - hit
+    assert proc.returncode != 0, err[-3000:]
+    if fault == "kill":
+        assert "lvd: rank 1 of 2 was killed by SIGKILL" in err, err[-3000:]
+        assert elapsed < 20
+    else:
+        assert "lvd: rank 0 of 2 exited with code 1; stopping rank(s) 1" in err, err[-3000:]
+        assert 20 < elapsed < 90
+    assert not video.exists()
+
+
 def test_plan_measures_per_rank_activations_and_the_all_to_all() -> None:
     """`lvd plan` with train.sp_size=2: per-rank activations about half of SP=1's (the sequence is
     split), the all-to-all volume counted; the FLOPs of a sample do not change."""
