@@ -230,7 +230,7 @@ def test_sampling_with_a_dead_or_hung_sp_follower_stops(fault, tmp_path) -> None
     proc = subprocess.Popen(
         [sys.executable, "-m", "sampler.cli", *argv], cwd=Path(__file__).resolve().parent.parent,
         env={**os.environ, "OMP_NUM_THREADS": "1", "LVD_COLLECTIVE_TIMEOUT": "20"},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 300
@@ -241,8 +241,8 @@ def test_sampling_with_a_dead_or_hung_sp_follower_stops(fault, tmp_path) -> None
         hit = time.monotonic()
         _, err = proc.communicate(timeout=180)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        if proc.poll() is None:  # the launcher and its ranks
+            os.killpg(proc.pid, signal.SIGKILL)
     elapsed = time.monotonic() - hit
     assert proc.returncode != 0, err[-3000:]
     if fault == "kill":
@@ -295,6 +295,7 @@ def _sp_run_with_fault(run_dir: Path, shards: str, **env: str):
 
 
 @pytest.mark.multirank
+@pytest.mark.extended  # the launcher's part is the sampling test's and test_cli's; this is the training run's
 def test_a_killed_sp_rank_stops_its_group_naming_it(tmp_path, video_shards) -> None:
     """Rank 1 of an SP group dies (SIGKILL) as step 2 begins, while rank 0 waits for it in the first
     all-to-all of that step: `lvd train --nproc` stops rank 0 too and exits non-zero within seconds
@@ -311,12 +312,12 @@ def test_a_killed_sp_rank_stops_its_group_naming_it(tmp_path, video_shards) -> N
 @pytest.mark.multirank
 def test_a_hung_sp_rank_fails_its_group_after_the_collective_timeout(tmp_path, video_shards) -> None:
     """Rank 1 of an SP group hangs (SIGSTOP) as step 2 begins: no process exits, so only the timeout
-    of the SP group's all-to-all ends rank 0's wait. With LVD_COLLECTIVE_TIMEOUT=30 rank 0 fails
-    after 30 s (the SP group was built with that timeout, not torch's 30 minutes for a new group),
+    of the SP group's all-to-all ends rank 0's wait. With LVD_COLLECTIVE_TIMEOUT=20 rank 0 fails
+    after 20 s (the SP group was built with that timeout, not torch's 30 minutes for a new group),
     and the launcher stops the hung rank, naming both."""
     from trainer.monitor import read_metrics
 
-    timeout = 30
+    timeout = 20
     result, elapsed = _sp_run_with_fault(tmp_path / "run", video_shards, LVD_FAULT="stop_rank:1:2", LVD_COLLECTIVE_TIMEOUT=str(timeout))
     assert result.returncode != 0, result.stderr[-3000:]
     assert "lvd: rank 0 of 2 exited with code 1; stopping rank(s) 1" in result.stderr, result.stderr[-3000:]
