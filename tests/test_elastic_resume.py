@@ -264,7 +264,8 @@ def test_two_data_ranks_resume_in_one_sp_group(tmp_path, video_shards):
     reference = tmp_path / "dp_two"
     _sp_run(reference, video_shards, nproc=2)
     run_dir = _cut(reference, tmp_path / "run", SP_CUT)
-    _sp_run(run_dir, video_shards, "train.sp_size=2", nproc=2)
+    result = _sp_run(run_dir, video_shards, "train.sp_size=2", nproc=2)
+    assert "the run's 2 data rank(s) on 1 data-parallel group(s) of train.sp_size=2 rank(s), 2 micro-batch(es) a step" in result.stderr
     _assert_continues(run_dir, reference, SP_STEPS)
     steps = [json.loads(line) for line in (run_dir / "trace.jsonl").read_text().splitlines()]
     resumed = [(r["sp_rank"], r["data_rank"]) for r in steps if r["step"] == SP_STEPS]

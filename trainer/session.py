@@ -435,6 +435,12 @@ def resume(session: Session, tag: str) -> None:
             f"{info.world_size} at ZeRO-{session.cfg.train.zero_stage}; weights and Adam moments re-partitioned, "
             f"{session.layout.data_ranks} data rank(s) of {session.cfg.train.grad_accum} micro-batch(es) each kept"
         )
+    elif session.layout.data_ranks != session.layout.world_size and info.is_main:  # the SP degree changed
+        stderr(
+            f"lvd train: resume: the run's {session.layout.data_ranks} data rank(s) on {session.layout.world_size} "
+            f"data-parallel group(s) of train.sp_size={session.cfg.train.sp_size} rank(s), "
+            f"{session.layout.accum} micro-batch(es) a step each"
+        )
     for name, engine in session.engines.items():
         if same:
             load_engine(engine, ckpt_dir / tag, name, trainable_only=session.lora_base is not None)
