@@ -18,13 +18,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from common.launch import collective_timeout
 from model_zoo.diffusion.guidance import Guide, cfg
 from model_zoo.diffusion.samplers import DenoiseFn
 from model_zoo.layers.sequence_parallel import Collectives, apply_ring, apply_ulysses, usp_groups
 
 T = TypeVar("T")
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=12)
-"""Ranks wait at barriers while one rank runs a sequential stage; that can take hours."""
+"""Ranks wait at barriers while one rank runs a sequential stage; that can take hours
+(`LVD_COLLECTIVE_TIMEOUT` seconds overrides it for the process group, see `common.launch`)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,7 +99,7 @@ def init_world(device: str) -> World:
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
-        dist.init_process_group(backend, rank=rank, world_size=size, timeout=COLLECTIVE_TIMEOUT)
+        dist.init_process_group(backend, rank=rank, world_size=size, timeout=collective_timeout(COLLECTIVE_TIMEOUT))
     return World(rank=rank, size=size)
 
 
@@ -289,6 +291,9 @@ def sequence_parallel(world: World, size: int, ring: int = 1) -> SequenceParalle
     if ring < 1 or size % ring:
         raise ValueError(f"--sp-ring {ring} does not divide --sp {size}")
     leaders = tuple(range(0, world.size, size))
+    # A new group does not inherit the default group's timeout (torch gives it 30 minutes): the
+    # followers wait in it while their leader decodes or runs a sequential stage.
+    timeout = collective_timeout(COLLECTIVE_TIMEOUT)
     found: dict[str, Any] = {}
     for first in leaders:  # every rank must take part in every new_group
         layouts = {"sp": [list(range(size))]}
@@ -296,10 +301,10 @@ def sequence_parallel(world: World, size: int, ring: int = 1) -> SequenceParalle
             layouts["heads"], layouts["ring"] = usp_groups(size, ring)
         for kind, groups in layouts.items():
             for members in groups:
-                group = dist.new_group([first + m for m in members])
+                group = dist.new_group([first + m for m in members], timeout=timeout)
                 if world.rank - first in members:
                     found[kind] = group
-    leader_group = dist.new_group(list(leaders)) if len(leaders) > 1 else None
+    leader_group = dist.new_group(list(leaders), timeout=timeout) if len(leaders) > 1 else None
     first = world.rank - world.rank % size
     outer = World(rank=first // size, size=len(leaders), members=leaders, group=leader_group)
     return SequenceParallel(

@@ -132,3 +132,33 @@ def test_print_config_shows_resolved_values():
     assert "steps: 7" in result.stdout
     assert "family: dit" in result.stdout
     assert "zero_stage: 0" in result.stdout
+
+
+def test_launcher_stops_the_other_ranks_and_names_the_dead_one(capfd):
+    """`--nproc` ranks: one killed (SIGKILL) while the other would wait a minute; the launcher stops
+    the survivor at once, exits 128 + 9 and says which rank died."""
+    import time
+
+    from common.launch import launch_local
+
+    rank = "import os, signal, time\nif os.environ['RANK'] == '1':\n    time.sleep(0.5)\n    os.kill(os.getpid(), signal.SIGKILL)\ntime.sleep(60)"
+    started = time.monotonic()
+    assert launch_local(["-c", rank], nproc=2) == 128 + 9
+    assert time.monotonic() - started < 30
+    assert "lvd: rank 1 of 2 was killed by SIGKILL; stopping rank(s) 0" in capfd.readouterr().err
+
+
+def test_collective_timeout_reads_seconds_or_keeps_the_default(monkeypatch):
+    import datetime
+
+    from common.launch import collective_timeout
+
+    default = datetime.timedelta(hours=12)
+    monkeypatch.delenv("LVD_COLLECTIVE_TIMEOUT", raising=False)
+    assert collective_timeout(default) == default
+    monkeypatch.setenv("LVD_COLLECTIVE_TIMEOUT", "90.5")
+    assert collective_timeout(default) == datetime.timedelta(seconds=90.5)
+    for bad in ("0", "-3", "ten", "nan"):
+        monkeypatch.setenv("LVD_COLLECTIVE_TIMEOUT", bad)
+        with pytest.raises(ValueError, match=r"^LVD_COLLECTIVE_TIMEOUT: must be a positive number of seconds"):
+            collective_timeout(default)

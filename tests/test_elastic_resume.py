@@ -32,20 +32,26 @@ LOSS_RTOL = 1e-4
 WEIGHT_ATOL = 1e-5
 
 
-def _run(run_dir: Path, shards: str, *extra: str, nproc: int) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "lvd", "train", "--nproc", str(nproc), *COMMON, f"data.shards={shards}", f"run.dir={run_dir}", *extra]
+def _run(run_dir: Path, shards: str, *extra: str, nproc: int, common: list[str] = COMMON) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "lvd", "train", "--nproc", str(nproc), *common, f"data.shards={shards}", f"run.dir={run_dir}", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "LVD_TRACE_SAMPLES": str(run_dir / "trace.jsonl")}
     run_dir.mkdir(parents=True, exist_ok=True)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
 def _keys_by_step(run_dir: Path) -> dict[int, list[str]]:
-    """The sample keys each step trained on, over all ranks and micro-batches (sorted)."""
+    """The sample keys each step trained on, over all ranks and micro-batches (sorted), counted
+    once per sequence-parallel group: the second rank of a group (sp 2) trained on the same."""
     steps: dict[int, list[str]] = {}
+    followers: dict[int, list[str]] = {}
     for line in (run_dir / "trace.jsonl").read_text().splitlines():
         record = json.loads(line)
-        steps.setdefault(record["step"], []).extend(record["keys"])
-    return {step: sorted(keys) for step, keys in sorted(steps.items())}
+        into = steps if record.get("sp_rank", 0) == 0 else followers
+        into.setdefault(record["step"], []).extend(record["keys"])
+    keys = {step: sorted(keys) for step, keys in sorted(steps.items())}
+    for step, theirs in followers.items():
+        assert sorted(theirs) == keys[step], step
+    return keys
 
 
 def _cut(run_dir: Path, dest: Path, step: int) -> Path:
@@ -62,20 +68,20 @@ def _cut(run_dir: Path, dest: Path, step: int) -> Path:
     return dest
 
 
-def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+def _final_weights(run_dir: Path, steps: int = STEPS) -> dict[str, torch.Tensor]:
     from trainer.engine import consolidated_state_dict
 
-    return consolidated_state_dict(run_dir / "checkpoints" / f"step_{STEPS:08d}", "model")
+    return consolidated_state_dict(run_dir / "checkpoints" / f"step_{steps:08d}", "model")
 
 
-def _assert_continues(resumed: Path, reference: Path) -> None:
+def _assert_continues(resumed: Path, reference: Path, steps: int = STEPS) -> None:
     assert _keys_by_step(resumed) == _keys_by_step(reference)  # no sample repeated, skipped or moved
     ours, theirs = read_metrics(resumed), read_metrics(reference)
-    assert sorted(ours) == list(range(1, STEPS + 1))
-    for step in range(1, STEPS + 1):
+    assert sorted(ours) == list(range(1, steps + 1))
+    for step in range(1, steps + 1):
         assert ours[step]["lr"] == pytest.approx(theirs[step]["lr"], rel=1e-9), step
         assert ours[step]["loss"] == pytest.approx(theirs[step]["loss"], rel=LOSS_RTOL), step
-    mine, want = _final_weights(resumed), _final_weights(reference)
+    mine, want = _final_weights(resumed, steps), _final_weights(reference, steps)
     assert mine.keys() == want.keys()
     worst = max((mine[name] - want[name]).abs().max().item() for name in mine)
     assert worst < WEIGHT_ATOL, worst
@@ -206,3 +212,61 @@ def test_data_layout_spreads_every_micro_batch_once():
             assert len(kept) == layout.accum
             seen += kept
         assert sorted(seen) == [(d, j) for d in range(data_ranks) for j in range(accum)]
+
+
+# Sequence parallelism: the ranks of an SP group share one data rank, so a run's data ranks are its
+# data-parallel groups. The tiny DiT at 5 frames of 24x40 px: 45 tokens, odd for SP 2 (padded).
+SP_STEPS, SP_CUT = 4, 2
+SP_COMMON = [
+    "--config", "configs/tiny/dit.yaml",
+    "data.frames=5", "data.height=24", "data.width=40", "train.micro_batch_size=1", "train.warmup_steps=2",
+    f"train.steps={SP_STEPS}", f"train.checkpoint_every={SP_CUT}", "run.log_every=1", "run.progress=quiet",
+    "train.ema_decay=0.9", "train.zero_stage=2",
+]  # fmt: skip
+
+
+def _sp_run(run_dir: Path, shards: str, *extra: str, nproc: int) -> subprocess.CompletedProcess[str]:
+    result = _run(run_dir, shards, *extra, nproc=nproc, common=SP_COMMON)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def sp_one_rank(tmp_path_factory: pytest.TempPathFactory, video_shards: str) -> Path:
+    run_dir = tmp_path_factory.mktemp("sp_one_rank") / "run"
+    _sp_run(run_dir, video_shards, nproc=1)
+    return run_dir
+
+
+def test_sp2_run_resumes_on_one_rank_and_back(sp_one_rank, tmp_path, video_shards):
+    """2 ranks x sp_size=2 (1 data rank) -> 1 rank, and 1 rank -> 2 ranks x sp_size=2: the samples,
+    losses and weights of the uninterrupted runs (which equal each other to fp32 rounding)."""
+    sp_two = tmp_path / "sp_two"
+    _sp_run(sp_two, video_shards, "train.sp_size=2", nproc=2)
+    assert json.loads((sp_two / "checkpoints" / f"step_{SP_CUT:08d}" / "meta.json").read_text())["data_ranks"] == 1
+
+    run_dir = _cut(sp_two, tmp_path / "to_one", SP_CUT)
+    result = _sp_run(run_dir, video_shards, nproc=1)
+    assert "written by 2 rank(s) at ZeRO-2, this run has 1" in result.stderr
+    _assert_continues(run_dir, sp_two, SP_STEPS)
+
+    run_dir = _cut(sp_one_rank, tmp_path / "to_two", SP_CUT)
+    result = _sp_run(run_dir, video_shards, "train.sp_size=2", nproc=2)
+    assert "written by 1 rank(s) at ZeRO-2, this run has 2" in result.stderr
+    _assert_continues(run_dir, sp_one_rank, SP_STEPS)
+    _assert_continues(sp_two, sp_one_rank, SP_STEPS)  # SP 2 itself is the one-rank run
+
+
+@pytest.mark.extended  # two more 2-rank runs; the hosting of several data ranks is covered by test_two_ranks_resume_on_one
+def test_two_data_ranks_resume_in_one_sp_group(tmp_path, video_shards):
+    """2 ranks x sp_size=1 (2 data ranks) -> 2 ranks x sp_size=2 (1 DP group): the group hosts both
+    data ranks, each rank runs 2 accumulation steps of its half of the tokens."""
+    reference = tmp_path / "dp_two"
+    _sp_run(reference, video_shards, nproc=2)
+    run_dir = _cut(reference, tmp_path / "run", SP_CUT)
+    result = _sp_run(run_dir, video_shards, "train.sp_size=2", nproc=2)
+    assert "the run's 2 data rank(s) on 1 data-parallel group(s) of train.sp_size=2 rank(s), 2 micro-batch(es) a step" in result.stderr
+    _assert_continues(run_dir, reference, SP_STEPS)
+    steps = [json.loads(line) for line in (run_dir / "trace.jsonl").read_text().splitlines()]
+    resumed = [(r["sp_rank"], r["data_rank"]) for r in steps if r["step"] == SP_STEPS]
+    assert sorted(resumed) == [(0, 0), (0, 1), (1, 0), (1, 1)]

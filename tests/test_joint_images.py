@@ -280,3 +280,25 @@ def test_image_capable_tasks_train_on_an_image_batch(config, overrides):
     temporal = [p for name, p in network.named_parameters() if ".temporal." in name]
     assert all(p.grad is None for p in temporal)  # U-Net: skipped; DiTs have none
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in network.parameters())
+
+
+@pytest.mark.multirank
+def test_joint_run_is_not_resumed_by_ranks_that_share_a_data_rank(tmp_path, video_shards, image_shards):
+    """A 1-rank joint run with 2 micro-batches a step, resumed on 2 ranks: each would keep every other
+    micro-batch of the one data rank, an image batch on one rank and a video batch on the other at
+    the same micro-step (different graphs under ZeRO-2's per-micro-step reduction). Refused in one
+    line, before any engine is built, with the checkpoint left as it was."""
+    short = ["train.steps=4", "train.checkpoint_every=2", "train.grad_accum=2", "train.zero_stage=2"]
+    # The draws after the checkpoint hold an image and a video batch in one step's pair of micro-batches.
+    assert any(scheduled_modality(SEED, 2 * step, RATIO) != scheduled_modality(SEED, 2 * step + 1, RATIO) for step in (2, 3))
+    run_dir = tmp_path / "run"
+    first = _train(run_dir, video_shards, image_shards, *short, "train.steps=2")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    resumed = _train(run_dir, video_shards, image_shards, *short, nproc=2)
+    assert resumed.returncode == 1, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    refusals = [line for line in resumed.stderr.splitlines() if "hold different modalities at one micro-step" in line]
+    assert refusals and len(set(refusals)) == 1, resumed.stderr[-3000:]  # each rank that got there, the same line
+    assert "the run has 1 data rank(s) and trains on images and videos (data.image_ratio=0.5)" in refusals[0]
+    assert "resume joint training on at most 1 data-parallel ranks" in refusals[0]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    assert sorted(read_metrics(run_dir)) == [1, 2]

@@ -200,6 +200,60 @@ def test_sampling_sp2_on_two_ranks_equals_one_rank(tmp_path) -> None:
     assert (tmp_path / "one" / "v.mp4").read_bytes() == (tmp_path / "two" / "v.mp4").read_bytes()
 
 
+def _child_of_rank(launcher: int, rank: int) -> int:
+    """The pid of the launcher's child that runs `rank` (Linux /proc)."""
+    for child in Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split():
+        environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return int(child)
+    raise AssertionError(f"no child of {launcher} runs rank {rank}")
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("fault", ["kill", "stop"])
+def test_sampling_with_a_dead_or_hung_sp_follower_stops(fault, tmp_path) -> None:
+    """`lvd sample --nproc 2 --sp 2`: once the leader has started the video, the follower is killed
+    (SIGKILL) or hangs (SIGSTOP). The leader, waiting for it in the next all-to-all, fails at once on
+    the closed connection, or after LVD_COLLECTIVE_TIMEOUT=20 s (the SP group's timeout; torch gives a
+    new group 30 minutes otherwise); the launcher stops the rest and names the ranks; no mp4."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from sampler.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline(tmp_path / "pipe", "diffusion", seed=0, denoiser="dit")
+    video = tmp_path / "two" / "v.mp4"
+    argv = ["--model", str(pipe), "--strategy", "ddim", "--frames", "5", "--prompt", "a red car", "--steps", "500",
+            "--height", "24", "--width", "40", "--device", "cpu", "--no-progress", "--nproc", "2", "--sp", "2", "--out", str(video)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sampler.cli", *argv], cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "LVD_COLLECTIVE_TIMEOUT": "20"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (video.with_suffix(".parts") / "params.json").is_file():  # the leader has begun the video
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        os.kill(_child_of_rank(proc.pid, 1), signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
+        hit = time.monotonic()
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:  # the launcher and its ranks
+            os.killpg(proc.pid, signal.SIGKILL)
+    elapsed = time.monotonic() - hit
+    assert proc.returncode != 0, err[-3000:]
+    if fault == "kill":
+        assert "lvd: rank 1 of 2 was killed by SIGKILL" in err, err[-3000:]
+        assert elapsed < 20
+    else:
+        assert "lvd: rank 0 of 2 exited with code 1; stopping rank(s) 1" in err, err[-3000:]
+        assert 20 < elapsed < 90
+    assert not video.exists()
+
+
 def test_plan_measures_per_rank_activations_and_the_all_to_all() -> None:
     """`lvd plan` with train.sp_size=2: per-rank activations about half of SP=1's (the sequence is
     split), the all-to-all volume counted; the FLOPs of a sample do not change."""
@@ -220,3 +274,52 @@ def test_plan_measures_per_rank_activations_and_the_all_to_all() -> None:
     assert 0.45 < ratio < 0.6, ratio
     assert counts[1].all_to_all_elements_per_sample == 0 and counts[2].all_to_all_elements_per_sample > 0
     assert counts[2].train_flops_per_sample == counts[1].train_flops_per_sample
+
+
+def _sp_run_with_fault(run_dir: Path, shards: str, **env: str):
+    """A 4-step `lvd train --nproc 2 train.sp_size=2` run under `env` (an LVD_FAULT); the result
+    and its wall time."""
+    import time
+
+    from tests.conftest import run_lvd
+
+    config, extra = TRAIN_CASES["dit-odd-tokens-zero2-ckpt"]
+    started = time.monotonic()
+    result = run_lvd(
+        "train", "--nproc", "2", "--config", config, f"data.shards={shards}", f"run.dir={run_dir}",
+        "train.micro_batch_size=1", "train.steps=4", "train.warmup_steps=0", "train.checkpoint_every=0",
+        "run.log_every=1", "run.progress=quiet", "train.sp_size=2", *extra,
+        env={"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", **env}, timeout=600,
+    )  # fmt: skip
+    return result, time.monotonic() - started
+
+
+@pytest.mark.multirank
+@pytest.mark.extended  # the launcher's part is the sampling test's and test_cli's; this is the training run's
+def test_a_killed_sp_rank_stops_its_group_naming_it(tmp_path, video_shards) -> None:
+    """Rank 1 of an SP group dies (SIGKILL) as step 2 begins, while rank 0 waits for it in the first
+    all-to-all of that step: `lvd train --nproc` stops rank 0 too and exits non-zero within seconds
+    (not the process group's collective timeout), naming the dead rank."""
+    from trainer.monitor import read_metrics
+
+    result, elapsed = _sp_run_with_fault(tmp_path / "run", video_shards, LVD_FAULT="kill_rank:1:2")
+    assert result.returncode != 0, result.stderr[-3000:]
+    assert "lvd: rank 1 of 2 was killed by SIGKILL" in result.stderr, result.stderr[-3000:]
+    assert sorted(read_metrics(tmp_path / "run")) == [1]  # step 1 done, step 2 never finished
+    assert elapsed < 240, elapsed
+
+
+@pytest.mark.multirank
+def test_a_hung_sp_rank_fails_its_group_after_the_collective_timeout(tmp_path, video_shards) -> None:
+    """Rank 1 of an SP group hangs (SIGSTOP) as step 2 begins: no process exits, so only the timeout
+    of the SP group's all-to-all ends rank 0's wait. With LVD_COLLECTIVE_TIMEOUT=20 rank 0 fails
+    after 20 s (the SP group was built with that timeout, not torch's 30 minutes for a new group),
+    and the launcher stops the hung rank, naming both."""
+    from trainer.monitor import read_metrics
+
+    timeout = 20
+    result, elapsed = _sp_run_with_fault(tmp_path / "run", video_shards, LVD_FAULT="stop_rank:1:2", LVD_COLLECTIVE_TIMEOUT=str(timeout))
+    assert result.returncode != 0, result.stderr[-3000:]
+    assert "lvd: rank 0 of 2 exited with code 1; stopping rank(s) 1" in result.stderr, result.stderr[-3000:]
+    assert sorted(read_metrics(tmp_path / "run")) == [1]
+    assert timeout < elapsed < 300, elapsed

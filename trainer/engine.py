@@ -8,6 +8,7 @@ it from `TrainConfig` (ZeRO stage, bf16/fp32, accumulation, clipping, AdamW, war
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from common.launch import collective_timeout
 from trainer.config import TrainConfig
 
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
@@ -44,10 +46,17 @@ class DistInfo:
         return self.rank == 0
 
 
+def process_group_timeout() -> datetime.timedelta:
+    """How long a collective waits for a hung peer: `LVD_COLLECTIVE_TIMEOUT` seconds, else DeepSpeed's
+    default (10 minutes, `DEEPSPEED_TIMEOUT` minutes)."""
+    return collective_timeout(deepspeed.constants.default_pg_timeout)
+
+
 def init_distributed() -> DistInfo:
     """Join the process group from torchrun/srun/`lvd --nproc` variables (a single process otherwise).
 
     NCCL on CUDA, gloo on CPU. Slurm's SLURM_PROCID/SLURM_NTASKS are mapped when RANK is absent.
+    A collective waits `process_group_timeout()` for a hung peer.
     """
     env = os.environ
     if "RANK" not in env and "SLURM_PROCID" in env and "MASTER_ADDR" in env:
@@ -76,7 +85,7 @@ def init_distributed() -> DistInfo:
             # DeepSpeed caches its clone of the world group; one from an earlier process group of
             # this process (torn down by `leave_distributed` or by other code) must not be reused.
             deepspeed.utils.groups._WORLD_GROUP = None
-            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=process_group_timeout())
     finally:
         # A one-process run (`lvd train` called from Python, or in a test) must not leave
         # RANK/WORLD_SIZE/MASTER_* behind: a later `lvd train --nproc 2` or sbatch job started

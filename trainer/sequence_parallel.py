@@ -21,6 +21,7 @@ See docs/methods.md, 'Ring attention and the hybrid'.
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,7 +80,10 @@ class SequenceParallelGroups:
     """This rank's ring group (R ranks; None when R is 1)."""
 
     @classmethod
-    def build(cls, rank: int, world_size: int, sp_size: int, sp_ring: int = 1) -> SequenceParallelGroups:
+    def build(
+        cls, rank: int, world_size: int, sp_size: int, sp_ring: int = 1, *, timeout: datetime.timedelta
+    ) -> SequenceParallelGroups:
+        """`timeout`: of the SP groups' collectives (a new group does not inherit the default group's)."""
         if sp_size < 1 or world_size % sp_size:
             raise ValueError(f"train.sp_size: {sp_size} does not divide the world size {world_size}")
         if sp_ring < 1 or sp_size % sp_ring:
@@ -91,7 +95,7 @@ class SequenceParallelGroups:
                 layouts["heads"], layouts["ring"] = usp_groups(sp_size, sp_ring)
             for kind, groups in layouts.items():
                 for members in groups:
-                    group = dist.new_group([first + m for m in members])
+                    group = dist.new_group([first + m for m in members], timeout=timeout)
                     if rank - first in members:
                         found[kind] = group
         return cls(rank=rank, world_size=world_size, sp_size=sp_size, sp_group=found["sp"], sp_ring=sp_ring,

@@ -44,6 +44,7 @@ from trainer.engine import (
     load_engine,
     load_layout_free,
     local_shard,
+    process_group_timeout,
     read_layout_free,
     save_engine,
 )
@@ -146,6 +147,7 @@ def build(cfg: TrainJobConfig, info: DistInfo) -> Session:
             rank=dp_rank,
             grad_accum=cfg.train.grad_accum,
         )
+        _check_one_modality_per_micro_step(layout, cfg.data.image_ratio)
     except LayoutError as err:
         raise TrainingError(f"cannot resume {ckpt_dir / str(tag)}: {err}") from None
     # DeepSpeed accumulates this rank's share of the step's micro-batches (the global batch is fixed).
@@ -195,7 +197,9 @@ def _sequence_parallel(task: Task, cfg: TrainJobConfig, info: DistInfo) -> Seque
     if cfg.train.sp_size == 1:
         return None
     try:
-        sp = SequenceParallelGroups.build(info.rank, info.world_size, cfg.train.sp_size, cfg.train.sp_ring)
+        sp = SequenceParallelGroups.build(
+            info.rank, info.world_size, cfg.train.sp_size, cfg.train.sp_ring, timeout=process_group_timeout()
+        )
         sp.apply(task.trained["model"])
     except ValueError as err:
         raise TrainingError(str(err)) from None
@@ -226,6 +230,19 @@ def _compile_backend(cfg: TrainJobConfig, info: DistInfo) -> str | None:
     return None
 
 
+def _check_one_modality_per_micro_step(layout: DataLayout, image_ratio: float) -> None:
+    """Joint image + video training needs every rank of a micro-step on one modality: ZeRO-2/3
+    reduce gradients and gather parameters per micro-step, and an image batch skips the U-Net's
+    temporal layers. Ranks sharing a data rank keep every k-th of its micro-batches, drawn image or
+    video one by one, so at one micro-step they would hold different modalities: refused."""
+    if layout.share > 1 and 0.0 < image_ratio < 1.0:
+        raise LayoutError(
+            f"the run has {layout.data_ranks} data rank(s) and trains on images and videos (data.image_ratio={image_ratio}); "
+            f"{layout.world_size} data-parallel ranks would share each data rank and hold different modalities at one "
+            f"micro-step (resume joint training on at most {layout.data_ranks} data-parallel ranks)"
+        )
+
+
 def _data_ranks(ckpt_dir: Path, tag: str) -> int:
     meta = json.loads((ckpt_dir / tag / "meta.json").read_text())
     return int(meta.get("data_ranks", meta["world_size"]))
@@ -245,12 +262,15 @@ def next_micro_batches(session: Session) -> list[Batch]:
 
 def _trace(session: Session, data_rank: int, micro: int, batch: dict[str, Any]) -> None:
     """`LVD_TRACE_SAMPLES=<file>`: a test hook; every rank appends one JSON line per micro-batch
-    with the sample keys it trains on, so a test can compare the data order of two runs."""
+    with the sample keys it trains on, so a test can compare the data order of two runs. `sp_rank`
+    is the rank's place in its sequence-parallel group (0 without SP): the group's ranks train on
+    the same samples, and a test counts them once."""
     path = os.environ.get("LVD_TRACE_SAMPLES")
     if not path:
         return
     keys = [f"{meta.get('__url__')}#{meta.get('__key__')}" for meta in batch.get("meta", [])]
-    line = {"step": session.counters.step + 1, "data_rank": data_rank, "micro": micro, "keys": keys}
+    sp_rank = session.sp.sp_rank if session.sp is not None else 0
+    line = {"step": session.counters.step + 1, "data_rank": data_rank, "micro": micro, "sp_rank": sp_rank, "keys": keys}
     with open(path, "a") as file:
         file.write(json.dumps(line) + "\n")
 
@@ -259,6 +279,7 @@ def train_step(session: Session, micro_batches: list[Batch]) -> dict[str, float]
     """One optimizer step over the micro-batches; a non-finite loss on any rank skips it. With
     image shards, also the mean loss of each modality the micro-batches held (loss_image, loss_video)."""
     counters, accum = session.counters, session.layout.accum
+    faults.fail_rank(session.info.rank, counters.step + 1)
     totals: dict[str, float] = {}
     skipped = False
     shape = step_shape(micro_batches)
@@ -415,6 +436,12 @@ def resume(session: Session, tag: str) -> None:
             f"lvd train: elastic resume: {ckpt_dir / tag} was written by {world} rank(s) at ZeRO-{stage}, this run has "
             f"{info.world_size} at ZeRO-{session.cfg.train.zero_stage}; weights and Adam moments re-partitioned, "
             f"{session.layout.data_ranks} data rank(s) of {session.cfg.train.grad_accum} micro-batch(es) each kept"
+        )
+    elif session.layout.data_ranks != session.layout.world_size and info.is_main:  # the SP degree changed
+        stderr(
+            f"lvd train: resume: the run's {session.layout.data_ranks} data rank(s) on {session.layout.world_size} "
+            f"data-parallel group(s) of train.sp_size={session.cfg.train.sp_size} rank(s), "
+            f"{session.layout.accum} micro-batch(es) a step each"
         )
     for name, engine in session.engines.items():
         if same:
