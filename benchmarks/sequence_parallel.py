@@ -16,6 +16,7 @@ passed by point-to-point sends), measured the same way.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import os
@@ -75,7 +76,7 @@ def _rank(rank: int, port: int, tokens: int, ring: int, results: dict) -> None:
         if ring == 1:
             apply_ulysses(model, group_collectives(dist.group.WORLD, rank, 2))
         else:
-            SequenceParallelGroups.build(rank, 2, 2, ring).apply(model)
+            SequenceParallelGroups.build(rank, 2, 2, ring, timeout=datetime.timedelta(minutes=30)).apply(model)
         dist.barrier()
         saved, seconds = _step(model, x, kwargs)
         results[rank] = (saved, seconds)

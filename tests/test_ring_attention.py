@@ -4,6 +4,7 @@ real gloo ranks gives the single-device outputs and gradients, clear errors."""
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import os
 import subprocess
@@ -166,7 +167,7 @@ def _hybrid_rank(rank: int, port: int, results: dict) -> None:
     from trainer.sequence_parallel import SequenceParallelGroups
 
     try:
-        layouts = {ring: SequenceParallelGroups.build(rank, 4, sp_size=4, sp_ring=ring) for ring in (2, 4)}
+        layouts = {ring: SequenceParallelGroups.build(rank, 4, sp_size=4, sp_ring=ring, timeout=datetime.timedelta(minutes=5)) for ring in (2, 4)}
         for (name, (family, overrides, shape)), ring in itertools.product(HYBRID_CASES.items(), layouts):
             groups = layouts[ring]
             torch.manual_seed(0)
