@@ -19,7 +19,12 @@ import torch.nn.functional as F
 
 from model_zoo import build_model
 from model_zoo.layers.sequence_parallel import Collectives, apply_ring, ring_block, usp_groups
-from tests.test_sequence_parallel import TRAIN_CASES, _forward_backward, _free_port, _train
+from tests.test_sequence_parallel import (
+    TRAIN_CASES,
+    _forward_backward,
+    _free_port,
+    assert_sp_training_equals_one_rank,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -107,22 +112,9 @@ RING_TRAIN_CASES = {
 def test_training_ring2_on_two_ranks_equals_one_rank(case, tmp_path, video_shards) -> None:
     """`lvd train --nproc 2 train.sp_size=2 train.sp_ring=2` (keys and values pass between the
     ranks) gives one rank's losses, gradient norms (each step, 1e-5 relative) and final weights."""
-    from trainer.engine import consolidated_state_dict
-    from trainer.monitor import read_metrics
 
     config, extra = RING_TRAIN_CASES[case]
-    _train(tmp_path / "sp1", config, video_shards, *extra, nproc=1)
-    _train(tmp_path / "ring", config, video_shards, *extra, "train.sp_size=2", "train.sp_ring=2", nproc=2)
-    ref, ours = read_metrics(tmp_path / "sp1"), read_metrics(tmp_path / "ring")
-    assert sorted(ref) == sorted(ours) == [1, 2, 3]
-    for step in ref:
-        for key in ("loss", "grad_norm"):
-            assert ours[step][key] == pytest.approx(ref[step][key], rel=1e-5, abs=1e-7), (step, key)
-    tag = "checkpoints/step_00000003"
-    theirs, mine = (consolidated_state_dict(tmp_path / run / tag, "model") for run in ("sp1", "ring"))
-    assert mine.keys() == theirs.keys()
-    worst = max((mine[name] - theirs[name]).abs().max().item() for name in mine)
-    assert worst < 1e-5, worst
+    assert_sp_training_equals_one_rank(tmp_path, config, video_shards, extra, ["train.sp_size=2", "train.sp_ring=2"])
 
 
 @pytest.mark.multirank

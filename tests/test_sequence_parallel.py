@@ -147,12 +147,18 @@ def _train(run_dir, config: str, shards: str, *extra: str, nproc: int) -> None:
 def test_training_sp2_on_two_ranks_equals_one_rank(case, tmp_path, video_shards) -> None:
     """`lvd train --nproc 2 train.sp_size=2` (both ranks read the same clip, each runs half the tokens)
     gives the losses, gradient norms and weights of one rank training on that clip alone, step by step."""
+    config, extra = TRAIN_CASES[case]
+    assert_sp_training_equals_one_rank(tmp_path, config, video_shards, extra, ["train.sp_size=2"])
+
+
+def assert_sp_training_equals_one_rank(tmp_path: Path, config: str, video_shards: str, extra: list[str], layout: list[str]) -> None:
+    """3 steps of `config` + `extra` on 1 rank and on 2 ranks with `layout` (the SP keys): loss and
+    gradient norm at each step to 1e-5 relative, and the final weights to 1e-5."""
     from trainer.engine import consolidated_state_dict
     from trainer.monitor import read_metrics
 
-    config, extra = TRAIN_CASES[case]
     _train(tmp_path / "sp1", config, video_shards, *extra, nproc=1)
-    _train(tmp_path / "sp2", config, video_shards, *extra, "train.sp_size=2", nproc=2)
+    _train(tmp_path / "sp2", config, video_shards, *extra, *layout, nproc=2)
     ref, ours = read_metrics(tmp_path / "sp1"), read_metrics(tmp_path / "sp2")
     assert sorted(ref) == sorted(ours) == [1, 2, 3]
     for step in ref:

@@ -77,13 +77,13 @@ class _Gather(torch.autograd.Function):
         return grad.chunk(ctx.comm.size, dim=1)[ctx.comm.rank].contiguous(), None
 
 
-class Ulysses:
-    """A model's `sequence_shard` and its self-attentions' `core` for one SP group (see the module
-    docstring). `length` is the true sequence length of the forward in flight (set by `shard`)."""
+class _Sharding:
+    """The part every scheme shares: a model's `sequence_shard` over the SP group `comm` cuts the
+    tokens into equal parts after the embedding and gathers the prediction. `length` is the true
+    sequence length of the forward in flight (set by `shard`)."""
 
-    def __init__(self, comm: Collectives) -> None:
-        self.comm = comm
-        self.length = 0
+    comm: Collectives
+    length: int
 
     def padded(self, length: int) -> int:
         return -(-length // self.comm.size) * self.comm.size
@@ -97,6 +97,15 @@ class Ulysses:
     def gather(self, tokens: Tensor) -> Tensor:
         """This rank's (B, ceil(N/P), C) -> every rank's (B, N, C)."""
         return _Gather.apply(tokens, self.comm)[:, : self.length]
+
+
+class Ulysses(_Sharding):
+    """A model's `sequence_shard` and its self-attentions' `core` for one SP group (see the module
+    docstring). `length` is the true sequence length of the forward in flight (set by `shard`)."""
+
+    def __init__(self, comm: Collectives) -> None:
+        self.comm = comm
+        self.length = 0
 
     def _to_heads(self, x: Tensor) -> Tensor:
         """(B, h, N/P, d) sequence-sharded -> (B, h/P, N, d) head-sharded, padding removed."""
@@ -281,7 +290,7 @@ def ring_block(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, state: tuple[Tens
     return new_m, total * old_scale + block_sum * block_scale, acc * old_scale + block_acc * block_scale
 
 
-class RingAttention:
+class RingAttention(_Sharding):
     """A model's `sequence_shard` and its self-attentions' `core` for ring or hybrid (USP)
     sequence parallelism over P = U x R ranks.
 
@@ -308,19 +317,6 @@ class RingAttention:
             raise ValueError("ring attention needs the group's ring_shift")
         self.comm, self.heads, self.ring = comm, heads, ring
         self.length = 0
-
-    def padded(self, length: int) -> int:
-        return -(-length // self.comm.size) * self.comm.size
-
-    def shard(self, tokens: Tensor) -> Tensor:
-        """(B, N, D) -> this rank's (B, ceil(N/P), D), zero-padded at the end of the sequence."""
-        self.length = tokens.shape[1]
-        tokens = F.pad(tokens, (0, 0, 0, self.padded(self.length) - self.length))
-        return tokens.chunk(self.comm.size, dim=1)[self.comm.rank]
-
-    def gather(self, tokens: Tensor) -> Tensor:
-        """This rank's (B, ceil(N/P), C) -> every rank's (B, N, C)."""
-        return _Gather.apply(tokens, self.comm)[:, : self.length]
 
     def _to_heads(self, x: Tensor) -> Tensor:
         """(B, h, L, d) sequence part -> (B, h/U, U*L, d): the Ulysses group's chunk, padding kept."""
