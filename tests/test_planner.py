@@ -87,7 +87,7 @@ def test_plan_cli_json_for_dit_1b_on_8x8_h100_picks_sp_1(capsys, monkeypatch):
 def test_plan_picks_the_smallest_sp_at_which_the_121_frame_5b_fits(capsys, monkeypatch):
     """video_dit/5b on 121 frames at 720x1280 (111,600 tokens): micro-batch 2 does not fit at SP 1,
     so `lvd plan` picks the smallest Ulysses degree whose per-rank memory is within the budget."""
-    code, out, err = _plan(capsys, monkeypatch, "--config", "configs/scale/video-dit-5b-121f.yaml", "--nodes", "16", "--gpus-per-node", "8", "--gpu", "h100", "--json")
+    code, out, err = _plan(capsys, monkeypatch, "--config", "configs/scale/video-dit-5b-121f.yaml", "--nodes", "16", "--gpus-per-node", "8", "--gpu", "h100", "--json", "--sp", "auto")
     assert code == 0, err[-2000:]
     plan = json.loads(out)
     choice = plan["sp_choice"]
@@ -106,7 +106,7 @@ def test_plan_picks_the_smallest_sp_at_which_the_121_frame_5b_fits(capsys, monke
 def test_plan_says_when_no_sp_degree_fits_and_shows_the_least_memory(capsys, monkeypatch):
     """Without activation checkpointing the 121-frame 5B fits at no degree: the table says so and
     shows the degree needing the least memory per GPU, with the per-degree comparison."""
-    code, out, err = _plan(capsys, monkeypatch, "--config", "configs/scale/video-dit-5b-121f.yaml", "--nodes", "16", "train.act_ckpt=false")
+    code, out, err = _plan(capsys, monkeypatch, "--config", "configs/scale/video-dit-5b-121f.yaml", "--nodes", "16", "train.act_ckpt=false", "--sp", "auto")
     assert code == 0, err[-2000:]
     lines = out.splitlines()
     why = next(line for line in lines if line.startswith("SP degree:"))
