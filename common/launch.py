@@ -9,6 +9,7 @@ SIGTERM/SIGUSR1 sent to the launcher are forwarded to every rank.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import signal
 import socket
@@ -35,7 +36,7 @@ def collective_timeout(default: datetime.timedelta) -> datetime.timedelta:
         seconds = float(value)
     except ValueError:
         seconds = 0.0
-    if not seconds > 0:
+    if not (math.isfinite(seconds) and seconds >= 0.001):
         raise ValueError(f"{COLLECTIVE_TIMEOUT_ENV}: must be a positive number of seconds, got {value!r}")
     return datetime.timedelta(seconds=seconds)
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -148,6 +151,25 @@ def test_launcher_stops_the_other_ranks_and_names_the_dead_one(capfd):
     assert "lvd: rank 1 of 2 was killed by SIGKILL; stopping rank(s) 0" in capfd.readouterr().err
 
 
+def test_deepspeeds_world_group_clone_takes_the_collective_timeout():
+    """DeepSpeed reduces gradients and gathers ZeRO-3 parameters in its own clone of the world
+    group; built with a plain new_group it would wait torch's 30 minutes for a hung rank, whatever
+    LVD_COLLECTIVE_TIMEOUT says. After `init_distributed` both groups carry the set timeout."""
+    probe = (
+        "import torch, torch.distributed as dist, deepspeed\n"
+        "from trainer.engine import init_distributed\n"
+        "init_distributed()\n"
+        "for pg in (dist.group.WORLD, deepspeed.utils.groups._clone_world_group()):\n"
+        "    print(pg._get_backend(torch.device('cpu')).options._timeout.total_seconds())\n"
+    )
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "LVD_COLLECTIVE_TIMEOUT": "7"}
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        env.pop(key, None)
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["7.0", "7.0"], result.stdout
+
+
 def test_collective_timeout_reads_seconds_or_keeps_the_default(monkeypatch):
     import datetime
 
@@ -158,7 +180,7 @@ def test_collective_timeout_reads_seconds_or_keeps_the_default(monkeypatch):
     assert collective_timeout(default) == default
     monkeypatch.setenv("LVD_COLLECTIVE_TIMEOUT", "90.5")
     assert collective_timeout(default) == datetime.timedelta(seconds=90.5)
-    for bad in ("0", "-3", "ten", "nan"):
+    for bad in ("0", "-3", "ten", "nan", "inf", "1e400", "1e-7"):
         monkeypatch.setenv("LVD_COLLECTIVE_TIMEOUT", bad)
         with pytest.raises(ValueError, match=r"^LVD_COLLECTIVE_TIMEOUT: must be a positive number of seconds"):
             collective_timeout(default)

@@ -86,6 +86,10 @@ def init_distributed() -> DistInfo:
             # this process (torn down by `leave_distributed` or by other code) must not be reused.
             deepspeed.utils.groups._WORLD_GROUP = None
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=process_group_timeout())
+            # DeepSpeed reduces gradients and gathers ZeRO-3 parameters in its own clone of the
+            # world group, made later with a plain new_group, which torch gives 30 minutes rather
+            # than the default group's timeout: made here (every rank, same order) with ours.
+            deepspeed.utils.groups._WORLD_GROUP = dist.new_group(list(range(world)), timeout=process_group_timeout())
     finally:
         # A one-process run (`lvd train` called from Python, or in a test) must not leave
         # RANK/WORLD_SIZE/MASTER_* behind: a later `lvd train --nproc 2` or sbatch job started

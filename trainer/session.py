@@ -238,7 +238,7 @@ def _check_one_modality_per_micro_step(layout: DataLayout, image_ratio: float) -
     if layout.share > 1 and 0.0 < image_ratio < 1.0:
         raise LayoutError(
             f"the run has {layout.data_ranks} data rank(s) and trains on images and videos (data.image_ratio={image_ratio}); "
-            f"{layout.world_size} data-parallel ranks would share each data rank and hold different modalities at one "
+            f"{layout.share} data-parallel ranks would share each data rank and hold different modalities at one "
             f"micro-step (resume joint training on at most {layout.data_ranks} data-parallel ranks)"
         )
 
@@ -437,7 +437,7 @@ def resume(session: Session, tag: str) -> None:
             f"{info.world_size} at ZeRO-{session.cfg.train.zero_stage}; weights and Adam moments re-partitioned, "
             f"{session.layout.data_ranks} data rank(s) of {session.cfg.train.grad_accum} micro-batch(es) each kept"
         )
-    elif session.layout.data_ranks != session.layout.world_size and info.is_main:  # the SP degree changed
+    elif int(meta["config"]["train"].get("sp_size", 1)) != session.cfg.train.sp_size and info.is_main:  # the SP degree changed
         stderr(
             f"lvd train: resume: the run's {session.layout.data_ranks} data rank(s) on {session.layout.world_size} "
             f"data-parallel group(s) of train.sp_size={session.cfg.train.sp_size} rank(s), "
