@@ -100,6 +100,41 @@ def _ranks_per_node(gpus_per_node: int) -> int:
     return max(gpus_per_node, 1)
 
 
+def with_sequence_parallel(command: str, args: tuple[str, ...], sp: int, ring: int, ranks_per_node: int) -> tuple[str, ...]:
+    """The subcommand's arguments with the sequence-parallel degree `sp` (ring degree `ring`) added:
+    `train.sp_size=` / `train.sp_ring=` overrides for train, `--sp` / `--sp-ring` for sample.
+
+    The layout: an SP group is `sp` consecutive ranks and Slurm numbers the ranks node by node, so
+    `sp` must divide the ranks of a node (the all-to-alls stay on the intra-node links; data
+    parallelism spans the nodes). Raises ValueError naming the value that does not fit, or an
+    SP setting already among `args` that differs."""
+    if sp == 1 and ring == 1:
+        return args
+    if command not in ("train", "sample"):
+        raise ValueError(f"--sp: only for train and sample, not {command}")
+    if sp < 1 or ranks_per_node % sp:
+        raise ValueError(
+            f"--sp {sp}: must divide the {ranks_per_node} rank(s) of a node (an SP group stays inside a node; "
+            "data parallelism spans the nodes)"
+        )
+    if ring < 1 or sp % ring:
+        raise ValueError(f"--sp-ring {ring}: must divide --sp {sp}")
+    if command == "train":
+        wanted = {"train.sp_size": str(sp), "train.sp_ring": str(ring)}
+        given = dict(arg.partition("=")[::2] for arg in args if "=" in arg)
+        for key, value in wanted.items():
+            if key in given and given[key] != value:
+                raise ValueError(f"--sp {sp} --sp-ring {ring}: the train arguments already set {key}={given[key]}")
+        return (*args, *(f"{key}={value}" for key, value in wanted.items() if key not in given))
+    flags = {"--sp": str(sp), "--sp-ring": str(ring)}
+    for flag, value in flags.items():
+        if flag in args:
+            given = args[args.index(flag) + 1] if args.index(flag) + 1 < len(args) else ""
+            if given != value:
+                raise ValueError(f"--sp {sp} --sp-ring {ring}: the sample arguments already give {flag} {given}")
+    return (*args, *(x for flag, value in flags.items() if flag not in args for x in (flag, value)))
+
+
 def _rank_banner() -> str:
     env = os.environ
     return f"lvd: rank {env.get('SLURM_PROCID', '0')} of {env.get('SLURM_NTASKS', '1')} on {env.get('SLURMD_NODENAME', '?')}"
@@ -321,6 +356,14 @@ def build_parser(defaults: dict[str, str]) -> argparse.ArgumentParser:
     )
     add("--tasks", type=int, default=default("tasks"), help="shard: array tasks (input slices)")
     add(
+        "--sp",
+        type=int,
+        default=1,
+        help="train, sample: sequence-parallel degree; must divide the ranks of a node (SP inside a node, "
+        "data parallel across nodes); passed on as train.sp_size=N / --sp N",
+    )
+    add("--sp-ring", type=int, default=1, help="train, sample: ring degree inside --sp (train.sp_ring / --sp-ring)")
+    add(
         "--signal-lead",
         type=int,
         default=int(defaults.get("LVD_SIGNAL_LEAD_S", default("signal_lead_s"))),
@@ -352,6 +395,13 @@ def main(argv: list[str]) -> int:
         if getattr(args, name) < 1:
             print(f"lvd submit: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
+    try:
+        sub_args = list(
+            with_sequence_parallel(args.command, tuple(sub_args), args.sp, args.sp_ring, _ranks_per_node(args.gpus_per_node))
+        )
+    except ValueError as err:
+        print(f"lvd submit: {err}", file=sys.stderr)
+        return 2
     options = SubmitOptions(
         command=args.command,
         args=tuple(sub_args),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -472,3 +473,30 @@ def test_array_position_and_cli_helpers() -> None:
         ["--nodes", "x=1"],
     )
     assert split_argv(["train"]) == (["train"], [])
+
+
+def test_submit_sp_goes_to_the_subcommand_and_stays_inside_a_node(tmp_path, capsys) -> None:
+    """`lvd submit --sp N [--sp-ring R]`: train gets train.sp_size / train.sp_ring overrides, sample
+    gets --sp / --sp-ring; N must divide the ranks of a node (SP inside a node, data parallel across
+    nodes); a differing SP setting among the subcommand's own arguments is named, not overridden."""
+    from slurm.submit import main, with_sequence_parallel
+
+    config = ("--config", "configs/tiny/video_dit.yaml")
+    assert with_sequence_parallel("train", config, 1, 1, 8) == config
+    assert with_sequence_parallel("train", config, 4, 2, 8) == (*config, "train.sp_size=4", "train.sp_ring=2")
+    assert with_sequence_parallel("train", (*config, "train.sp_size=4"), 4, 1, 8) == (*config, "train.sp_size=4", "train.sp_ring=1")
+    assert with_sequence_parallel("sample", ("--model", "m"), 2, 1, 4) == ("--model", "m", "--sp", "2", "--sp-ring", "1")
+    cases = [
+        (("train", config, 3, 1, 8), "--sp 3: must divide the 8 rank(s) of a node"),
+        (("train", config, 2, 1, 1), "--sp 2: must divide the 1 rank(s) of a node"),
+        (("train", config, 4, 3, 8), "--sp-ring 3: must divide --sp 4"),
+        (("train", (*config, "train.sp_size=2"), 4, 1, 8), "already set train.sp_size=2"),
+        (("sample", ("--sp", "2"), 4, 1, 8), "already give --sp 2"),
+        (("shard", (), 2, 1, 8), "only for train and sample"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            with_sequence_parallel(*call)
+    code = main(["train", "--nodes", "2", "--gpus-per-node", "8", "--sp", "3", "--dry-run", "--logs", f"{tmp_path}/%j", "--", *config])
+    assert code == 2 and "lvd submit: --sp 3: must divide the 8 rank(s) of a node" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
