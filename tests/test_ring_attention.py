@@ -118,9 +118,15 @@ def test_training_ring2_on_two_ranks_equals_one_rank(case, tmp_path, video_shard
 
 
 @pytest.mark.multirank
-def test_sampling_ring2_on_two_ranks_equals_one_rank(tmp_path) -> None:
-    """`lvd sample --nproc 2 --sp 2 --sp-ring 2` with a DiT on 45 tokens (padded): the latents
-    match one rank's to 1e-5, as the Ulysses sampling test."""
+@pytest.mark.parametrize(
+    "nproc, sp, ring",
+    [(2, 2, 2), pytest.param(4, 4, 2, marks=pytest.mark.slow)],  # a pure ring; the 2 x 2 hybrid end to end
+    ids=["ring2", "hybrid-2x2"],
+)
+def test_sampling_with_a_ring_equals_one_rank(nproc, sp, ring, tmp_path) -> None:
+    """`lvd sample --nproc 2 --sp 2 --sp-ring 2` (and `--nproc 4 --sp 4 --sp-ring 2`: Ulysses
+    over 2 ranks, a ring of 2) with a DiT on 45 tokens (padded): the latents match one rank's to
+    1e-5, as the Ulysses sampling test."""
     from safetensors.torch import load_file
 
     from sampler.cli import main
@@ -131,7 +137,7 @@ def test_sampling_ring2_on_two_ranks_equals_one_rank(tmp_path) -> None:
             "--height", "24", "--width", "40", "--device", "cpu", "--no-progress"]
     assert main([*argv, "--out", str(tmp_path / "one" / "v.mp4")]) == 0
     result = subprocess.run(
-        [sys.executable, "-m", "sampler.cli", *argv, "--nproc", "2", "--sp", "2", "--sp-ring", "2",
+        [sys.executable, "-m", "sampler.cli", *argv, "--nproc", str(nproc), "--sp", str(sp), "--sp-ring", str(ring),
          "--out", str(tmp_path / "two" / "v.mp4")],
         cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600,
     )
