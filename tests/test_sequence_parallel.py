@@ -179,8 +179,6 @@ def test_sampling_sp2_on_two_ranks_equals_one_rank(tmp_path) -> None:
     import subprocess
     import sys
 
-    from safetensors.torch import load_file
-
     from sampler.cli import main
     from sampler.tiny import tiny_pipeline
 
@@ -195,12 +193,7 @@ def test_sampling_sp2_on_two_ranks_equals_one_rank(tmp_path) -> None:
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    one, two = (sorted((tmp_path / run / "v.parts").glob("*.safetensors")) for run in ("one", "two"))
-    assert [p.name for p in one] == [p.name for p in two] and one
-    for a, b in zip(one, two, strict=True):
-        left, right = load_file(str(a)), load_file(str(b))
-        for key in left:
-            assert (left[key].float() - right[key].float()).abs().max().item() < 1e-5, (a.name, key)
+    assert_parts_match(tmp_path / "one" / "v.parts", tmp_path / "two" / "v.parts")
     report = json.loads((tmp_path / "two" / "v.json").read_text())
     assert report["world_size"] == 1  # the strategy saw one rank: the SP group's leader
     assert (tmp_path / "one" / "v.mp4").read_bytes() == (tmp_path / "two" / "v.mp4").read_bytes()
@@ -329,3 +322,15 @@ def test_a_hung_sp_rank_fails_its_group_after_the_collective_timeout(tmp_path, v
     assert "lvd: rank 0 of 2 exited with code 1; stopping rank(s) 1" in result.stderr, result.stderr[-3000:]
     assert sorted(read_metrics(tmp_path / "run")) == [1]
     assert timeout < elapsed < 300, elapsed
+
+
+def assert_parts_match(one_dir: Path, two_dir: Path) -> None:
+    """The saved latents of two `lvd sample` runs: the same units, every tensor within 1e-5."""
+    from safetensors.torch import load_file
+
+    one, two = (sorted(folder.glob("*.safetensors")) for folder in (one_dir, two_dir))
+    assert [p.name for p in one] == [p.name for p in two] and one
+    for a, b in zip(one, two, strict=True):
+        left, right = load_file(str(a)), load_file(str(b))
+        for key in left:
+            assert (left[key].float() - right[key].float()).abs().max().item() < 1e-5, (a.name, key)

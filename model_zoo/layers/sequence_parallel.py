@@ -140,6 +140,23 @@ def self_attentions(model: nn.Module) -> list[nn.Module]:
     return [block.attn for block in model.checkpoint_modules()]
 
 
+def _hook_points(model: nn.Module) -> list[nn.Module]:
+    """The self-attentions of `model` whose `core` a scheme replaces; ValueError (naming the reason)
+    for a model without the hook points or with joint (MM-DiT) text attention."""
+    name = type(model).__name__
+    if not hasattr(model, "sequence_shard"):
+        raise ValueError(f"sequence parallelism: {name} is not a DiT (families dit and video_dit support it)")
+    if getattr(getattr(model, "config", None), "text_attention", "cross") == "joint":
+        raise ValueError("sequence parallelism: video_dit with text_attention=joint is not supported (use cross)")
+    return self_attentions(model)
+
+
+def _install(model: nn.Module, attentions: list[nn.Module], scheme: Ulysses | RingAttention) -> None:
+    model.sequence_shard = scheme
+    for attention in attentions:
+        attention.core = scheme.core
+
+
 def apply_ulysses(model: nn.Module, comm: Collectives) -> Ulysses:
     """Run `model` (a `dit` or `video_dit`) sequence-parallel over `comm`'s group, in place.
 
@@ -147,11 +164,7 @@ def apply_ulysses(model: nn.Module, comm: Collectives) -> Ulysses:
     divisible by the group size, or joint (MM-DiT) text attention.
     """
     name = type(model).__name__
-    if not hasattr(model, "sequence_shard"):
-        raise ValueError(f"sequence parallelism: {name} is not a DiT (families dit and video_dit support it)")
-    if getattr(getattr(model, "config", None), "text_attention", "cross") == "joint":
-        raise ValueError("sequence parallelism: video_dit with text_attention=joint is not supported (use cross)")
-    attentions = self_attentions(model)
+    attentions = _hook_points(model)
     for attention in attentions:
         if attention.heads % comm.size:
             raise ValueError(
@@ -160,9 +173,7 @@ def apply_ulysses(model: nn.Module, comm: Collectives) -> Ulysses:
                 f"train.sp_ring={comm.size}, or lvd sample --sp-ring {comm.size})"
             )
     ulysses = Ulysses(comm)
-    model.sequence_shard = ulysses
-    for attention in attentions:
-        attention.core = ulysses.core
+    _install(model, attentions, ulysses)
     return ulysses
 
 
@@ -376,11 +387,7 @@ def apply_ring(model: nn.Module, comm: Collectives, heads: Collectives, ring: Co
 
     Raises ValueError as `apply_ulysses`, with a head count not divisible by the Ulysses degree."""
     name = type(model).__name__
-    if not hasattr(model, "sequence_shard"):
-        raise ValueError(f"sequence parallelism: {name} is not a DiT (families dit and video_dit support it)")
-    if getattr(getattr(model, "config", None), "text_attention", "cross") == "joint":
-        raise ValueError("sequence parallelism: video_dit with text_attention=joint is not supported (use cross)")
-    attentions = self_attentions(model)
+    attentions = _hook_points(model)
     for attention in attentions:
         if attention.heads % heads.size:
             raise ValueError(
@@ -389,7 +396,5 @@ def apply_ring(model: nn.Module, comm: Collectives, heads: Collectives, ring: Co
                 f"(lvd sample --sp-ring) to a divisor of {comm.size} that leaves a divisor of {attention.heads}"
             )
     attention_ring = RingAttention(comm, heads, ring)
-    model.sequence_shard = attention_ring
-    for attention in attentions:
-        attention.core = attention_ring.core
+    _install(model, attentions, attention_ring)
     return attention_ring
