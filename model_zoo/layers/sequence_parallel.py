@@ -77,6 +77,25 @@ class _Gather(torch.autograd.Function):
         return grad.chunk(ctx.comm.size, dim=1)[ctx.comm.rank].contiguous(), None
 
 
+def heads_from_sequence(x: Tensor, comm: Collectives) -> Tensor:
+    """The Ulysses exchange over `comm` (P ranks): this rank's sequence part of every head
+    (B, h, L, d) -> P consecutive sequence parts (rank order) of its h/P heads (B, h/P, P*L, d)."""
+    p = comm.size
+    b, h, local, d = x.shape
+    chunks = x.view(b, p, h // p, local, d).transpose(0, 1)  # (P, B, h/P, L, d): heads for rank j
+    received = _AllToAll.apply(chunks, comm)  # (P, B, h/P, L, d): sequence part j
+    return received.permute(1, 2, 0, 3, 4).reshape(b, h // p, p * local, d)
+
+
+def sequence_from_heads(x: Tensor, comm: Collectives) -> Tensor:
+    """The reverse exchange: (B, h/P, P*L, d) -> this rank's sequence part of every head (B, h, L, d)."""
+    p = comm.size
+    b, heads, length, d = x.shape
+    chunks = x.view(b, heads, p, length // p, d).permute(2, 0, 1, 3, 4)  # (P, B, h/P, L, d): part j
+    received = _AllToAll.apply(chunks, comm)  # (P, B, h/P, L, d): head group j
+    return received.transpose(0, 1).reshape(b, heads * p, -1, d)
+
+
 class _Sharding:
     """The part every scheme shares: a model's `sequence_shard` over the SP group `comm` cuts the
     tokens into equal parts after the embedding and gathers the prediction. `length` is the true
@@ -109,21 +128,12 @@ class Ulysses(_Sharding):
 
     def _to_heads(self, x: Tensor) -> Tensor:
         """(B, h, N/P, d) sequence-sharded -> (B, h/P, N, d) head-sharded, padding removed."""
-        p = self.comm.size
-        b, h, local, d = x.shape
-        chunks = x.view(b, p, h // p, local, d).transpose(0, 1)  # (P, B, h/P, N/P, d): heads for rank j
-        received = _AllToAll.apply(chunks, self.comm)  # (P, B, h/P, N/P, d): sequence part j
-        full = received.permute(1, 2, 0, 3, 4).reshape(b, h // p, p * local, d)
-        return full[:, :, : self.length]
+        return heads_from_sequence(x, self.comm)[:, :, : self.length]
 
     def _to_sequence(self, x: Tensor) -> Tensor:
         """(B, h/P, N, d) -> (B, h, N/P, d), zero rows for the padding."""
-        p = self.comm.size
-        b, heads, length, d = x.shape
-        x = F.pad(x, (0, 0, 0, self.padded(length) - length))
-        chunks = x.view(b, heads, p, -1, d).permute(2, 0, 1, 3, 4)  # (P, B, h/P, N/P, d): sequence part j
-        received = _AllToAll.apply(chunks, self.comm)  # (P, B, h/P, N/P, d): head group j
-        return received.transpose(0, 1).reshape(b, heads * p, -1, d)
+        length = x.shape[2]
+        return sequence_from_heads(F.pad(x, (0, 0, 0, self.padded(length) - length)), self.comm)
 
     def core(
         self, q: Tensor, k: Tensor, v: Tensor, rotary: tuple[Tensor, Tensor] | None = None, mask: Tensor | None = None
@@ -331,23 +341,11 @@ class RingAttention(_Sharding):
 
     def _to_heads(self, x: Tensor) -> Tensor:
         """(B, h, L, d) sequence part -> (B, h/U, U*L, d): the Ulysses group's chunk, padding kept."""
-        u = self.heads.size
-        if u == 1:
-            return x
-        b, h, local, d = x.shape
-        chunks = x.view(b, u, h // u, local, d).transpose(0, 1)  # (U, B, h/U, L, d): heads for rank j
-        received = _AllToAll.apply(chunks, self.heads)  # (U, B, h/U, L, d): sequence part j
-        return received.permute(1, 2, 0, 3, 4).reshape(b, h // u, u * local, d)
+        return x if self.heads.size == 1 else heads_from_sequence(x, self.heads)
 
     def _to_sequence(self, x: Tensor) -> Tensor:
         """(B, h/U, U*L, d) -> (B, h, L, d)."""
-        u = self.heads.size
-        if u == 1:
-            return x
-        b, heads, length, d = x.shape
-        chunks = x.view(b, heads, u, length // u, d).permute(2, 0, 1, 3, 4)  # (U, B, h/U, L, d): part j
-        received = _AllToAll.apply(chunks, self.heads)  # (U, B, h/U, L, d): head group j
-        return received.transpose(0, 1).reshape(b, heads * u, -1, d)
+        return x if self.heads.size == 1 else sequence_from_heads(x, self.heads)
 
     def core(
         self, q: Tensor, k: Tensor, v: Tensor, rotary: tuple[Tensor, Tensor] | None = None, mask: Tensor | None = None
